@@ -1,0 +1,33 @@
+"""DictConfig (as Hydra composed it) -> typed RunConfig. Types only; cross-checks belong to the planner."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from hpframe.config.schema import RunConfig
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """Convert a composed config to a RunConfig object (raises omegaconf errors on bad types)."""
+    obj = OmegaConf.to_object(cfg)
+    if not isinstance(obj, RunConfig):
+        raise TypeError(f"composed config is {type(obj).__name__}, expected RunConfig (is run_schema in the defaults?)")
+    return obj
+
+
+def to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """Plain-container form of a RunConfig, enums as their string values (for JSON and checkpoints)."""
+    node = OmegaConf.structured(cfg)
+    out = OmegaConf.to_container(node, resolve=True, enum_to_str=True)
+    assert isinstance(out, dict)
+    return out
+
+
+def from_dict(data: dict[str, Any]) -> RunConfig:
+    """Rebuild a RunConfig from ``to_dict`` output (e.g. a checkpoint's stored config)."""
+    node = OmegaConf.merge(OmegaConf.structured(RunConfig), data)
+    obj = OmegaConf.to_object(node)
+    assert isinstance(obj, RunConfig)
+    return obj

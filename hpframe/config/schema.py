@@ -1,0 +1,322 @@
+"""The configuration schema of hpframe: one dataclass per Hydra config group.
+
+Every YAML file under ``conf/`` and ``recipes/`` is validated against these classes when Hydra
+composes the configuration, so a misspelled key or a value of the wrong type fails at compose time.
+Choices are ``str``-valued Enums (OmegaConf validates them by name, and they compare equal to
+their string value). Counts start with ``num_``. ``-1`` means "derive it" wherever a field says so.
+
+This module imports only the standard library and omegaconf.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from omegaconf import MISSING
+
+
+class Arch(str, Enum):
+    """Model family."""
+
+    gpt = "gpt"  # dense decoder, GELU or SwiGLU MLP, multi-head attention
+    mixtral = "mixtral"  # GQA attention, SwiGLU MoE with a softmax router
+    deepseek_v3 = "deepseek_v3"  # MLA attention, fine-grained + shared experts, sigmoid router
+
+
+class Attention(str, Enum):
+    gqa = "gqa"  # grouped-query attention (num_kv_heads <= num_heads); MHA when equal
+    mla = "mla"  # multi-head latent attention (DeepSeek-V2/V3)
+
+
+class Activation(str, Enum):
+    swiglu = "swiglu"
+    gelu = "gelu"
+
+
+class ScoreFunc(str, Enum):
+    softmax = "softmax"
+    sigmoid = "sigmoid"
+
+
+class DropPolicy(str, Enum):
+    probs = "probs"  # over capacity, keep the tokens with the highest router weight
+    position = "position"  # over capacity, keep the earliest tokens in the batch
+
+
+class Recompute(str, Enum):
+    none = "none"
+    selective = "selective"  # recompute attention core and MoE expert activations only
+    full = "full"  # recompute every transformer block in backward
+
+
+class DType(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+class Device(str, Enum):
+    auto = "auto"  # cuda when available, else cpu
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class DataKind(str, Enum):
+    synthetic = "synthetic"  # built-in deterministic corpus with learnable structure
+    tokenized = "tokenized"  # memory-mapped token shards written by `python -m hpframe.data.prepare`
+
+
+class PlanFormat(str, Enum):
+    table = "table"
+    json = "json"
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the transformer. Parameter shapes depend on these fields only."""
+
+    name: str = MISSING
+    """Free-form name shown in reports, e.g. 'mixtral_8x7b'."""
+    arch: Arch = Arch.mixtral
+    """Model family: gpt (dense), mixtral, deepseek_v3."""
+    hidden_size: int = MISSING
+    """Width of the residual stream."""
+    num_layers: int = MISSING
+    """Number of transformer blocks."""
+    num_heads: int = MISSING
+    """Attention (query) heads."""
+    num_kv_heads: int = -1
+    """Key/value heads for GQA; -1 means num_heads (plain multi-head attention). Ignored by MLA."""
+    head_dim: int = -1
+    """Per-head dimension for GQA; -1 means hidden_size // num_heads."""
+    ffn_hidden_size: int = MISSING
+    """Inner size of the dense MLP (dense layers and the dense family)."""
+    vocab_size: int = MISSING
+    """Vocabulary size of embedding and head."""
+    max_seq_len: int = 4096
+    """Longest sequence the rotary tables are built for."""
+    tie_embeddings: bool = False
+    """Share the token embedding with the LM head."""
+    attention: Attention = Attention.gqa
+    """gqa or mla."""
+    activation: Activation = Activation.swiglu
+    """MLP activation of dense layers and experts."""
+    first_k_dense: int = 0
+    """With MoE on, the first k blocks use a dense MLP (DeepSeek-V3 uses 3)."""
+    q_lora_rank: int = 0
+    """MLA: rank of the query down-projection; 0 means a full-rank query projection."""
+    kv_lora_rank: int = 512
+    """MLA: rank of the joint key/value latent."""
+    qk_nope_head_dim: int = 128
+    """MLA: per-head query/key dims without rotary."""
+    qk_rope_head_dim: int = 64
+    """MLA: per-head decoupled rotary dims (shared key across heads)."""
+    v_head_dim: int = 128
+    """MLA: per-head value dim."""
+    rope_theta: float = 10000.0
+    """Rotary base."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    init_std: float = 0.02
+    """Standard deviation of the normal weight init."""
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-Experts settings. num_experts=0 makes every block dense."""
+
+    num_experts: int = 0
+    """Routed experts per MoE layer; 0 = dense model."""
+    num_shared_experts: int = 0
+    """Experts applied to every token (DeepSeek); their outputs add to the routed output."""
+    expert_ffn_hidden_size: int = -1
+    """Inner size of one expert (routed and shared); -1 means model.ffn_hidden_size."""
+    top_k: int = 2
+    """Experts per token."""
+    score_func: ScoreFunc = ScoreFunc.softmax
+    """Router score: softmax over experts, or per-expert sigmoid."""
+    norm_topk_prob: bool = True
+    """Renormalize the k selected weights to sum to 1."""
+    route_scale: float = 1.0
+    """Multiplier on the combine weights (DeepSeek-V3 uses 2.5)."""
+    noisy_gate_std: float = 0.0
+    """Std of Gaussian noise added to router logits in training only (noisy top-k gating); 0 = off."""
+    jitter_eps: float = 0.0
+    """Multiplicative input jitter U(1-eps, 1+eps) on router inputs in training only; 0 = off."""
+    capacity_factor: float = 1.25
+    """Training capacity factor: capacity = max(ceil(tokens/experts * top_k * factor), min_capacity)."""
+    eval_capacity_factor: float = 2.0
+    """Capacity factor outside training."""
+    min_capacity: int = 4
+    """Lower bound of an expert's capacity in tokens."""
+    dropless: bool = True
+    """No capacity: every routed token is computed. When false, tokens over capacity are dropped."""
+    drop_policy: DropPolicy = DropPolicy.probs
+    """Which tokens an over-full expert keeps: highest router weight (probs) or earliest (position)."""
+    aux_loss_coef: float = 0.01
+    """Switch/GShard load-balancing loss coefficient; 0 = off."""
+    importance_loss_coef: float = 0.0
+    """Importance loss (coef * CV^2 of per-expert importance, Shazeer et al. 2017); 0 = off."""
+    seq_aux_loss_coef: float = 0.0
+    """DeepSeek-V3 sequence-level balance loss coefficient; 0 = off."""
+    z_loss_coef: float = 0.0
+    """Router z-loss coefficient (ST-MoE); 0 = off."""
+    bias_update_rate: float = 0.0
+    """Aux-loss-free balancing: per-expert selection bias moved by +-rate after each step; 0 = off."""
+    num_expert_groups: int = 1
+    """Groups for group-limited routing on one device; the runtime uses the nodes the EP group spans."""
+    max_nodes_per_token: int = 0
+    """Node-limited routing: a token reaches experts in at most this many groups/nodes; 0 = off."""
+    moe_layer_freq: int = 1
+    """Every n-th block after first_k_dense is MoE (1 = all)."""
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel degrees and batch shape. tp*pp*dp must equal the world size; ep borrows ranks from dp."""
+
+    tp: int = 1
+    """Tensor-parallel degree (innermost axis by default: stays inside a node)."""
+    pp: int = 1
+    """Pipeline-parallel stages."""
+    dp: int = -1
+    """Data-parallel degree; -1 = world_size // (tp * pp)."""
+    ep: int = 1
+    """Expert-parallel degree; must divide dp. Expert-data-parallel degree = dp // ep."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3."""
+    sequence_parallel: bool = False
+    """Shard norms/dropout activations along the sequence across the TP group."""
+    micro_batch_size: int = 1
+    """Sequences per micro-batch per data-parallel rank."""
+    global_batch_size: int = -1
+    """Sequences per optimizer step over all ranks; -1 = micro_batch_size * dp * grad_accum."""
+    grad_accum: int = -1
+    """Micro-batches per step per rank (also the pipeline's micro-batch count); -1 = derived."""
+    recompute: Recompute = Recompute.none
+    """Activation recomputation policy."""
+    axis_order: str = "pp-dp-tp"
+    """Rank layout, outermost axis first. EP is always the inner part of dp (dp = edp x ep)."""
+    pipeline_layout: list[int] = field(default_factory=list)
+    """Manual pipeline partition: number of transformer blocks per stage; empty = balanced by cost."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimization and loop schedule."""
+
+    steps: int = 100
+    """Optimizer steps."""
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of cosine decay."""
+    warmup_steps: int = 10
+    """Linear warmup steps."""
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 = off."""
+    seed: int = 1234
+    dtype: DType = DType.fp32
+    """Parameter/compute dtype (bf16 on GPUs, fp32 on CPUs)."""
+    device: Device = Device.auto
+    log_interval: int = 1
+    """Steps between log lines."""
+    eval_interval: int = 0
+    """Steps between evaluations; 0 = only at the end."""
+    eval_steps: int = 2
+    """Micro-batches per evaluation."""
+    max_nonfinite_steps: int = 3
+    """Consecutive NaN/Inf steps tolerated (each skipped) before the run stops."""
+    progress: bool = True
+    """Rich progress bar on rank 0."""
+    tensorboard: bool = True
+    """Write TensorBoard event files in the run directory."""
+    compile: bool = False
+    """torch.compile the transformer blocks."""
+
+
+@dataclass
+class DataConfig:
+    """Training data."""
+
+    kind: DataKind = DataKind.synthetic
+    path: str = ""
+    """Directory of a tokenized dataset (kind=tokenized)."""
+    seq_len: int = 128
+    """Tokens per training sequence."""
+    num_synthetic_tokens: int = 1_000_000
+    """Size of the synthetic corpus."""
+    eval_fraction: float = 0.01
+    """Held-out fraction for evaluation."""
+    seed: int = 1234
+    """Seed of the sampling order (and of the synthetic corpus)."""
+
+
+@dataclass
+class CheckpointConfig:
+    enabled: bool = True
+    dir: str = "checkpoints"
+    """Directory of checkpoints, relative to the run directory unless absolute."""
+    interval: int = 0
+    """Steps between saves; 0 = the planner's recommended interval (Young/Daly), at least once at the end."""
+    keep_last: int = 3
+    """Keep this many newest checkpoints; older ones are pruned after a save completes."""
+    resume: str = "auto"
+    """'auto' (newest good checkpoint in dir, if any), 'none', or a checkpoint path."""
+    async_save: bool = False
+    """Snapshot to host memory and persist in a background thread."""
+
+
+@dataclass
+class ClusterConfig:
+    """The machines a plan targets. world_size = nodes * gpus_per_node."""
+
+    name: str = MISSING
+    nodes: int = 1
+    gpus_per_node: int = MISSING
+    """Devices (GPUs, or CPU processes) per node; -1 = as many as the parallel degrees need (local runs)."""
+    device: Device = Device.cuda
+    """Device type of the cluster."""
+    gpu_memory_gb: float = 80.0
+    """Memory per device in GiB."""
+    intra_node_bw_GBps: float = 450.0
+    """Per-GPU bandwidth inside a node (NVLink), GB/s one direction."""
+    inter_node_bw_GBps: float = 50.0
+    """Per-GPU bandwidth across nodes (network), GB/s one direction."""
+    peak_tflops: float = 989.0
+    """Dense bf16 peak per device in TFLOP/s (used for MFU and time estimates)."""
+    storage_bw_GBps: float = 10.0
+    """Aggregate checkpoint write bandwidth of the job, GB/s."""
+    gpu_mtbf_hours: float = 50_000.0
+    """Mean time between failures of one device (job MTBF = this / world_size)."""
+
+
+@dataclass
+class PlanConfig:
+    dry_run: bool = False
+    """Print the plan and exit; starts no process and needs no GPU."""
+    format: PlanFormat = PlanFormat.table
+    """table (readable) or json (one document)."""
+    memory_check: bool = True
+    """Refuse plans whose estimated memory exceeds the device memory (warning only when false)."""
+
+
+@dataclass
+class RunConfig:
+    """The whole run. Hydra composes it from conf/config.yaml, a recipe and command-line overrides."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
+    recipe: str = ""
+    """Name of the recipe the run was composed from."""
+    output_dir: str = "."
+    """Run directory (Hydra sets it to outputs/DATE/TIME)."""
