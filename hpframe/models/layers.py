@@ -1,0 +1,133 @@
+"""Dense building blocks: RMSNorm, rotary embedding, grouped-query attention, SwiGLU/GELU MLP.
+
+Single-device code: no torch.distributed and no parallel sizes; shapes depend on the config only.
+Shape legend: B batch, S sequence, H hidden, nh query heads, nkv key/value heads, hd head dim, F MLP inner.
+No biases anywhere. Weights are created uninitialized (``torch.empty``) so a model can be built on the
+meta device; ``Transformer.init_weights`` fills them, and fills the rotary tables through
+``RotaryEmbedding.reset_tables``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hpframe.config.schema import Activation, ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned scale (computed in fp32, as transformers does)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables [max_seq_len, dim/2] of rotary position embedding (non-persistent buffers).
+
+    The tables are plain functions of (dim, max_seq_len, theta); they are recomputed by
+    ``reset_tables`` after a meta-device build (``init_weights`` calls it).
+    """
+
+    def __init__(self, dim: int, max_seq_len: int, theta: float) -> None:
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"rotary dim must be even, got {dim}")
+        self.dim, self.max_seq_len, self.theta = dim, max_seq_len, theta
+        self.register_buffer("cos", torch.empty(max_seq_len, dim // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(max_seq_len, dim // 2), persistent=False)
+
+    @torch.no_grad()
+    def reset_tables(self) -> None:
+        """(Re)compute the tables in fp32 on CPU (same values on every device), then copy them in."""
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float32) / self.dim))
+        angles = torch.arange(self.max_seq_len, dtype=torch.float32)[:, None] * inv_freq[None, :]
+        self.cos.copy_(angles.cos())
+        self.sin.copy_(angles.sin())
+
+    def forward(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for positions 0..seq_len-1, each [S, dim/2]."""
+        if seq_len > self.max_seq_len:
+            raise ValueError(f"sequence length {seq_len} exceeds model.max_seq_len={self.max_seq_len}")
+        return self.cos[:seq_len], self.sin[:seq_len]
+
+
+def apply_rotary_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary on x[B,S,heads,d] pairing dim i with i+d/2 (the Llama/Mixtral "rotate_half" layout)."""
+    d2 = x.shape[-1] // 2
+    x1, x2 = x[..., :d2], x[..., d2:]
+    c, s = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary on x[B,S,heads,d] pairing dims (2i, 2i+1) (the DeepSeek layout).
+
+    The output lists the rotated even dims, then the odd dims. Queries and keys go through the same
+    map, so the order of the output dims does not change q.k; it matches transformers' DeepSeek-V3.
+    """
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    c, s = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention with rotary on q and k (MHA when nkv == nh)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads if cfg.num_kv_heads > 0 else cfg.num_heads
+        self.head_dim = cfg.head_dim if cfg.head_dim > 0 else cfg.hidden_size // cfg.num_heads
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"model.num_heads={self.num_heads} must be a multiple of model.num_kv_heads={self.num_kv_heads}"
+            )
+        h, nh, nkv, hd = cfg.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
+        self.wq = nn.Linear(h, nh * hd, bias=False)
+        self.wk = nn.Linear(h, nkv * hd, bias=False)
+        self.wv = nn.Linear(h, nkv * hd, bias=False)
+        self.wo = nn.Linear(nh * hd, h, bias=False)
+        self.rotary = RotaryEmbedding(hd, cfg.max_seq_len, cfg.rope_theta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = self.wq(x).view(b, s, self.num_heads, self.head_dim)
+        k = self.wk(x).view(b, s, self.num_kv_heads, self.head_dim)
+        v = self.wv(x).view(b, s, self.num_kv_heads, self.head_dim)
+        cos, sin = self.rotary(s)
+        q, k = apply_rotary_half(q, cos, sin), apply_rotary_half(k, cos, sin)
+        # sdpa wants [B, heads, S, hd]; enable_gqa repeats each kv head nh/nkv times.
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            is_causal=True,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        return self.wo(o.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    """Position-wise MLP. swiglu: w2(silu(w1 x) * w3 x); gelu: w2(gelu(w1 x)) (tanh-free exact GELU)."""
+
+    def __init__(self, hidden: int, inner: int, activation: Activation) -> None:
+        super().__init__()
+        self.activation = Activation(activation)
+        self.w1 = nn.Linear(hidden, inner, bias=False)
+        self.w3 = nn.Linear(hidden, inner, bias=False) if self.activation == Activation.swiglu else None
+        self.w2 = nn.Linear(inner, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.w3 is not None:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(F.gelu(self.w1(x)))

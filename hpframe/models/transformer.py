@@ -1,0 +1,173 @@
+"""Decoder-only transformer: embedding -> blocks (dense or MoE MLP by layer index) -> norm -> head.
+
+Single-device code (no torch.distributed, no parallel sizes). ``layers`` is a flat ModuleList whose
+index is the block index the planner uses. Build on the meta device, then ``to_empty`` +
+``init_weights(seed)``: every tensor is drawn on the CPU from a generator seeded by (seed, its
+name), so the weights do not depend on the device, on the order modules are materialized, or on
+which blocks a pipeline stage keeps.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hpframe.config.schema import Attention as AttentionKind
+from hpframe.config.schema import ModelConfig, MoEConfig
+from hpframe.models.layers import MLP, Attention, RMSNorm, RotaryEmbedding
+from hpframe.models.mla import MLAttention
+from hpframe.models.moe import MoE, GroupedExperts, Router
+
+
+def is_moe_layer(index: int, model_cfg: ModelConfig, moe_cfg: MoEConfig) -> bool:
+    """Block ``index`` has an MoE MLP iff E>0, index >= first_k_dense and (index-first_k_dense) % freq == 0."""
+    return (
+        moe_cfg.num_experts > 0
+        and index >= model_cfg.first_k_dense
+        and (index - model_cfg.first_k_dense) % moe_cfg.moe_layer_freq == 0
+    )
+
+
+class Block(nn.Module):
+    """Pre-norm block: x + attn(attn_norm(x)), then x + mlp(mlp_norm(x))."""
+
+    def __init__(self, index: int, model_cfg: ModelConfig, moe_cfg: MoEConfig, routing_groups: int) -> None:
+        super().__init__()
+        h = model_cfg.hidden_size
+        self.index = index
+        self.attn_norm = RMSNorm(h, model_cfg.norm_eps)
+        if AttentionKind(model_cfg.attention) == AttentionKind.mla:
+            self.attn: nn.Module = MLAttention(model_cfg)
+        else:
+            self.attn = Attention(model_cfg)
+        self.mlp_norm = RMSNorm(h, model_cfg.norm_eps)
+        if is_moe_layer(index, model_cfg, moe_cfg):
+            self.mlp: nn.Module = MoE(h, model_cfg.activation, moe_cfg, routing_groups, model_cfg.ffn_hidden_size)
+        else:
+            self.mlp = MLP(h, model_cfg.ffn_hidden_size, model_cfg.activation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x))
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def param_seed(seed: int, name: str) -> int:
+    """The generator seed of tensor ``name`` (a dotted name inside the Transformer)."""
+    return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
+
+
+def _normal_(t: torch.Tensor, std: float, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    t.copy_(torch.empty(t.shape, dtype=torch.float32).normal_(0.0, std, generator=gen))
+
+
+class Transformer(nn.Module):
+    """The model of every arch (gpt, mixtral, deepseek_v3); the config picks the parts."""
+
+    def __init__(self, model_cfg: ModelConfig, moe_cfg: MoEConfig, routing_groups: int) -> None:
+        super().__init__()
+        self.model_cfg, self.moe_cfg = model_cfg, moe_cfg
+        h, v = model_cfg.hidden_size, model_cfg.vocab_size
+        self.embed = nn.Embedding(v, h)
+        self.layers = nn.ModuleList(
+            Block(i, model_cfg, moe_cfg, routing_groups) for i in range(model_cfg.num_layers)
+        )
+        self.norm = RMSNorm(h, model_cfg.norm_eps)
+        self.head = None if model_cfg.tie_embeddings else nn.Linear(h, v, bias=False)
+        self.aux_loss: torch.Tensor = torch.zeros(())
+
+    def moe_modules(self) -> list[MoE]:
+        """The MoE MLPs, in block order."""
+        return [b.mlp for b in self.layers if isinstance(b.mlp, MoE)]
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens[B,S] int64 -> logits[B,S,V]; sets ``self.aux_loss`` (sum of the MoE layers' losses)."""
+        x = self.embed(tokens)
+        for block in self.layers:
+            x = block(x)
+        x = self.norm(x)
+        logits = self.head(x) if self.head is not None else F.linear(x, self.embed.weight)
+        aux = torch.zeros((), device=logits.device, dtype=torch.float32)
+        for m in self.moe_modules():
+            aux = aux + m.aux_loss
+        self.aux_loss = aux
+        return logits
+
+    @torch.no_grad()
+    def init_weights(self, seed: int) -> None:
+        """Fill every parameter and buffer deterministically from ``seed``.
+
+        Norm scales 1; every other weight N(0, init_std); rotary tables recomputed; expert_bias and
+        load_accum zero. Expert e of a GroupedExperts is drawn from its own generator keyed by its
+        global id (``first_expert + local index``), so a slice of the experts can be initialized alone.
+        """
+        std = self.model_cfg.init_std
+        for mod_name, mod in self.named_modules():
+            prefix = f"{mod_name}." if mod_name else ""
+            if isinstance(mod, RMSNorm):
+                mod.weight.fill_(1.0)
+            elif isinstance(mod, (nn.Linear, nn.Embedding)):
+                _normal_(mod.weight, std, param_seed(seed, prefix + "weight"))
+            elif isinstance(mod, GroupedExperts):
+                first = getattr(mod, "first_expert", 0)
+                for wname in ("w1", "w3", "w2"):
+                    w = getattr(mod, wname)
+                    if w is None:
+                        continue
+                    for i in range(w.shape[0]):
+                        _normal_(w[i], std, param_seed(seed, f"{prefix}{wname}.{first + i}"))
+            elif isinstance(mod, RotaryEmbedding):
+                mod.reset_tables()
+            elif isinstance(mod, Router):
+                mod.reset_buffers()
+
+
+def validate(model_cfg: ModelConfig, moe_cfg: MoEConfig, routing_groups: int) -> None:
+    """Raise ValueError naming the config key and numbers for shapes the model cannot build."""
+    m, e = model_cfg, moe_cfg
+    if m.hidden_size <= 0 or m.num_layers <= 0 or m.num_heads <= 0 or m.vocab_size <= 0:
+        raise ValueError(
+            f"model.hidden_size={m.hidden_size}, num_layers={m.num_layers}, num_heads={m.num_heads}, "
+            f"vocab_size={m.vocab_size} must all be positive"
+        )
+    if AttentionKind(m.attention) == AttentionKind.gqa and m.head_dim <= 0 and m.hidden_size % m.num_heads:
+        raise ValueError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
+    if e.num_experts <= 0:
+        return
+    if not 1 <= e.top_k <= e.num_experts:
+        raise ValueError(f"moe.top_k={e.top_k} must be in [1, moe.num_experts={e.num_experts}]")
+    if e.moe_layer_freq < 1:
+        raise ValueError(f"moe.moe_layer_freq={e.moe_layer_freq} must be >= 1")
+    if routing_groups < 1 or e.num_experts % routing_groups:
+        raise ValueError(
+            f"moe.num_experts={e.num_experts} must be divisible by the routing groups ({routing_groups}; "
+            "moe.num_expert_groups unless the runtime passes its node count)"
+        )
+    if e.max_nodes_per_token < 0:
+        raise ValueError(f"moe.max_nodes_per_token={e.max_nodes_per_token} must be >= 0")
+    if 0 < e.max_nodes_per_token < routing_groups:
+        reach = e.max_nodes_per_token * (e.num_experts // routing_groups)
+        if reach < e.top_k:
+            raise ValueError(
+                f"moe.max_nodes_per_token={e.max_nodes_per_token} groups of {e.num_experts // routing_groups} "
+                f"experts hold {reach} experts, fewer than moe.top_k={e.top_k}"
+            )
+    if not e.dropless and (e.capacity_factor <= 0 or e.eval_capacity_factor <= 0):
+        raise ValueError(
+            f"moe.capacity_factor={e.capacity_factor} and moe.eval_capacity_factor={e.eval_capacity_factor} "
+            "must be positive when moe.dropless is false"
+        )
+
+
+def build_model(model_cfg: ModelConfig, moe_cfg: MoEConfig, *, routing_groups: int | None = None) -> Transformer:
+    """Build the transformer (weights uninitialized: call ``init_weights(seed)``).
+
+    routing_groups: groups for node-limited routing; None means moe.num_expert_groups (the runtime
+    passes the number of nodes one EP group spans when that is more than one).
+    """
+    groups = moe_cfg.num_expert_groups if routing_groups is None else routing_groups
+    validate(model_cfg, moe_cfg, groups)
+    return Transformer(model_cfg, moe_cfg, groups)
