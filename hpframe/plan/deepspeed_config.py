@@ -1,0 +1,94 @@
+"""ParallelPlan -> DeepSpeed config dict. Pure (standard library only): every value explicit, never "auto".
+
+DeepSpeed's non-strict config parsing silently replaces values it does not understand (``"auto"``
+included) by defaults, so the dict written here spells out every setting hpframe relies on, and
+``tests/unit/test_deepspeed_config.py`` parses it with DeepSpeed's own config models.
+
+Choices that are not simply copied from the plan:
+  * ``gradient_clipping`` is 0: the engine computes the true global gradient norm itself (experts
+    counted once across EP, TP shards and pipeline stages combined) and clips before the optimizer
+    step; see hpframe/engine/step.py.
+  * bf16 only on CUDA with ``train.dtype=bf16``; CPU runs are fp32 (gloo, no bf16 kernels worth using).
+  * ``zero_allow_untested_optimizer``: the optimizer is a client ``torch.optim.AdamW``.
+  * ZeRO-2/3 with pipeline parallelism, and ZeRO-3 with experts, are refused: DeepSpeed's pipeline
+    engine supports ZeRO 0-1 only, and its MoE support stops at ZeRO-2.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+BUCKET_ELEMENTS = 500_000_000
+"""ZeRO reduce / all-gather bucket size in elements (DeepSpeed's own default, written out)."""
+
+
+def deepspeed_config(plan: Any, *, dtype: str, device: str, steps_per_print: int = 1_000_000_000) -> dict[str, Any]:
+    """The DeepSpeed config of ``plan``.
+
+    ``dtype`` is ``train.dtype`` ("fp32" or "bf16"); ``device`` is the resolved device ("cpu" or
+    "cuda"). Raises ValueError for combinations DeepSpeed does not support.
+    """
+    if plan.zero_stage not in (0, 1, 2, 3):
+        raise ValueError(f"parallel.zero_stage={plan.zero_stage} must be 0, 1, 2 or 3")
+    if plan.pp > 1 and plan.zero_stage > 1:
+        raise ValueError(
+            f"parallel.zero_stage={plan.zero_stage} with parallel.pp={plan.pp}: DeepSpeed's pipeline engine "
+            "supports ZeRO stages 0 and 1 only"
+        )
+    if plan.experts is not None and plan.zero_stage == 3:
+        raise ValueError("parallel.zero_stage=3 with a Mixture-of-Experts model: DeepSpeed's MoE support stops at ZeRO-2")
+    if dtype not in ("fp32", "bf16"):
+        raise ValueError(f"train.dtype={dtype!r} must be fp32 or bf16")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r} must be cpu or cuda")
+    if plan.micro_batch_size * plan.grad_accum * plan.dp != plan.global_batch_size:
+        raise ValueError(
+            f"parallel.global_batch_size={plan.global_batch_size} != micro_batch_size {plan.micro_batch_size} "
+            f"x grad_accum {plan.grad_accum} x dp {plan.dp}"
+        )
+    bf16 = dtype == "bf16" and device == "cuda"
+    cfg: dict[str, Any] = {
+        "train_batch_size": plan.global_batch_size,
+        "train_micro_batch_size_per_gpu": plan.micro_batch_size,
+        "gradient_accumulation_steps": plan.grad_accum,
+        "gradient_clipping": 0.0,
+        "steps_per_print": steps_per_print,
+        "wall_clock_breakdown": False,
+        "prescale_gradients": False,
+        "gradient_predivide_factor": 1.0,
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": bf16},
+        "fp16": {"enabled": False},
+        "zero_optimization": {
+            "stage": plan.zero_stage,
+            "contiguous_gradients": True,
+            "overlap_comm": False,
+            "reduce_scatter": True,
+            "reduce_bucket_size": BUCKET_ELEMENTS,
+            "allgather_bucket_size": BUCKET_ELEMENTS,
+            "round_robin_gradients": False,
+        },
+    }
+    if bf16:
+        # Accumulate gradients across micro-batches in fp32, not in the bf16 parameter dtype.
+        cfg["data_types"] = {"grad_accum_dtype": "fp32"}
+    if plan.pp > 1:
+        cfg["pipeline"] = {
+            "stages": plan.pp,
+            "partition": "uniform",  # unused: hpframe.parallel.pipeline sets the plan's partition itself
+            "seed_layers": False,
+            "activation_checkpoint_interval": 0,
+            # TP ranks hold identical activations; splitting them for p2p is an optimization we skip
+            "pipe_partitioned": False,
+            "grad_partitioned": False,
+        }
+    return cfg
+
+
+def find_auto(value: Any, path: str = "") -> list[str]:
+    """Paths of every ``"auto"`` string inside a (nested) config; empty when there is none."""
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in find_auto(v, f"{path}.{k}" if path else str(k))]
+    if isinstance(value, (list, tuple)):
+        return [p for i, v in enumerate(value) for p in find_auto(v, f"{path}[{i}]")]
+    return [path] if isinstance(value, str) and value.lower() == "auto" else []

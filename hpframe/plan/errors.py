@@ -1,0 +1,19 @@
+"""PlanError: the one exception the planner raises for a configuration that cannot run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class PlanError(ValueError):
+    """An impossible or unsafe configuration, found before anything starts.
+
+    ``key`` names the configuration key(s) at fault (comma-separated when several interact, e.g.
+    ``"parallel.tp, model.num_heads"``); ``values`` maps those keys (and derived quantities) to the
+    numbers involved, so callers and tests can check them without parsing the message.
+    """
+
+    def __init__(self, message: str, *, key: str, values: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+        self.values: dict[str, Any] = dict(values or {})

@@ -1,0 +1,161 @@
+"""The plan as data: frozen dataclasses produced by ``make_plan`` and read by the runtime and the report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hpframe.plan.params import ParamCounts
+from hpframe.plan.ranks import RankLayout
+
+
+@dataclass(frozen=True, slots=True)
+class StagePlan:
+    """One pipeline stage: the transformer blocks it runs, and whether it holds embedding/head."""
+
+    index: int
+    layers: tuple[int, ...]
+    has_embedding: bool
+    has_head: bool
+    cost: float
+    """Relative compute cost used for balancing (forward FLOPs per token, embedding counted; see pipeline.py)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PipelinePlan:
+    stages: tuple[StagePlan, ...]
+    manual: bool
+    """True when parallel.pipeline_layout fixed the partition."""
+
+    def stage_of_layer(self, layer: int) -> int:
+        """Index of the stage that runs block ``layer``."""
+        for s in self.stages:
+            if layer in s.layers:
+                return s.index
+        raise ValueError(f"layer {layer} is not in any stage (num_layers={sum(len(s.layers) for s in self.stages)})")
+
+    @property
+    def layers_per_stage(self) -> tuple[int, ...]:
+        return tuple(len(s.layers) for s in self.stages)
+
+
+@dataclass(frozen=True, slots=True)
+class ExpertPlan:
+    """Where routed experts live. Experts are split into contiguous slices, one per EP rank."""
+
+    num_experts: int
+    ep: int
+    experts_per_rank: int
+    routing_groups: int
+    """Groups for node-limited routing: nodes spanned by one EP group when > 1, else moe.num_expert_groups.
+    Expert e belongs to group e // (num_experts // routing_groups)."""
+    max_groups_per_token: int
+    """0 = unlimited."""
+    ranks_per_node_in_ep_group: int
+    """EP ranks of one EP group on each node it spans (ep when it fits one node)."""
+
+    def local_experts(self, ep_rank: int) -> range:
+        """Global ids of the experts held by ``ep_rank`` (contiguous, ascending)."""
+        if not 0 <= ep_rank < self.ep:
+            raise ValueError(f"ep_rank {ep_rank} outside 0..{self.ep - 1}")
+        return range(ep_rank * self.experts_per_rank, (ep_rank + 1) * self.experts_per_rank)
+
+    def ep_rank_of(self, expert: int) -> int:
+        """EP rank (position inside any EP group) holding global expert ``expert``."""
+        if not 0 <= expert < self.num_experts:
+            raise ValueError(f"expert {expert} outside 0..{self.num_experts - 1}")
+        return expert // self.experts_per_rank
+
+    def routing_group_of(self, expert: int) -> int:
+        return expert // (self.num_experts // self.routing_groups)
+
+    def placement(self, ranks: RankLayout, rank: int) -> tuple[tuple[int, int], ...]:
+        """For every expert id, (global rank, node) holding it inside the EP group of ``rank``."""
+        group = ranks.group("ep", rank)
+        return tuple((group[self.ep_rank_of(e)], ranks.node_of(group[self.ep_rank_of(e)])) for e in range(self.num_experts))
+
+
+@dataclass(frozen=True, slots=True)
+class MemoryEstimate:
+    """Bytes per GPU on the worst rank (the stage with the largest total)."""
+
+    stage: int
+    weights: int
+    gradients: int
+    optimizer: int
+    activations: int
+    params_on_rank: int
+    per_stage_total: tuple[int, ...]
+    device_bytes: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer + self.activations
+
+
+@dataclass(frozen=True, slots=True)
+class CommEstimate:
+    """Bytes one GPU sends per optimizer step, by collective, split intra-/inter-node."""
+
+    parts: dict[str, dict[str, int]]
+    """name -> {"intra": bytes, "inter": bytes}; names: moe_all_to_all, tp, dp, pp."""
+    moe_move_experts: dict[str, int]
+    """The alternative to all-to-all: gathering remote experts' weights and reducing their grads."""
+
+    @property
+    def total(self) -> int:
+        return sum(p["intra"] + p["inter"] for p in self.parts.values())
+
+
+@dataclass(frozen=True, slots=True)
+class TimeEstimate:
+    assumed_mfu: float
+    compute_seconds: float
+    """Per step, at assumed_mfu, pipeline bubble included."""
+    bubble_fraction: float
+    comm_seconds: float
+    """Per step, intra bytes at intra_node_bw plus inter bytes at inter_node_bw, no overlap."""
+    step_seconds: float
+    """compute + comm (an upper bound: no overlap)."""
+    tokens_per_step: int
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointEstimate:
+    bytes: int
+    """Weights (train dtype) plus optimizer state (fp32 master when bf16, Adam m and v)."""
+    write_seconds: float
+    job_mtbf_seconds: float
+    interval_seconds: float
+    """Young/Daly: sqrt(2 * write_seconds * job MTBF)."""
+    interval_steps: int
+    """interval_seconds / estimated step time, at least 1; the training loop's default save interval."""
+
+
+@dataclass(frozen=True, slots=True)
+class ParallelPlan:
+    """Everything decided before any process starts. Produced by ``make_plan``; pure data."""
+
+    world_size: int
+    tp: int
+    pp: int
+    dp: int
+    ep: int
+    edp: int
+    zero_stage: int
+    micro_batch_size: int
+    grad_accum: int
+    global_batch_size: int
+    seq_len: int
+    num_nodes: int
+    gpus_per_node: int
+    ranks: RankLayout
+    pipeline: PipelinePlan
+    experts: ExpertPlan | None
+    moe_layers: tuple[int, ...]
+    params: ParamCounts | None = None
+    flops_per_token: int = 0
+    memory: MemoryEstimate | None = None
+    comm: CommEstimate | None = None
+    time: TimeEstimate | None = None
+    checkpoint: CheckpointEstimate | None = None
+    warnings: tuple[str, ...] = field(default_factory=tuple)

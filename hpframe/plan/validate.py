@@ -1,0 +1,114 @@
+"""Cross-checks between the model, MoE, parallel and training settings (degrees already resolved).
+
+Every refusal is a PlanError naming the keys and numbers; settings that silently do nothing are
+reported as warnings in the plan.
+"""
+
+from __future__ import annotations
+
+from hpframe.config.schema import Attention, RunConfig
+from hpframe.plan.errors import PlanError
+from hpframe.plan.mesh import Degrees
+from hpframe.plan.params import moe_layers, num_kv_heads
+
+
+def _divides(what: str, key_a: str, a: int, key_b: str, b: int) -> None:
+    if b % a:
+        raise PlanError(
+            f"{key_a}={a} does not divide {key_b}={b} ({what})",
+            key=f"{key_a}, {key_b}",
+            values={key_a: a, key_b: b},
+        )
+
+
+def validate_model(cfg: RunConfig, warnings: list[str]) -> None:
+    """Checks of the model alone (no parallel degrees)."""
+    m, moe = cfg.model, cfg.moe
+    for key, v in (("model.hidden_size", m.hidden_size), ("model.num_layers", m.num_layers), ("model.num_heads", m.num_heads),
+                   ("model.ffn_hidden_size", m.ffn_hidden_size), ("model.vocab_size", m.vocab_size), ("data.seq_len", cfg.data.seq_len)):
+        if v < 1:
+            raise PlanError(f"{key}={v} must be >= 1", key=key, values={key: v})
+    if m.attention == Attention.gqa:
+        if m.head_dim == -1 and m.hidden_size % m.num_heads:
+            raise PlanError(
+                f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}; set model.head_dim",
+                key="model.hidden_size, model.num_heads",
+                values={"model.hidden_size": m.hidden_size, "model.num_heads": m.num_heads},
+            )
+        nkv = num_kv_heads(m)
+        if nkv > m.num_heads or m.num_heads % nkv:
+            raise PlanError(
+                f"model.num_kv_heads={nkv} must divide model.num_heads={m.num_heads}",
+                key="model.num_kv_heads, model.num_heads",
+                values={"model.num_kv_heads": nkv, "model.num_heads": m.num_heads},
+            )
+    elif m.num_kv_heads != -1:
+        warnings.append(f"model.num_kv_heads={m.num_kv_heads} has no effect with model.attention=mla")
+    if cfg.data.seq_len > m.max_seq_len:
+        raise PlanError(
+            f"data.seq_len={cfg.data.seq_len} exceeds model.max_seq_len={m.max_seq_len}",
+            key="data.seq_len, model.max_seq_len",
+            values={"data.seq_len": cfg.data.seq_len, "model.max_seq_len": m.max_seq_len},
+        )
+    if moe.num_experts < 0:
+        raise PlanError(f"moe.num_experts={moe.num_experts} must be >= 0", key="moe.num_experts", values={"moe.num_experts": moe.num_experts})
+    if moe.num_experts > 0:
+        if not 1 <= moe.top_k <= moe.num_experts:
+            raise PlanError(
+                f"moe.top_k={moe.top_k} must be between 1 and moe.num_experts={moe.num_experts}",
+                key="moe.top_k, moe.num_experts",
+                values={"moe.top_k": moe.top_k, "moe.num_experts": moe.num_experts},
+            )
+        if moe.moe_layer_freq < 1:
+            raise PlanError(f"moe.moe_layer_freq={moe.moe_layer_freq} must be >= 1", key="moe.moe_layer_freq", values={"moe.moe_layer_freq": moe.moe_layer_freq})
+        if not moe_layers(m, moe):
+            warnings.append(f"model.first_k_dense={m.first_k_dense} >= model.num_layers={m.num_layers}: no block is MoE, the moe settings have no effect")
+        if moe.dropless and moe.capacity_factor != 1.25:
+            warnings.append(f"moe.capacity_factor={moe.capacity_factor} has no effect with moe.dropless=true")
+    else:
+        if m.first_k_dense:
+            warnings.append(f"model.first_k_dense={m.first_k_dense} has no effect without experts (moe.num_experts=0)")
+        if moe.num_shared_experts:
+            warnings.append(f"moe.num_shared_experts={moe.num_shared_experts} has no effect with moe.num_experts=0")
+
+
+def validate_parallel(cfg: RunConfig, d: Degrees, warnings: list[str]) -> None:
+    """Checks that involve the parallel degrees."""
+    m, moe, p = cfg.model, cfg.moe, cfg.parallel
+    if d.tp > 1:
+        _divides("each tensor-parallel rank takes whole attention heads", "parallel.tp", d.tp, "model.num_heads", m.num_heads)
+        if m.attention == Attention.gqa:
+            _divides("each tensor-parallel rank takes whole key/value heads", "parallel.tp", d.tp, "model.num_kv_heads", num_kv_heads(m))
+        _divides("the embedding and head are split over the vocabulary", "parallel.tp", d.tp, "model.vocab_size", m.vocab_size)
+        if len(moe_layers(m, moe)) < m.num_layers:  # dense MLPs exist and are split over their inner dimension
+            _divides("the dense MLP is split over its inner dimension", "parallel.tp", d.tp, "model.ffn_hidden_size", m.ffn_hidden_size)
+    elif p.sequence_parallel:
+        warnings.append("parallel.sequence_parallel=true has no effect with parallel.tp=1")
+    if d.ep > 1 and moe.num_experts == 0:
+        raise PlanError(
+            f"parallel.ep={d.ep} needs experts, but moe.num_experts=0",
+            key="parallel.ep, moe.num_experts",
+            values={"parallel.ep": d.ep, "moe.num_experts": 0},
+        )
+    if d.ep > 1 and d.zero_stage == 3:
+        raise PlanError(
+            f"parallel.ep={d.ep} with parallel.zero_stage=3: DeepSpeed does not support MoE with ZeRO-3; use zero_stage 0-2",
+            key="parallel.ep, parallel.zero_stage",
+            values={"parallel.ep": d.ep, "parallel.zero_stage": 3},
+        )
+    if moe.num_experts > 0 and d.zero_stage == 3:
+        raise PlanError(
+            f"moe.num_experts={moe.num_experts} with parallel.zero_stage=3: DeepSpeed does not support MoE with ZeRO-3",
+            key="moe.num_experts, parallel.zero_stage",
+            values={"moe.num_experts": moe.num_experts, "parallel.zero_stage": 3},
+        )
+    if d.pp > 1 and d.zero_stage >= 2:
+        raise PlanError(
+            f"parallel.pp={d.pp} with parallel.zero_stage={d.zero_stage}: DeepSpeed's pipeline engine supports ZeRO stages 0 and 1 only",
+            key="parallel.pp, parallel.zero_stage",
+            values={"parallel.pp": d.pp, "parallel.zero_stage": d.zero_stage},
+        )
+    if d.zero_stage > 0 and d.dp == 1:
+        warnings.append(f"parallel.zero_stage={d.zero_stage} has no effect with dp=1 (nothing to shard over)")
+    if p.pipeline_layout and d.pp == 1 and list(p.pipeline_layout) == [m.num_layers]:
+        warnings.append("parallel.pipeline_layout has no effect with parallel.pp=1")
