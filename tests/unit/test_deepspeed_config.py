@@ -1,0 +1,112 @@
+"""plan/deepspeed_config.py: the generated dict parses under DeepSpeed's own config models
+(DeepSpeedConfig with the batch-size arithmetic, DeepSpeedZeroConfig, DeepSpeedBF16Config), holds no
+"auto" anywhere, carries the plan's numbers, and unsupported combinations fail with the config key."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+import torch.distributed as dist
+
+from hpframe.engine.ds_env import init_deepspeed_comm
+from hpframe.plan.deepspeed_config import deepspeed_config, find_auto
+
+
+def _plan(*, dp: int = 2, pp: int = 1, zero: int = 1, mbs: int = 2, ga: int = 3, experts: bool = False) -> SimpleNamespace:
+    return SimpleNamespace(
+        dp=dp, pp=pp, tp=1, zero_stage=zero, micro_batch_size=mbs, grad_accum=ga, global_batch_size=mbs * ga * dp,
+        experts=SimpleNamespace(num_experts=8) if experts else None,
+    )
+
+
+class _DataParallelSize:
+    """What DeepSpeedConfig asks an mpu for: the data-parallel world size (the plan's dp)."""
+
+    def __init__(self, dp: int) -> None:
+        self.dp = dp
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.dp
+
+
+@pytest.fixture(scope="module")
+def one_process_group(tmp_path_factory: pytest.TempPathFactory):
+    """DeepSpeedConfig consults an mpu only under an initialized process group: a 1-rank gloo group."""
+    if dist.is_initialized():
+        yield
+        return
+    store = dist.FileStore(str(tmp_path_factory.mktemp("pg") / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    init_deepspeed_comm()
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(("pp", "zero"), [(1, 0), (1, 1), (1, 2), (2, 0), (2, 1)])
+@pytest.mark.parametrize(("dtype", "device"), [("fp32", "cpu"), ("bf16", "cpu"), ("bf16", "cuda"), ("fp32", "cuda")])
+def test_config_parses_under_deepspeed_models(one_process_group, zero: int, dtype: str, device: str, pp: int) -> None:
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    plan = _plan(dp=4, pp=pp, zero=zero, mbs=2, ga=3)
+    cfg = deepspeed_config(plan, dtype=dtype, device=device)
+    assert find_auto(cfg) == []
+    parsed = DeepSpeedConfig(copy.deepcopy(cfg), mpu=_DataParallelSize(plan.dp))
+    assert parsed.train_batch_size == 24
+    assert parsed.train_micro_batch_size_per_gpu == 2
+    assert parsed.gradient_accumulation_steps == 3
+    assert parsed.zero_optimization_stage == zero
+    assert parsed.gradient_clipping == 0.0
+    assert parsed.bfloat16_config.enabled == (dtype == "bf16" and device == "cuda")
+    assert parsed.float16_config.enabled is False
+    assert parsed.zero_allow_untested_optimizer is True
+    assert parsed.zero_config.overlap_comm is False and parsed.zero_config.reduce_bucket_size == 500_000_000
+    if pp > 1:
+        assert parsed.pipeline["pipe_partitioned"] is False and parsed.pipeline["stages"] == pp
+
+
+def test_batch_arithmetic_is_checked_by_deepspeed(one_process_group) -> None:
+    """DeepSpeed itself rejects the dict when its dp differs from the plan's: the numbers are really used."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    cfg = deepspeed_config(_plan(dp=4), dtype="fp32", device="cpu")
+    with pytest.raises(AssertionError, match="train_batch_size"):
+        DeepSpeedConfig(cfg, mpu=_DataParallelSize(2))
+
+
+def test_sub_models_parse_strictly() -> None:
+    from deepspeed.runtime.precision_config import DeepSpeedBF16Config
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    cfg = deepspeed_config(_plan(zero=2), dtype="bf16", device="cuda")
+    zero = DeepSpeedZeroConfig(**cfg["zero_optimization"])
+    assert zero.stage == 2 and zero.contiguous_gradients and zero.reduce_scatter and not zero.round_robin_gradients
+    assert DeepSpeedBF16Config(**cfg["bf16"]).enabled
+    assert cfg["data_types"] == {"grad_accum_dtype": "fp32"}
+
+
+def test_find_auto_reports_paths() -> None:
+    assert find_auto({"a": {"b": "auto"}, "c": [1, "AUTO"], "d": "x"}) == ["a.b", "c[1]"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"pp": 2, "zero": 2}, r"parallel.zero_stage=2 with parallel.pp=2"),
+        ({"zero": 3, "experts": True}, r"parallel.zero_stage=3 with a Mixture-of-Experts"),
+        ({"zero": 4}, r"parallel.zero_stage=4 must be"),
+    ],
+)
+def test_refusals(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        deepspeed_config(_plan(**kwargs), dtype="fp32", device="cpu")
+
+
+def test_bad_dtype_and_batch() -> None:
+    with pytest.raises(ValueError, match=r"train.dtype='fp16'"):
+        deepspeed_config(_plan(), dtype="fp16", device="cpu")
+    bad = _plan()
+    bad.global_batch_size += 1
+    with pytest.raises(ValueError, match=r"parallel.global_batch_size=13"):
+        deepspeed_config(bad, dtype="fp32", device="cpu")
