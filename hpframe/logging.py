@@ -1,0 +1,76 @@
+"""Rank-aware logging: messages go out on rank 0 only unless a call asks for every rank.
+
+    log = get_logger(__name__)
+    log.info("building the model")            # rank 0 only
+    log.info("local shard ready", all_ranks=True)  # every rank, prefixed with [rank R]
+
+The rank comes from torch.distributed when it is initialized, else from the RANK environment
+variable set by torchrun/elastic launchers, else 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from typing import Any
+
+_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+_configured = False
+
+
+def current_rank() -> int:
+    """Global rank of this process (0 outside a distributed run)."""
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank()
+    except ImportError:  # torch is optional for the planner-only paths
+        pass
+    return int(os.environ.get("RANK", "0"))
+
+
+def _configure() -> None:
+    global _configured
+    if _configured:
+        return
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
+    root = logging.getLogger("hpframe")
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    root.propagate = False
+    _configured = True
+
+
+class RankLogger:
+    """A thin wrapper over ``logging.Logger`` that filters by rank."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger = logger
+
+    def _log(self, level: int, msg: str, *args: Any, all_ranks: bool = False) -> None:
+        rank = current_rank()
+        if all_ranks:
+            self.logger.log(level, f"[rank {rank}] {msg}", *args)
+        elif rank == 0:
+            self.logger.log(level, msg, *args)
+
+    def info(self, msg: str, *args: Any, all_ranks: bool = False) -> None:
+        self._log(logging.INFO, msg, *args, all_ranks=all_ranks)
+
+    def warning(self, msg: str, *args: Any, all_ranks: bool = False) -> None:
+        self._log(logging.WARNING, msg, *args, all_ranks=all_ranks)
+
+    def error(self, msg: str, *args: Any, all_ranks: bool = True) -> None:
+        """Errors go out on every rank by default: the failing rank may not be 0."""
+        self._log(logging.ERROR, msg, *args, all_ranks=all_ranks)
+
+
+def get_logger(name: str) -> RankLogger:
+    """The rank-aware logger for ``name`` (under the ``hpframe`` hierarchy)."""
+    _configure()
+    if not name.startswith("hpframe"):
+        name = f"hpframe.{name}"
+    return RankLogger(logging.getLogger(name))

@@ -1,0 +1,123 @@
+"""Per-step training figures: throughput, MFU, expert balance; written to metrics.jsonl and TensorBoard.
+
+MFU (model FLOPs utilization) = achieved model FLOP/s over the peak of all devices:
+``tokens_per_s * flops_per_token / (world_size * peak_tflops * 1e12)``, with ``flops_per_token`` the
+planner's training FLOPs per token (forward + backward) and ``peak_tflops`` the per-device peak of
+``cluster.peak_tflops``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+STEP_KEYS = (
+    "step", "loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "expert_load_cv",
+    "dropped_token_frac", "skipped", "consumed_tokens", "step_time_s",
+)
+"""Keys of every line of metrics.jsonl (eval lines carry ``step`` and ``eval_loss`` instead)."""
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, world_size: int, peak_tflops: float) -> float:
+    """Model FLOPs utilization in [0, 1] (see the module docstring)."""
+    if world_size <= 0 or peak_tflops <= 0:
+        raise ValueError(f"MFU needs world_size > 0 and cluster.peak_tflops > 0, got {world_size} and {peak_tflops}")
+    return tokens_per_s * flops_per_token / (world_size * peak_tflops * 1e12)
+
+
+def load_cv(tokens_per_expert: torch.Tensor) -> float:
+    """Coefficient of variation (population std / mean) of per-expert token counts; 0 = perfectly balanced."""
+    counts = tokens_per_expert.detach().double().flatten()
+    mean = counts.mean()
+    if counts.numel() == 0 or mean <= 0:
+        return 0.0
+    return float(counts.std(unbiased=False) / mean)
+
+
+def _as_float(value: Any) -> float:
+    return float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else float(value)
+
+
+def summarize_moe(moe_stats: Any) -> tuple[float, float]:
+    """(expert_load_cv, dropped_token_frac) averaged over MoE layers; (0.0, 0.0) for a dense model.
+
+    Accepts what an engine step reports: None/empty (dense), one stats mapping, or a sequence / mapping
+    of per-layer mappings with ``tokens_per_expert`` or ``load_cv``, and ``dropped_frac``.
+    """
+    if not moe_stats:
+        return 0.0, 0.0
+    if isinstance(moe_stats, Mapping) and not any(k in moe_stats for k in ("tokens_per_expert", "load_cv", "dropped_frac")):
+        layers: Sequence[Any] = list(moe_stats.values())
+    elif isinstance(moe_stats, Mapping):
+        layers = [moe_stats]
+    else:
+        layers = list(moe_stats)
+    cvs, drops = [], []
+    for layer in layers:
+        if "tokens_per_expert" in layer:
+            cvs.append(load_cv(torch.as_tensor(layer["tokens_per_expert"])))
+        elif "load_cv" in layer:
+            cvs.append(_as_float(layer["load_cv"]))
+        drops.append(_as_float(layer.get("dropped_frac", 0.0)))
+    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+    return mean(cvs), mean(drops)
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe scalar: tensors to floats, non-finite floats to None (strict JSON has no NaN)."""
+    if isinstance(value, torch.Tensor):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+class MetricsWriter:
+    """Appends one JSON object per step to ``run_dir/metrics.jsonl`` and mirrors scalars to TensorBoard.
+
+    Only the rank that owns it writes (rank 0); other ranks construct it with ``enabled=False``.
+    """
+
+    def __init__(self, run_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True) -> None:
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._file = None
+        self._tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = self.path.open("a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+
+    def write(self, record: Mapping[str, Any], *, prefix: str = "train") -> None:
+        """Write one record; ``record['step']`` is the TensorBoard global step."""
+        if not self.enabled:
+            return
+        clean = {k: _clean(v) for k, v in record.items()}
+        assert self._file is not None
+        self._file.write(json.dumps(clean) + "\n")
+        if self._tb is not None:
+            for key, value in clean.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tb.add_scalar(f"{prefix}/{key}", value, global_step=int(record["step"]))
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """All records of ``run_dir/metrics.jsonl`` in order (for tests and notebooks)."""
+    with (Path(run_dir) / "metrics.jsonl").open() as f:
+        return [json.loads(line) for line in f if line.strip()]
