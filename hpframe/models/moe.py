@@ -11,7 +11,7 @@ Data flow of ``MoE.forward`` (each arrow is one function below, tested on its ow
          -> y[T,H] = sum over kept assignments of weight * y_sorted (index_add, the exact inverse)
          -> + shared(x)
 ``experts`` is THE seam the expert-parallel wrapper replaces (same call signature, global ids).
-Routing math runs in fp32 whatever the model dtype.
+Routing math runs in fp32 (or float64 for float64 inputs) whatever the model dtype.
 """
 
 from __future__ import annotations
@@ -149,6 +149,16 @@ class Router(nn.Module):
         self.register_buffer("expert_bias", torch.empty(e, dtype=torch.float32), persistent=True)
         self.register_buffer("load_accum", torch.empty(e, dtype=torch.float32), persistent=False)
 
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # model.to(bf16) must not cast the balancing state: bf16 counts are exact only up to 256 and
+        # a bias step of 1e-3 vanishes next to a bias of 1. Keep both buffers fp32 (as transformers does).
+        super()._apply(fn, recurse)
+        for name in ("expert_bias", "load_accum"):
+            buf = self._buffers[name]
+            if buf is not None and buf.dtype != torch.float32:
+                self._buffers[name] = buf.float()
+        return self
+
     @torch.no_grad()
     def reset_buffers(self) -> None:
         """Zero the balancing bias and the load counter."""
@@ -157,10 +167,11 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:
         """x[T,H] -> Routing (fp32)."""
-        x32 = x.float()
+        dtype = torch.promote_types(x.dtype, torch.float32)  # at least fp32 (float64 stays, for gradcheck)
+        x32 = x.to(dtype)
         if self.training and self.jitter_eps > 0:
             x32 = x32 * torch.empty_like(x32).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
-        logits = F.linear(x32, self.gate.weight.float())  # [T,E]
+        logits = F.linear(x32, self.gate.weight.to(dtype))  # [T,E]
         noisy = logits
         if self.training and self.noisy_gate_std > 0:
             noisy = logits + torch.randn_like(logits) * self.noisy_gate_std
@@ -205,7 +216,7 @@ class GroupedExperts(nn.Module):
       padded_bmm  rows scattered to [E, max_count, H] blocks and batched matmuls (CUDA fallback).
       loop        a Python loop over experts: the CPU path. CPU runs are debug-sized, so padding
                   would waste work for nothing, and it is the one path that takes float64 (gradcheck).
-      auto        CUDA: grouped_mm when supported (bf16, H and Fe multiples of 8, sm90+), else
+      auto        CUDA: grouped_mm when supported (bf16, 16-byte rows: H, Fe multiples of 8, sm90+), else
                   padded_bmm -- never a Python loop on the GPU; CPU: loop.
     """
 
@@ -231,13 +242,16 @@ class GroupedExperts(nn.Module):
         if not x.is_cuda:
             return "loop"
         ok = (
-            hasattr(torch, "_grouped_mm")
-            and x.dtype == torch.bfloat16
-            and self.hidden % 8 == 0
-            and self.inner % 8 == 0
+            x.dtype == torch.bfloat16
+            and self.grouped_mm_aligned(x.dtype)
             and torch.cuda.get_device_capability(x.device) >= (9, 0)
         )
         return "grouped_mm" if ok else "padded_bmm"
+
+    def grouped_mm_aligned(self, dtype: torch.dtype) -> bool:
+        """torch._grouped_mm needs every row stride (H and Fe elements) to be a multiple of 16 bytes."""
+        size = torch.empty((), dtype=dtype).element_size()
+        return hasattr(torch, "_grouped_mm") and (self.hidden * size) % 16 == 0 and (self.inner * size) % 16 == 0
 
     def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
         impl = self.pick_impl(x)
@@ -257,6 +271,11 @@ class GroupedExperts(nn.Module):
         return torch.cat(outs, dim=0) if outs else x.new_zeros(0, self.hidden)
 
     def _forward_grouped_mm(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        if not self.grouped_mm_aligned(x.dtype):
+            raise ValueError(
+                f"grouped_mm needs hidden ({self.hidden}) and expert inner size ({self.inner}) rows of a "
+                f"multiple of 16 bytes in {x.dtype}; use impl='auto'"
+            )
         align = 16 if x.is_cuda else 1
         rows = None
         if align > 1:
