@@ -302,6 +302,10 @@ class PlanConfig:
     """table (readable) or json (one document)."""
     memory_check: bool = True
     """Refuse plans whose estimated memory exceeds the device memory (warning only when false)."""
+    assumed_mfu: float = 0.4
+    """Model FLOPs utilisation assumed for the compute-time estimate (fraction of cluster.peak_tflops)."""
+    suggest: bool = False
+    """With dry_run: also list tp/pp/ep/dp layouts that fit memory, fastest estimated step first."""
 
 
 @dataclass

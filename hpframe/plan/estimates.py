@@ -1,20 +1,91 @@
-"""Cost estimates attached to a plan: parameters, FLOPs, memory, communication, time, checkpoint."""
+"""Cost estimates attached to a plan: parameters, FLOPs, memory, communication, time, checkpoint.
+
+Time: compute = flops_per_token * tokens per step / (world * peak * assumed MFU), stretched by the
+1F1B bubble (pp - 1) / (grad_accum + pp - 1), times 4/3 under full recompute (selective counted free); comm = intra-node bytes / intra_node_bw + inter-node
+bytes / inter_node_bw of the busiest stage, with no overlap; step = compute + comm (an upper bound).
+Checkpoint: bytes = total params * (train-dtype weight bytes + optimizer bytes); write = bytes /
+storage_bw; job MTBF = gpu_mtbf_hours / world_size; Young/Daly interval = sqrt(2 * write * MTBF).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
-from hpframe.config.schema import RunConfig
+from hpframe.config.schema import DType, Recompute, RunConfig
+from hpframe.plan.comm import estimate_comm
+from hpframe.plan.errors import PlanError
+from hpframe.plan.memory import GIB, dtype_bytes, estimate_memory
 from hpframe.plan.params import count_params, flops_per_token
-from hpframe.plan.types import ParallelPlan
+from hpframe.plan.types import CheckpointEstimate, CommEstimate, ParallelPlan, TimeEstimate
+
+
+def estimate_time(cfg: RunConfig, plan: ParallelPlan, comm: CommEstimate) -> TimeEstimate:
+    c = cfg.cluster
+    tokens = plan.global_batch_size * plan.seq_len
+    mfu = cfg.plan.assumed_mfu
+    # full recompute runs every forward twice: 4 forward-equivalents instead of 3
+    redo = 4 / 3 if cfg.parallel.recompute == Recompute.full else 1.0
+    ideal = redo * plan.flops_per_token * tokens / (plan.world_size * c.peak_tflops * 1e12 * mfu)
+    bubble = (plan.pp - 1) / (plan.grad_accum + plan.pp - 1)
+    compute = ideal / (1 - bubble)
+    intra = sum(p["intra"] for p in comm.parts.values())
+    inter = sum(p["inter"] for p in comm.parts.values())
+    comm_s = intra / (c.intra_node_bw_GBps * 1e9) + inter / (c.inter_node_bw_GBps * 1e9)
+    return TimeEstimate(
+        assumed_mfu=mfu,
+        compute_seconds=compute,
+        bubble_fraction=bubble,
+        comm_seconds=comm_s,
+        step_seconds=compute + comm_s,
+        tokens_per_step=tokens,
+    )
+
+
+def estimate_checkpoint(cfg: RunConfig, plan: ParallelPlan, step_seconds: float) -> CheckpointEstimate:
+    assert plan.params is not None
+    per_param = dtype_bytes(cfg) + (12 if cfg.train.dtype == DType.bf16 else 8)
+    nbytes = plan.params.total * per_param
+    write = nbytes / (cfg.cluster.storage_bw_GBps * 1e9)
+    mtbf = cfg.cluster.gpu_mtbf_hours * 3600 / plan.world_size
+    interval = math.sqrt(2 * write * mtbf)
+    steps = max(1, round(interval / step_seconds)) if step_seconds > 0 else 1
+    return CheckpointEstimate(bytes=nbytes, write_seconds=write, job_mtbf_seconds=mtbf, interval_seconds=interval, interval_steps=steps)
 
 
 def add_estimates(plan: ParallelPlan, cfg: RunConfig, warnings: list[str]) -> ParallelPlan:
-    """Return ``plan`` with params, flops, memory, comm, time and checkpoint filled in."""
-    params = count_params(cfg.model, cfg.moe)
+    """Return ``plan`` with params, flops, memory, comm, time and checkpoint filled in.
+
+    Raises PlanError when the worst rank's memory exceeds the device and plan.memory_check is on;
+    otherwise that becomes a warning.
+    """
+    plan = dataclasses.replace(
+        plan,
+        params=count_params(cfg.model, cfg.moe),
+        flops_per_token=flops_per_token(cfg.model, cfg.moe, cfg.data.seq_len),
+    )
+    memory = estimate_memory(cfg, plan)
+    if memory.total > memory.device_bytes:
+        msg = (
+            f"estimated memory of pipeline stage {memory.stage} is {memory.total / GIB:.1f} GiB per GPU "
+            f"(weights {memory.weights / GIB:.1f}, gradients {memory.gradients / GIB:.1f}, optimizer {memory.optimizer / GIB:.1f}, "
+            f"activations {memory.activations / GIB:.1f}) > cluster.gpu_memory_gb={cfg.cluster.gpu_memory_gb:g}"
+            f" (tp={plan.tp} pp={plan.pp} dp={plan.dp} ep={plan.ep} zero_stage={plan.zero_stage} recompute={cfg.parallel.recompute.value})"
+        )
+        if cfg.plan.memory_check:
+            raise PlanError(
+                msg + "; raise parallelism, ZeRO stage or recompute, or set plan.memory_check=false",
+                key="cluster.gpu_memory_gb, plan.memory_check",
+                values={"memory_per_gpu_bytes": memory.total, "cluster.gpu_memory_gb": cfg.cluster.gpu_memory_gb},
+            )
+        warnings.append("OUT OF MEMORY: " + msg)
+    comm = estimate_comm(cfg, plan)
+    time = estimate_time(cfg, plan, comm)
     return dataclasses.replace(
         plan,
-        params=params,
-        flops_per_token=flops_per_token(cfg.model, cfg.moe, cfg.data.seq_len),
+        memory=memory,
+        comm=comm,
+        time=time,
+        checkpoint=estimate_checkpoint(cfg, plan, time.step_seconds),
         warnings=tuple(warnings),
     )

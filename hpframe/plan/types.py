@@ -100,6 +100,8 @@ class CommEstimate:
     """name -> {"intra": bytes, "inter": bytes}; names: moe_all_to_all, tp, dp, pp."""
     moe_move_experts: dict[str, int]
     """The alternative to all-to-all: gathering remote experts' weights and reducing their grads."""
+    stage: int
+    """The pipeline stage these figures are for (the one that sends the most)."""
 
     @property
     def total(self) -> int:

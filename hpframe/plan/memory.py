@@ -1,0 +1,139 @@
+"""Memory per GPU: weights, gradients, optimizer state and activations, for every pipeline stage.
+
+Assumptions (stated in docs/planner.md):
+* Dense weights (attention, dense MLP, shared experts, embedding, head) are split over the TP group;
+  norms and the router are replicated. Routed experts are split over the EP group and replicated
+  across TP (DeepSpeed's default; tokens are divided among the TP ranks before dispatch).
+* bf16 training keeps bf16 weights and gradients plus an fp32 master copy and Adam m, v (12 bytes per
+  parameter of optimizer state); fp32 training keeps fp32 weights and gradients and Adam m, v (8 bytes).
+* ZeRO-1 shards optimizer state, ZeRO-2 also gradients, ZeRO-3 also weights: dense parameters over dp,
+  expert parameters over edp (= dp / ep).
+* Activations are per token and block, in the train dtype, with fused attention (no seq x seq scores
+  kept). Under 1F1B stage s holds min(pp - s, grad_accum) micro-batches in flight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hpframe.config.schema import Attention, DType, Recompute, RunConfig
+from hpframe.plan.params import block_params, expert_ffn, head_dim, mlp_mats, num_kv_heads
+from hpframe.plan.types import MemoryEstimate, ParallelPlan, StagePlan
+
+GIB = 1 << 30
+
+
+def dtype_bytes(cfg: RunConfig) -> int:
+    return 2 if cfg.train.dtype == DType.bf16 else 4
+
+
+@dataclass(frozen=True, slots=True)
+class StageParams:
+    """Parameters held by one rank of a stage: dense (sharded over dp by ZeRO) and expert (over edp)."""
+
+    dense: int
+    expert: int
+
+    @property
+    def total(self) -> int:
+        return self.dense + self.expert
+
+
+def stage_params(cfg: RunConfig, plan: ParallelPlan, stage: StagePlan) -> StageParams:
+    """Parameters on one rank of ``stage`` before any ZeRO sharding."""
+    m, moe, t = cfg.model, cfg.moe, plan.tp
+    dense = expert = 0
+    for i in stage.layers:
+        b = block_params(m, moe, i)
+        dense += (b.attention + b.mlp + b.shared_experts) // t + b.norms + b.router
+        expert += b.experts // plan.ep
+    vh = m.vocab_size * m.hidden_size // t
+    if stage.has_embedding:
+        dense += vh
+    if stage.has_head:
+        dense += m.hidden_size  # final norm
+        # a tied head still needs its own copy of the embedding on the last stage when pp > 1
+        if not m.tie_embeddings or plan.pp > 1:
+            dense += vh
+    return StageParams(dense, expert)
+
+
+def block_activation_bytes(cfg: RunConfig, plan: ParallelPlan, i: int, *, recompute: Recompute) -> float:
+    """Activation bytes per token kept for backward by block ``i`` on one rank (before recompute=full)."""
+    m, moe, t, e = cfg.model, cfg.moe, plan.tp, dtype_bytes(cfg)
+    h = m.hidden_size
+    sp = t if cfg.parallel.sequence_parallel else 1
+    res = 2 * h / sp  # norm input and norm output (sequence-sharded under sequence parallelism)
+    if m.attention == Attention.mla:
+        qk = m.qk_nope_head_dim + m.qk_rope_head_dim
+        latent = 2 * m.q_lora_rank + 2 * m.kv_lora_rank + m.qk_rope_head_dim
+        core = m.num_heads * (qk + qk + m.v_head_dim) / t  # q, k, v into the attention core
+        out = m.num_heads * m.v_head_dim / t
+        attn = res + latent + core + out
+    else:
+        hd, nkv = head_dim(m), num_kv_heads(m)
+        attn = res + (m.num_heads + 2 * nkv) * hd / t + m.num_heads * hd / t
+    b = block_params(m, moe, i)
+    mats = mlp_mats(m)
+    if b.is_moe:
+        fe, k = expert_ffn(m, moe), moe.top_k
+        inner = k * mats * fe / t  # expert hidden activations of the k copies (tokens split over TP)
+        if recompute == Recompute.selective:
+            inner = 0.0
+        mlp = res + 2 * k * h / t + inner + moe.num_shared_experts * mats * fe / t + 4 * moe.num_experts / e
+    else:
+        mlp = res + mats * m.ffn_hidden_size / t
+    return e * (attn + mlp)
+
+
+def stage_activation_bytes(cfg: RunConfig, plan: ParallelPlan, stage: StagePlan) -> int:
+    """Activation bytes on one rank of ``stage`` with its micro-batches in flight."""
+    p, m = cfg.parallel, cfg.model
+    tokens = plan.micro_batch_size * plan.seq_len
+    in_flight = min(plan.pp - stage.index, plan.grad_accum)
+    e = dtype_bytes(cfg)
+    per_block = [block_activation_bytes(cfg, plan, i, recompute=p.recompute) for i in stage.layers]
+    if p.recompute == Recompute.full:
+        sp = plan.tp if p.sequence_parallel else 1
+        kept = len(stage.layers) * e * m.hidden_size / sp  # block inputs only
+        working = max(per_block)  # one block re-run at a time, for one micro-batch
+        total = tokens * (in_flight * kept + working)
+    else:
+        total = tokens * in_flight * sum(per_block)
+    if stage.has_head:
+        total += tokens * m.vocab_size / plan.tp * (e + 4)  # logits and their fp32 softmax for the loss
+    return int(total)
+
+
+def estimate_memory(cfg: RunConfig, plan: ParallelPlan) -> MemoryEstimate:
+    """Memory of every stage; the worst stage's parts are reported."""
+    w = g = dtype_bytes(cfg)
+    opt = 12 if cfg.train.dtype == DType.bf16 else 8
+    z, dp, edp = plan.zero_stage, plan.dp, plan.edp
+    rows = []
+    for st in plan.pipeline.stages:
+        sp = stage_params(cfg, plan, st)
+        dense_w = sp.dense / dp if z >= 3 else sp.dense
+        dense_g = sp.dense / dp if z >= 2 else sp.dense
+        dense_o = sp.dense / dp if z >= 1 else sp.dense
+        exp_w = sp.expert / edp if z >= 3 else sp.expert
+        exp_g = sp.expert / edp if z >= 2 else sp.expert
+        exp_o = sp.expert / edp if z >= 1 else sp.expert
+        parts = (
+            int(w * (dense_w + exp_w)),
+            int(g * (dense_g + exp_g)),
+            int(opt * (dense_o + exp_o)),
+            stage_activation_bytes(cfg, plan, st),
+        )
+        rows.append((st.index, parts, sp.total))
+    worst = max(rows, key=lambda r: sum(r[1]))
+    return MemoryEstimate(
+        stage=worst[0],
+        weights=worst[1][0],
+        gradients=worst[1][1],
+        optimizer=worst[1][2],
+        activations=worst[1][3],
+        params_on_rank=worst[2],
+        per_stage_total=tuple(sum(r[1]) for r in rows),
+        device_bytes=int(cfg.cluster.gpu_memory_gb * GIB),
+    )
