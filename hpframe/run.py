@@ -1,13 +1,25 @@
-"""The data-flow line of hpframe, one call per arrow (see docs/design.md)."""
+"""The data-flow line of hpframe, one call per arrow (see docs/design.md).
+
+    RunConfig --make_plan--> ParallelPlan --init_distributed--> ParallelGroups --build_model (meta)-->
+    Transformer (init_weights) --parallelize--> local shards --build_engine--> Engine --build_data--> Data --train--> metrics
+
+Exit codes: 0 success, 2 user error (bad config, impossible plan), 3 stopped by non-finite losses.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
 
 from omegaconf import DictConfig
 
 from hpframe.config.convert import to_run_config
 from hpframe.config.schema import PlanFormat, RunConfig
+from hpframe.logging import get_logger
+
+log = get_logger(__name__)
+EXIT_USER_ERROR = 2
+PLAN_SHOWN = "HPFRAME_PLAN_SHOWN"
 
 
 def main_from_hydra(cfg: DictConfig) -> int:
@@ -20,17 +32,70 @@ def main_from_hydra(cfg: DictConfig) -> int:
     return main(run_cfg)
 
 
-def main(cfg: RunConfig) -> int:
-    """Plan, then (unless a dry run) train. Returns 0 on success, 2 on a user error."""
-    from hpframe.plan import PlanError, make_plan
+def _render(plan: object, cfg: RunConfig) -> str:
     from hpframe.plan.report import render_json, render_table
+
+    return render_json(plan, cfg) if cfg.plan.format == PlanFormat.json else render_table(plan, cfg)
+
+
+def main(cfg: RunConfig) -> int:
+    """Plan, then (unless a dry run) train, starting local processes when the plan needs them."""
+    from hpframe.launcher import launch_local, under_launcher
+    from hpframe.plan import PlanError, make_plan
 
     try:
         plan = make_plan(cfg)
     except PlanError as err:
         print(f"hpframe: invalid configuration: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
     if cfg.plan.dry_run:
-        print(render_json(plan, cfg) if cfg.plan.format == PlanFormat.json else render_table(plan, cfg))
+        print(_render(plan, cfg))
         return 0
-    raise NotImplementedError("training is not wired yet")
+    if not under_launcher() or (os.environ.get("RANK") == "0" and PLAN_SHOWN not in os.environ):
+        print(_render(plan, cfg), flush=True)
+    if not under_launcher() and plan.world_size > 1:
+        os.environ[PLAN_SHOWN] = "1"  # inherited by the workers: rank 0 need not print it again
+        return launch_local(cfg, plan.world_size)
+    return train_main(cfg, plan)
+
+
+def train_main(cfg: RunConfig, plan: "object") -> int:
+    """This process's part of the run: groups, model, engine, data, loop. Returns the exit code."""
+    import torch.distributed as dist
+
+    from hpframe.data import build_data
+    from hpframe.engine import build_engine
+    from hpframe.launcher import agree_on_run_dir
+    from hpframe.models import build_model
+    from hpframe.parallel import init_distributed, parallelize
+    from hpframe.train.loop import EXIT_NONFINITE, NonFiniteLossError, train
+
+    try:
+        groups = init_distributed(plan)
+        cfg.output_dir = agree_on_run_dir(cfg.output_dir)
+        log.info(f"plan: {plan.world_size} processes, tp={plan.tp} pp={plan.pp} dp={plan.dp} ep={plan.ep} "
+                 f"zero={plan.zero_stage}, global batch {plan.global_batch_size} x {cfg.data.seq_len} tokens "
+                 f"({plan.micro_batch_size} per micro-batch x {plan.grad_accum} accumulation x {plan.dp} dp); run dir {cfg.output_dir}")
+        log.info("groups: " + ", ".join(f"{axis} {groups.size(axis)}" for axis in ("tp", "pp", "dp", "ep", "edp"))
+                 + f"; rank 0 coordinates {plan.ranks.coords(0)}")
+        # every rank builds and initializes the full model identically; parallelize keeps this rank's shards
+        model = build_model(cfg.model, cfg.moe, routing_groups=plan.experts.routing_groups if plan.experts else None)
+        model.init_weights(cfg.train.seed)
+        model = parallelize(model, plan, groups, sequence_parallel=cfg.parallel.sequence_parallel, recompute=cfg.parallel.recompute)
+        log.info(f"model: {cfg.model.name}, {sum(p.numel() for p in model.parameters()):,} parameters on rank 0")
+        engine = build_engine(model, plan, groups, cfg)
+        log.info(f"engine: {type(engine).__name__}, ZeRO stage {plan.zero_stage}, {cfg.train.dtype.value}")
+        data = build_data(cfg, plan, dist.get_rank())
+        log.info(f"data: {data.description}")
+        result = train(engine, data, plan, cfg)
+        log.info(f"done: {result.steps_done} steps, metrics in {cfg.output_dir}/metrics.jsonl")
+        return 0
+    except NonFiniteLossError as err:
+        log.error(f"hpframe: stopping: {err}")
+        return EXIT_NONFINITE
+    except ValueError as err:
+        log.error(f"hpframe: invalid configuration: {err}")
+        return EXIT_USER_ERROR
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -1,0 +1,50 @@
+"""Rank 0's view of training: a rich progress bar on a terminal, plain log lines otherwise."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Mapping
+
+from hpframe.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def format_record(record: Mapping[str, Any], total: int) -> str:
+    """One line with the figures of a step record."""
+    return (
+        f"step {record['step']}/{total} | loss {record['loss']:.4f} | lm {record['lm_loss']:.4f} | "
+        f"aux {record['aux_loss']:.4f} | lr {record['lr']:.2e} | gnorm {record['grad_norm']:.3f} | "
+        f"{record['tokens_per_s']:,.0f} tok/s | mfu {100 * record['mfu']:.2f}% | "
+        f"load cv {record['expert_load_cv']:.3f} | dropped {record['dropped_token_frac']:.3f}"
+    )
+
+
+class Progress:
+    """Shows step records: a bar when enabled and stdout is a terminal, else a log line per log step."""
+
+    def __init__(self, *, total: int, start: int, enabled: bool) -> None:
+        self.total = total
+        self.bar = None
+        self.enabled = enabled
+        if enabled and sys.stdout.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+
+            self.bar = RichProgress(
+                TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[figures]}"),
+                transient=False,
+            )
+            self.task = self.bar.add_task("train", total=total, completed=start, figures="")
+            self.bar.start()
+
+    def update(self, record: Mapping[str, Any], *, log_line: bool) -> None:
+        if self.bar is not None:
+            figures = format_record(record, self.total).split(" | ", 1)[1]
+            self.bar.update(self.task, completed=record["step"], figures=figures)
+        elif log_line:
+            log.info(format_record(record, self.total))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
