@@ -1,0 +1,160 @@
+"""Expert parallelism: all-to-all dispatch and combine around the grouped experts of each MoE layer.
+
+Shape legend: N (token, expert) assignments this rank routed, M assignments this rank receives,
+H hidden, E global experts, P = ep size, L = E / P experts per EP rank.
+
+``ExpertParallelExperts`` replaces ``moe.experts`` (a ``GroupedExperts``): it keeps the call signature
+``forward(x_sorted[N,H], num_tokens_per_expert[E]) -> y_sorted[N,H]`` with GLOBAL expert ids, holds
+only this EP rank's L experts (the contiguous ids ``plan.experts.local_experts(ep_rank)``, recorded in
+``global_expert_ids``) and keeps the parameter names ``w1``/``w2``/``w3``, so checkpoints and the
+engine see ``layers.i.mlp.experts.w1`` with the local shape [L, Fe, H]. One forward:
+
+  1. counts[E] -> counts_send[P, L]; one all-to-all -> counts_recv[P, L] (what each source sends me)
+  2. x_sorted is grouped by expert id, hence by destination rank (experts are contiguous per rank)
+  3. variable-size all-to-all of the rows: [N,H] -> x_recv[M,H], ordered (source, local expert)
+  4. stable re-sort by local expert -> x_local[M,H]; the local GroupedExperts computes y_local
+  5. undo the re-sort and send the rows back with the reverse all-to-all -> y_sorted[N,H]
+
+Every all-to-all is an autograd Function whose backward is the reverse exchange, so gradients flow
+back to the senders. Capacity is applied by the MoE layer before step 1 (dropped assignments are
+never sent), so the same module serves dropless and capacity-limited routing.
+
+A rank that receives no rows still takes part in every exchange, forward and backward, and its
+local expert weights get zero gradients (not None): ZeRO's reduce-scatter then stays in step.
+
+Gradient scaling: the expert weights of rank r collect the gradients of the tokens of its whole EP
+group. A data-parallel mean over dp ranks is therefore a SUM over the edp group divided by dp (not by
+edp); dense weights are a sum over dp divided by dp.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.autograd import Function
+from torch.utils.checkpoint import checkpoint
+
+from hpframe.models.moe import GroupedExperts
+
+
+class _AllToAllSingle(Function):
+    """Variable-size all-to-all of rows; backward sends the gradients back with the splits swapped."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any
+    ) -> torch.Tensor:
+        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
+        out = x.new_empty((sum(out_splits), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        gx = g.new_empty((sum(ctx.in_splits), *g.shape[1:]))
+        dist.all_to_all_single(gx, g.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
+        return gx, None, None, None
+
+
+def all_to_all_rows(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any) -> torch.Tensor:
+    """Send ``in_splits[p]`` consecutive rows of x to rank p of ``group``; receive ``out_splits[p]`` from p."""
+    return _AllToAllSingle.apply(x, out_splits, in_splits, group)
+
+
+class _KeepInGraph(Function):
+    """Return y unchanged; give zero gradients to ``inputs`` (keeps them in the graph with 0 rows)."""
+
+    @staticmethod
+    def forward(ctx: Any, y: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        ctx.shapes = [(t.shape, t.dtype, t.device) for t in inputs]
+        return y.view_as(y)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (g, *(torch.zeros(s, dtype=d, device=dev) for s, d, dev in ctx.shapes))
+
+
+class ExpertParallelExperts(GroupedExperts):
+    """The local slice of a GroupedExperts plus the all-to-all exchange with the other EP ranks."""
+
+    def __init__(self, experts: GroupedExperts, *, global_expert_ids: range, ep_group: Any, ep_size: int) -> None:
+        num_global = experts.num_experts
+        if num_global % ep_size:
+            raise ValueError(f"moe.num_experts={num_global} is not divisible by parallel.ep={ep_size}")
+        local = len(global_expert_ids)
+        if local * ep_size != num_global or global_expert_ids.step != 1:
+            raise ValueError(
+                f"expert ids {global_expert_ids} are not a contiguous 1/{ep_size} block of {num_global} experts"
+            )
+        with torch.device(experts.w1.device):
+            super().__init__(local, experts.hidden, experts.inner, experts.activation)
+        self.impl = experts.impl
+        lo, hi = global_expert_ids.start, global_expert_ids.stop
+        # Copies of this rank's block, so the full [E, ...] tensors can be freed.
+        self.w1 = nn.Parameter(experts.w1.detach()[lo:hi].clone())
+        self.w2 = nn.Parameter(experts.w2.detach()[lo:hi].clone())
+        self.w3 = nn.Parameter(experts.w3.detach()[lo:hi].clone()) if experts.w3 is not None else None
+        for p in self.parameters():
+            p.expert_parallel = True  # type: ignore[attr-defined]
+        self.num_global_experts = num_global
+        self.global_expert_ids = global_expert_ids
+        self.first_expert = lo  # Transformer.init_weights seeds expert i of this slice by global id lo + i
+        self.checkpoint_compute = False  # set by selective activation checkpointing
+        self.ep_group, self.ep_size = ep_group, ep_size
+        self.stats: dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        p, e_local = self.ep_size, self.num_experts
+        if num_tokens_per_expert.numel() != self.num_global_experts:
+            raise ValueError(
+                f"got {num_tokens_per_expert.numel()} expert counts, expected {self.num_global_experts} (global)"
+            )
+        # 1. counts_send[p, j]: rows for expert j of rank p; counts_recv[p, j]: rows from p for my expert j.
+        counts_send = num_tokens_per_expert.to(torch.int64).reshape(p, e_local)
+        counts_recv = torch.empty_like(counts_send)
+        dist.all_to_all_single(counts_recv, counts_send.contiguous(), group=self.ep_group)
+        # One host sync for both split lists (all-to-all sizes must be known on the host).
+        splits = torch.stack([counts_send.sum(1), counts_recv.sum(1)]).cpu()
+        in_splits, out_splits = splits[0].tolist(), splits[1].tolist()
+        # 2-3. x is grouped by expert, so the first in_splits[0] rows go to rank 0, and so on.
+        x_recv = all_to_all_rows(x, out_splits, in_splits, self.ep_group)  # [M,H] (source, local expert)
+        # 4. stable sort by local expert: rows of expert j from source 0, then 1, ...
+        recv_expert = torch.repeat_interleave(
+            torch.arange(e_local, device=x.device).repeat(p), counts_recv.reshape(-1).to(x.device)
+        )
+        perm = torch.argsort(recv_expert, stable=True)
+        x_local = x_recv.index_select(0, perm)
+        local_counts = counts_recv.sum(0)
+        if self.checkpoint_compute and torch.is_grad_enabled():
+            y_local = checkpoint(GroupedExperts.forward, self, x_local, local_counts, use_reentrant=False)
+        else:
+            y_local = super().forward(x_local, local_counts)  # [M,H]
+        if x_local.shape[0] == 0 and torch.is_grad_enabled():
+            # Nothing arrived: keep the weights and the received rows in the graph so this rank still
+            # runs the backward all-to-alls and its weights get zero (not None) gradients.
+            y_local = _KeepInGraph.apply(y_local, x_recv, *[w for w in (self.w1, self.w2, self.w3) if w is not None])
+        # 5. undo the sort, send the rows back to their sources.
+        y_recv = torch.empty_like(y_local).index_copy(0, perm, y_local) if y_local.shape[0] else y_local
+        y = all_to_all_rows(y_recv, in_splits, out_splits, self.ep_group)  # [N,H]
+        self.stats = {"rows_sent_per_rank": splits[0], "rows_received_per_rank": splits[1]}
+        return y
+
+    def extra_repr(self) -> str:
+        ids = self.global_expert_ids
+        return f"global experts [{ids.start}, {ids.stop}) of {self.num_global_experts}, ep={self.ep_size}"
+
+
+def apply_ep(model: nn.Module, plan: Any, groups: Any) -> nn.Module:
+    """Replace the experts of every MoE layer by this EP rank's ExpertParallelExperts (in place)."""
+    if plan.experts is None:
+        raise ValueError(f"parallel.ep={plan.ep} needs a model with experts (moe.num_experts > 0)")
+    ep_rank = groups.ep_rank
+    ids = plan.experts.local_experts(ep_rank)
+    for moe in model.moe_modules():
+        moe.experts = ExpertParallelExperts(
+            moe.experts, global_expert_ids=ids, ep_group=groups.ep, ep_size=groups.ep_size
+        )
+    return model

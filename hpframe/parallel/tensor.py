@@ -1,0 +1,490 @@
+"""Tensor parallelism (Megatron style) on plain tensors: communication ops and sharded layers.
+
+Shape legend: B batch, S sequence, H hidden, V vocabulary, t = tp size; ``X/t`` is this rank's shard.
+
+Parameters stay ordinary ``nn.Parameter`` tensors (no DTensor), so DeepSpeed's optimizer and ZeRO see
+plain shards. Every TP-sharded parameter is tagged ``tensor_model_parallel = True`` with
+``partition_dim`` (0: output rows split, column-parallel; 1: input columns split, row-parallel) so the
+engine counts each shard once in a global gradient norm. Replicated parameters (norms, router,
+experts, MLA down-projections) carry no tag: they are identical on every TP rank.
+
+The four region ops and their gradients (g = this rank's gradient):
+  copy_to_tp_region          fwd identity           bwd all-reduce(g)      (input of column-parallel)
+  reduce_from_tp_region      fwd all-reduce         bwd identity           (output of row-parallel)
+  gather_from_sp_region      fwd all-gather over S  bwd reduce-scatter(g)  (SP input of column-parallel)
+  reduce_scatter_to_sp_region fwd reduce-scatter    bwd all-gather(g)      (SP output of row-parallel)
+plus, for replicated compute on a sequence-parallel stream (the MoE under SP, the LM-head input is
+a column-parallel input and uses the pair above):
+  gather_sp_replicated       fwd all-gather over S  bwd split(g)           (every rank computes the same)
+  split_to_sp_region         fwd split over S       bwd all-gather(g)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd import Function
+
+SEQ_DIM = 1  # model activations are [B, S, H]
+
+
+def _size(group: Any) -> int:
+    return dist.get_world_size(group) if group is not None else 1
+
+
+def _rank(group: Any) -> int:
+    return dist.get_rank(group) if group is not None else 0
+
+
+def _all_reduce(x: torch.Tensor, group: Any) -> torch.Tensor:
+    x = x.contiguous()
+    dist.all_reduce(x, group=group)
+    return x
+
+
+def _all_gather(x: torch.Tensor, group: Any, dim: int) -> torch.Tensor:
+    """Concatenate every rank's x along ``dim`` (rank order)."""
+    t = _size(group)
+    parts = x.movedim(dim, 0).contiguous()  # [X, ...]
+    out = parts.new_empty((t * parts.shape[0], *parts.shape[1:]))
+    dist.all_gather_into_tensor(out, parts, group=group)
+    return out.movedim(0, dim)
+
+
+def _reduce_scatter(x: torch.Tensor, group: Any, dim: int) -> torch.Tensor:
+    """Sum over ranks, keep this rank's 1/t chunk along ``dim``."""
+    t = _size(group)
+    if x.shape[dim] % t:
+        raise ValueError(f"sequence parallelism needs the sequence length {x.shape[dim]} divisible by tp={t}")
+    parts = x.movedim(dim, 0).contiguous()
+    out = parts.new_empty((parts.shape[0] // t, *parts.shape[1:]))
+    dist.reduce_scatter_tensor(out, parts, group=group)
+    return out.movedim(0, dim)
+
+
+def _split(x: torch.Tensor, group: Any, dim: int) -> torch.Tensor:
+    t = _size(group)
+    if x.shape[dim] % t:
+        raise ValueError(f"sequence parallelism needs the sequence length {x.shape[dim]} divisible by tp={t}")
+    return x.chunk(t, dim=dim)[_rank(group)].contiguous()
+
+
+class _CopyToTP(Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _all_reduce(g, ctx.group), None
+
+
+class _ReduceFromTP(Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
+        return _all_reduce(x.clone(), group)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return g, None
+
+
+class _GatherFromSP(Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any, grad_reduce: bool) -> torch.Tensor:
+        ctx.group, ctx.grad_reduce = group, grad_reduce
+        return _all_gather(x, group, SEQ_DIM)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        if ctx.grad_reduce:  # consumers hold different shards: their partial grads must be summed
+            return _reduce_scatter(g, ctx.group, SEQ_DIM), None, None
+        return _split(g, ctx.group, SEQ_DIM), None, None  # replicated consumers: g is already complete
+
+
+class _ReduceScatterToSP(Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        return _reduce_scatter(x, group, SEQ_DIM)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _all_gather(g, ctx.group, SEQ_DIM), None
+
+
+class _SplitToSP(Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        return _split(x, group, SEQ_DIM)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _all_gather(g, ctx.group, SEQ_DIM), None
+
+
+class _CopyTailToTP(Function):
+    """Identity; backward all-reduces only the last ``num_tail`` features of the gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any, num_tail: int) -> torch.Tensor:
+        ctx.group, ctx.num_tail = group, num_tail
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        head, tail = g.split([g.shape[-1] - ctx.num_tail, ctx.num_tail], dim=-1)
+        return torch.cat([head, _all_reduce(tail, ctx.group)], dim=-1), None, None
+
+
+def copy_to_tp_region(x: torch.Tensor, group: Any) -> torch.Tensor:
+    """Identity forward; all-reduce of the gradient over ``group`` (input of column-parallel layers)."""
+    return _CopyToTP.apply(x, group) if _size(group) > 1 else x
+
+
+def copy_tail_to_tp_region(x: torch.Tensor, group: Any, num_tail: int) -> torch.Tensor:
+    """Like ``copy_to_tp_region`` for the last ``num_tail`` features of x only (the rest is untouched).
+
+    For a replicated tensor whose tail feeds every local head directly (MLA's shared rotary key).
+    """
+    return _CopyTailToTP.apply(x, group, num_tail) if _size(group) > 1 else x
+
+
+def reduce_from_tp_region(x: torch.Tensor, group: Any) -> torch.Tensor:
+    """All-reduce forward; identity gradient (output of row-parallel layers)."""
+    return _ReduceFromTP.apply(x, group) if _size(group) > 1 else x
+
+
+def gather_from_sp_region(x: torch.Tensor, group: Any) -> torch.Tensor:
+    """[B,S/t,H] -> [B,S,H] all-gather; gradient reduce-scattered (input of column-parallel layers)."""
+    return _GatherFromSP.apply(x, group, True) if _size(group) > 1 else x
+
+
+def gather_sp_replicated(x: torch.Tensor, group: Any) -> torch.Tensor:
+    """[B,S/t,H] -> [B,S,H] all-gather for compute that every TP rank repeats; gradient split."""
+    return _GatherFromSP.apply(x, group, False) if _size(group) > 1 else x
+
+
+def reduce_scatter_to_sp_region(x: torch.Tensor, group: Any) -> torch.Tensor:
+    """[B,S,H] partial sums -> [B,S/t,H] reduce-scatter; gradient all-gathered (row-parallel output)."""
+    return _ReduceScatterToSP.apply(x, group) if _size(group) > 1 else x
+
+
+def split_to_sp_region(x: torch.Tensor, group: Any) -> torch.Tensor:
+    """[B,S,H] replicated -> [B,S/t,H] this rank's chunk; gradient all-gathered."""
+    return _SplitToSP.apply(x, group) if _size(group) > 1 else x
+
+
+def tag_tp_param(param: nn.Parameter, partition_dim: int) -> nn.Parameter:
+    """Mark ``param`` as a TP shard split along ``partition_dim`` (Megatron's attribute names)."""
+    param.tensor_model_parallel = True  # type: ignore[attr-defined]
+    param.partition_dim = partition_dim  # type: ignore[attr-defined]
+    param.partition_stride = 1  # type: ignore[attr-defined]
+    return param
+
+
+def shard_rows(weight: torch.Tensor, group: Any, *, what: str) -> torch.Tensor:
+    """This rank's contiguous 1/t block of rows of ``weight`` (a copy, so the full tensor can go)."""
+    t, r = _size(group), _rank(group)
+    if weight.shape[0] % t:
+        raise ValueError(f"{what}: {weight.shape[0]} rows are not divisible by parallel.tp={t}")
+    n = weight.shape[0] // t
+    return weight.detach()[r * n : (r + 1) * n].clone()
+
+
+class ColumnParallelLinear(nn.Module):
+    """y[..., out/t] = x[..., in] @ W_shard^T with W split by output rows (no bias).
+
+    The input must already be in the TP region (``copy_to_tp_region`` or ``gather_from_sp_region``
+    applied once by the caller, so q/k/v or w1/w3 share a single backward all-reduce).
+    """
+
+    def __init__(self, weight_shard: torch.Tensor, group: Any) -> None:
+        super().__init__()
+        self.weight = tag_tp_param(nn.Parameter(weight_shard), partition_dim=0)
+        self.group = group
+        self.in_features, self.out_features = weight_shard.shape[1], weight_shard.shape[0]
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group: Any, *, what: str) -> ColumnParallelLinear:
+        """Shard a full nn.Linear (bias-free) by output rows."""
+        if linear.bias is not None:
+            raise ValueError(f"{what}: tensor parallelism supports bias-free linears only")
+        return cls(shard_rows(linear.weight, group, what=what), group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features} (shard), tp={_size(self.group)}"
+
+
+class RowParallelLinear(nn.Module):
+    """y[..., out] = sum over ranks of x[..., in/t] @ W_shard^T, W split by input columns (no bias).
+
+    ``reduce``: how the partial sums [..., out] are combined: ``all_reduce`` (output replicated),
+    ``reduce_scatter`` (sequence parallel: [B,S/t,out]) or ``none`` (the caller reduces, e.g. in a
+    module hook outside a checkpointed forward).
+    """
+
+    def __init__(self, weight_shard: torch.Tensor, group: Any, *, reduce: str = "all_reduce") -> None:
+        super().__init__()
+        if reduce not in ("all_reduce", "reduce_scatter", "none"):
+            raise ValueError(f"reduce must be all_reduce, reduce_scatter or none, got {reduce!r}")
+        self.weight = tag_tp_param(nn.Parameter(weight_shard), partition_dim=1)
+        self.group, self.reduce = group, reduce
+        self.in_features, self.out_features = weight_shard.shape[1], weight_shard.shape[0]
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group: Any, *, what: str, reduce: str = "all_reduce") -> RowParallelLinear:
+        """Shard a full nn.Linear (bias-free) by input columns."""
+        if linear.bias is not None:
+            raise ValueError(f"{what}: tensor parallelism supports bias-free linears only")
+        shard = shard_rows(linear.weight.t(), group, what=what).t().contiguous()
+        return cls(shard, group, reduce=reduce)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        partial = F.linear(x, self.weight)
+        if self.reduce == "reduce_scatter":
+            return reduce_scatter_to_sp_region(partial, self.group)
+        if self.reduce == "all_reduce":
+            return reduce_from_tp_region(partial, self.group)
+        return partial
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features} (shard), out_features={self.out_features}, reduce={self.reduce}"
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Token embedding with the vocabulary split over the TP group: rank r holds rows [r*V/t, (r+1)*V/t).
+
+    Each rank looks up the tokens it owns (zeros elsewhere); the sum over ranks (all-reduce, or a
+    reduce-scatter over the sequence under SP) gives every token its row. The parameter is still
+    called ``weight`` so a tied LM head (``embed.weight``) reads the same shard.
+    """
+
+    def __init__(self, embedding: nn.Embedding, group: Any, *, sequence_parallel: bool = False) -> None:
+        super().__init__()
+        if embedding.padding_idx is not None or embedding.max_norm is not None:
+            raise ValueError("vocab-parallel embedding supports plain embeddings (no padding_idx or max_norm)")
+        self.group, self.sequence_parallel = group, sequence_parallel
+        self.num_embeddings = embedding.num_embeddings
+        self.weight = tag_tp_param(nn.Parameter(shard_rows(embedding.weight, group, what="embedding")), 0)
+        self.vocab_start = _rank(group) * self.weight.shape[0]
+        self.vocab_end = self.vocab_start + self.weight.shape[0]
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        outside = (tokens < self.vocab_start) | (tokens >= self.vocab_end)
+        local = (tokens - self.vocab_start).masked_fill(outside, 0)
+        partial = F.embedding(local, self.weight).masked_fill(outside[..., None], 0.0)  # [B,S,H]
+        if self.sequence_parallel:
+            return reduce_scatter_to_sp_region(partial, self.group)
+        return reduce_from_tp_region(partial, self.group)
+
+    def extra_repr(self) -> str:
+        return f"vocab rows [{self.vocab_start}, {self.vocab_end}) of {self.num_embeddings}"
+
+
+class _VocabParallelCE(Function):
+    """Per-token cross-entropy from vocab-sharded logits, without gathering them.
+
+    Forward: global max (all-reduce MAX), the target's logit (owned by one rank; all-reduce SUM),
+    and the sum of exponentials (all-reduce SUM). Backward: softmax - onehot(target), locally.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor, group: Any, ignore_index: int) -> torch.Tensor:
+        v_local = logits.shape[-1]
+        start = _rank(group) * v_local
+        logits = logits.float()
+        lmax = logits.max(dim=-1).values
+        dist.all_reduce(lmax, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - lmax[..., None]  # [..., V/t]
+        outside = (targets < start) | (targets >= start + v_local)
+        local_t = (targets - start).masked_fill(outside, 0)
+        target_logit = shifted.gather(-1, local_t[..., None]).squeeze(-1).masked_fill(outside, 0.0)
+        dist.all_reduce(target_logit, group=group)
+        exp = shifted.exp()
+        sum_exp = exp.sum(-1)
+        dist.all_reduce(sum_exp, group=group)
+        ignored = targets == ignore_index
+        loss = (sum_exp.log() - target_logit).masked_fill(ignored, 0.0)
+        softmax = exp.div_(sum_exp[..., None])
+        ctx.save_for_backward(softmax, local_t, outside | ignored, ignored)
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None, None]:
+        softmax, local_t, not_here, ignored = ctx.saved_tensors
+        grad = softmax.clone()
+        onehot = (~not_here).to(grad.dtype)[..., None]
+        grad.scatter_add_(-1, local_t[..., None], -onehot)
+        grad.mul_((g * (~ignored).to(g.dtype))[..., None])
+        return grad, None, None, None
+
+
+def vocab_parallel_cross_entropy(
+    logits_local: torch.Tensor,
+    targets: torch.Tensor,
+    tp_group: Any,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Cross-entropy of vocab-sharded logits ``[..., V/t]`` against global targets ``[...]``.
+
+    Equals ``F.cross_entropy(full_logits, targets)`` (fp32) on every TP rank. ``reduction``: ``mean``
+    over non-ignored targets, ``sum``, or ``none`` (per-token losses, 0 at ignored positions).
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be mean, sum or none, got {reduction!r}")
+    if _size(tp_group) == 1:
+        flat = F.cross_entropy(
+            logits_local.float().flatten(0, -2), targets.flatten(), ignore_index=ignore_index, reduction="none"
+        )
+        losses = flat.view(targets.shape)
+    else:
+        losses = _VocabParallelCE.apply(logits_local, targets, tp_group, ignore_index)
+    if reduction == "none":
+        return losses
+    if reduction == "sum":
+        return losses.sum()
+    return losses.sum() / (targets != ignore_index).sum().clamp_min(1)
+
+
+# ---- applying TP/SP to the hpframe Transformer (in place) ------------------------------------------
+# Communication sits in module hooks around ``attn`` and ``mlp`` (outside their forward), so selective
+# checkpointing of those forwards never repeats a collective. Inside the region the forward is local.
+
+
+def _enter_hook(group: Any, sequence_parallel: bool, replicated: bool) -> Callable[..., Any]:
+    """Forward pre-hook that brings the block input [B,S(/t),H] into the TP region."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        x = args[0]
+        if sequence_parallel:
+            x = gather_sp_replicated(x, group) if replicated else gather_from_sp_region(x, group)
+        elif not replicated:
+            x = copy_to_tp_region(x, group)
+        return (x, *args[1:])
+
+    return hook
+
+
+def _exit_hook(group: Any, sequence_parallel: bool, partial: bool) -> Callable[..., Any]:
+    """Forward hook that combines partial sums (row-parallel) or re-splits replicated outputs (SP)."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> torch.Tensor:
+        if partial:
+            return reduce_scatter_to_sp_region(out, group) if sequence_parallel else reduce_from_tp_region(out, group)
+        return split_to_sp_region(out, group) if sequence_parallel else out
+
+    return hook
+
+
+def _output_hook(fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[..., Any]:
+    return lambda module, args, out: fn(out)
+
+
+def _divisible(what: str, n: int, t: int) -> int:
+    if n % t:
+        raise ValueError(f"{what}={n} is not divisible by parallel.tp={t}")
+    return n // t
+
+
+def _shard_gqa(attn: nn.Module, group: Any, t: int) -> None:
+    """q/k/v column-parallel by heads (rank r: query heads [r*nh/t, ...) and their kv heads), wo row."""
+    attn.num_heads = _divisible("model.num_heads", attn.num_heads, t)
+    attn.num_kv_heads = _divisible("model.num_kv_heads", attn.num_kv_heads, t)
+    for name in ("wq", "wk", "wv"):
+        setattr(attn, name, ColumnParallelLinear.from_linear(getattr(attn, name), group, what=f"attention.{name}"))
+    attn.wo = RowParallelLinear.from_linear(attn.wo, group, what="attention.wo", reduce="none")
+
+
+def _shard_mla(attn: nn.Module, group: Any, t: int) -> None:
+    """wq_b (or wq) and wkv_b column-parallel by heads, wo row; wq_a, wkv_a and the latent norms replicated.
+
+    The replicated latents feed every local head, so their gradients are partial sums over heads:
+    copy_to_tp on the normalized q and kv latents and on the shared rotary key (the last dr features
+    of wkv_a's output) makes the replicated weights' gradients complete on every rank.
+    """
+    attn.num_heads = _divisible("model.num_heads", attn.num_heads, t)
+    if attn.wq is not None:
+        attn.wq = ColumnParallelLinear.from_linear(attn.wq, group, what="attention.wq")
+        attn.wq.register_forward_pre_hook(lambda m, args: (copy_to_tp_region(args[0], group), *args[1:]))
+    else:
+        attn.wq_b = ColumnParallelLinear.from_linear(attn.wq_b, group, what="attention.wq_b")
+        attn.q_norm.register_forward_hook(_output_hook(lambda y: copy_to_tp_region(y, group)))
+    attn.wkv_b = ColumnParallelLinear.from_linear(attn.wkv_b, group, what="attention.wkv_b")
+    attn.kv_norm.register_forward_hook(_output_hook(lambda y: copy_to_tp_region(y, group)))
+    dr = attn.dr
+    attn.wkv_a.register_forward_hook(_output_hook(lambda y: copy_tail_to_tp_region(y, group, dr)))
+    attn.wo = RowParallelLinear.from_linear(attn.wo, group, what="attention.wo", reduce="none")
+
+
+def _sp_norm(norm: nn.Module, group: Any) -> None:
+    """A norm on a sequence shard sees 1/t of the tokens: sum its weight gradient over the TP group."""
+    w = norm.weight
+    w.sequence_parallel = True  # type: ignore[attr-defined]
+    w.register_hook(lambda g: _all_reduce(g.clone(), group))
+
+
+def apply_tp(model: nn.Module, group: Any, *, sequence_parallel: bool = False) -> nn.Module:
+    """Shard ``model`` (a materialized hpframe Transformer) over the TP ``group``, in place.
+
+    Attention (GQA or MLA) and dense MLPs (w1, w3 column, w2 row) are split by heads / inner units;
+    the embedding and LM head by vocabulary (forward returns this rank's logits [B,S,V/t]: use
+    ``vocab_parallel_cross_entropy``). MoE layers stay replicated (expert TP = 1): router, routed
+    and shared experts see the same tokens on every TP rank, and their gradients are identical.
+    With ``sequence_parallel`` the residual stream is [B,S/t,H] between blocks.
+    """
+    from hpframe.models.layers import MLP, Attention
+    from hpframe.models.mla import MLAttention
+    from hpframe.models.moe import MoE
+
+    t, sp = _size(group), sequence_parallel
+    if t == 1:
+        return model
+    _divisible("model.vocab_size", model.embed.num_embeddings, t)
+    model.embed = VocabParallelEmbedding(model.embed, group, sequence_parallel=sp)
+    if model.head is not None:
+        model.head = ColumnParallelLinear.from_linear(model.head, group, what="head")
+    # The LM head is column-parallel: its input enters the TP region after the final norm.
+    enter_head = (lambda y: gather_from_sp_region(y, group)) if sp else (lambda y: copy_to_tp_region(y, group))
+    model.norm.register_forward_hook(_output_hook(enter_head))
+    for block in model.layers:
+        attn, mlp = block.attn, block.mlp
+        if isinstance(attn, Attention):
+            _shard_gqa(attn, group, t)
+            attn.register_forward_pre_hook(_enter_hook(group, sp, replicated=False))
+        elif isinstance(attn, MLAttention):
+            _shard_mla(attn, group, t)
+            attn.register_forward_pre_hook(_enter_hook(group, sp, replicated=True))
+        else:
+            raise ValueError(f"tensor parallelism does not know attention module {type(attn).__name__}")
+        attn.register_forward_hook(_exit_hook(group, sp, partial=True))
+        if isinstance(mlp, MoE):
+            if sp:
+                mlp.register_forward_pre_hook(_enter_hook(group, sp, replicated=True))
+                mlp.register_forward_hook(_exit_hook(group, sp, partial=False))
+        elif isinstance(mlp, MLP):
+            mlp.w1 = ColumnParallelLinear.from_linear(mlp.w1, group, what="mlp.w1")
+            if mlp.w3 is not None:
+                mlp.w3 = ColumnParallelLinear.from_linear(mlp.w3, group, what="mlp.w3")
+            mlp.w2 = RowParallelLinear.from_linear(mlp.w2, group, what="mlp.w2", reduce="none")
+            mlp.register_forward_pre_hook(_enter_hook(group, sp, replicated=False))
+            mlp.register_forward_hook(_exit_hook(group, sp, partial=True))
+        else:
+            raise ValueError(f"tensor parallelism does not know MLP module {type(mlp).__name__}")
+        if sp:
+            _sp_norm(block.attn_norm, group)
+            _sp_norm(block.mlp_norm, group)
+    if sp:
+        _sp_norm(model.norm, group)
+    return model
