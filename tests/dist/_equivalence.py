@@ -146,7 +146,7 @@ def run_case(c: Case, rank: int) -> dict[str, Any]:
     out["topk_idx"] = routed
     out["node_of_ep_rank"] = [plan.ranks.node_of(r) for r in groups.ranks["ep"]]
     out["experts_per_rank"] = plan.experts.experts_per_rank if plan.experts is not None else 0
-    out["kept_counts"] = [m.stats["tokens_per_expert"] for m in model.moe_modules()]
+    out["dropped_frac"] = [float(m.stats["dropped_frac"]) for m in model.moe_modules()]
     return out
 
 
