@@ -85,11 +85,7 @@ def validate_parallel(cfg: RunConfig, d: Degrees, warnings: list[str]) -> None:
     elif p.sequence_parallel:
         warnings.append("parallel.sequence_parallel=true has no effect with parallel.tp=1")
     if d.ep > 1 and moe.num_experts == 0:
-        raise PlanError(
-            f"parallel.ep={d.ep} needs experts, but moe.num_experts=0",
-            key="parallel.ep, moe.num_experts",
-            values={"parallel.ep": d.ep, "moe.num_experts": 0},
-        )
+        warnings.append(f"parallel.ep={d.ep} has no effect with moe.num_experts=0 (dense model)")
     if d.ep > 1 and d.zero_stage == 3:
         raise PlanError(
             f"parallel.ep={d.ep} with parallel.zero_stage=3: DeepSpeed does not support MoE with ZeRO-3; use zero_stage 0-2",

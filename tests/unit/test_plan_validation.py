@@ -1,0 +1,83 @@
+"""Every refused combination raises PlanError whose key names the config keys and whose message
+carries the numbers; settings that do nothing produce warnings. Configs are composed from the
+debug recipes (cpu cluster: world size = tp*pp*dp) or a full-scale recipe, then overridden. No processes."""
+
+from __future__ import annotations
+
+import pytest
+
+from hpframe.plan import PlanError, make_plan
+
+CASES = [
+    # (id, overrides, key fragment, message fragments)
+    ("tp_heads", ["recipe=mixtral_debug", "parallel.tp=3"], "model.num_heads", ["parallel.tp=3", "model.num_heads=4"]),
+    ("tp_kv_heads", ["recipe=mixtral_debug", "parallel.tp=4"], "model.num_kv_heads", ["parallel.tp=4", "model.num_kv_heads=2"]),
+    ("experts_over_ep", ["recipe=mixtral_debug", "parallel.dp=3", "parallel.ep=3"], "parallel.ep", ["moe.num_experts=8", "parallel.ep=3"]),
+    ("world_size", ["recipe=mixtral_debug", "cluster=h200x8", "parallel.tp=2", "parallel.pp=2", "parallel.dp=4"], "parallel.dp",
+     ["2 * 2 * 4 = 16", "world size 8"]),
+    ("tp_pp_world", ["recipe=mixtral_debug", "cluster=h200x8", "parallel.tp=3"], "parallel.tp", ["3 * 1 = 3", "world size 8"]),
+    ("ep_divides_dp", ["recipe=mixtral_debug", "parallel.dp=4", "parallel.ep=3"], "parallel.ep", ["parallel.ep=3", "parallel.dp=4"]),
+    ("max_nodes", ["recipe=deepseek_debug", "moe.max_nodes_per_token=5"], "moe.max_nodes_per_token", ["max_nodes_per_token=5", "4 routing groups"]),
+    ("top_k_experts", ["recipe=mixtral_debug", "moe.top_k=9"], "moe.top_k", ["moe.top_k=9", "moe.num_experts=8"]),
+    ("top_k_reachable", ["recipe=deepseek_debug", "moe.max_nodes_per_token=1", "moe.top_k=5"], "moe.top_k",
+     ["moe.top_k=5", "4 experts reachable", "max_nodes_per_token=1"]),
+    ("pp_layers", ["recipe=mixtral_debug", "parallel.pp=5"], "parallel.pp", ["parallel.pp=5", "model.num_layers=4"]),
+    ("global_batch", ["recipe=mixtral_debug", "parallel.dp=2", "parallel.global_batch_size=20"], "parallel.global_batch_size",
+     ["global_batch_size=20", "8 * 2 = 16"]),
+    ("global_batch_accum", ["recipe=mixtral_debug", "parallel.global_batch_size=32", "parallel.grad_accum=3"], "parallel.grad_accum",
+     ["global_batch_size=32", "8 * 1 * 3 = 24"]),
+    ("ep_zero3", ["recipe=mixtral_debug", "parallel.dp=2", "parallel.ep=2", "parallel.zero_stage=3"], "parallel.zero_stage",
+     ["parallel.ep=2", "zero_stage=3", "ZeRO-3"]),
+    ("moe_zero3", ["recipe=mixtral_debug", "parallel.dp=2", "parallel.zero_stage=3"], "parallel.zero_stage", ["moe.num_experts=8", "zero_stage=3"]),
+    ("pp_zero2", ["recipe=gpt_debug", "parallel.pp=2", "parallel.zero_stage=2"], "parallel.zero_stage", ["parallel.pp=2", "zero_stage=2"]),
+    ("vocab_tp", ["recipe=gpt_debug", "parallel.tp=2", "model.vocab_size=2049"], "model.vocab_size", ["parallel.tp=2", "model.vocab_size=2049"]),
+    ("seq_len", ["recipe=mixtral_debug", "data.seq_len=1024"], "data.seq_len", ["data.seq_len=1024", "model.max_seq_len=512"]),
+    ("kv_heads_divide", ["recipe=mixtral_debug", "model.num_kv_heads=3"], "model.num_kv_heads", ["model.num_kv_heads=3", "model.num_heads=4"]),
+    ("layout_sum", ["recipe=mixtral_debug", "parallel.pp=2", "parallel.pipeline_layout=[1,2]"], "parallel.pipeline_layout",
+     ["[1, 2]", "parallel.pp=2", "model.num_layers=4", "summing to 3"]),
+    ("layout_len", ["recipe=mixtral_debug", "parallel.pp=2", "parallel.pipeline_layout=[1,1,2]"], "parallel.pipeline_layout", ["3 entries"]),
+    ("layout_zero", ["recipe=mixtral_debug", "parallel.pp=2", "parallel.pipeline_layout=[0,4]"], "parallel.pipeline_layout", ["each >= 1"]),
+    ("axis_order", ["recipe=mixtral_debug", "parallel.axis_order=pp-dp"], "parallel.axis_order", ["'pp-dp'"]),
+    ("zero_stage", ["recipe=mixtral_debug", "parallel.zero_stage=4"], "parallel.zero_stage", ["parallel.zero_stage=4"]),
+    ("memory", ["recipe=mixtral_8x7b", "cluster=h200x1", "parallel.tp=1", "parallel.pp=1", "parallel.ep=1", "parallel.global_batch_size=-1"],
+     "cluster.gpu_memory_gb", ["cluster.gpu_memory_gb=139", "GiB per GPU", "plan.memory_check=false"]),
+]
+
+
+@pytest.mark.parametrize("overrides,key,fragments", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_refused_with_key_and_numbers(compose_cfg, overrides: list[str], key: str, fragments: list[str]) -> None:
+    cfg = compose_cfg(*overrides)
+    with pytest.raises(PlanError) as info:
+        make_plan(cfg)
+    err = info.value
+    assert key in err.key, (err.key, str(err))
+    for frag in fragments:
+        assert frag in str(err), (frag, str(err))
+    assert isinstance(err, ValueError) and err.values
+
+
+def test_memory_check_off_turns_refusal_into_warning(compose_cfg) -> None:
+    cfg = compose_cfg("recipe=mixtral_8x7b", "cluster=h200x1", "parallel.tp=1", "parallel.pp=1", "parallel.ep=1",
+                      "parallel.global_batch_size=-1", "plan.memory_check=false")
+    plan = make_plan(cfg)
+    assert plan.memory is not None and plan.memory.total > plan.memory.device_bytes
+    assert any(w.startswith("OUT OF MEMORY") and "cluster.gpu_memory_gb=139" in w for w in plan.warnings)
+
+
+@pytest.mark.parametrize(
+    "overrides,fragment",
+    [
+        (["recipe=gpt_debug", "parallel.sequence_parallel=true"], "sequence_parallel=true has no effect with parallel.tp=1"),
+        (["recipe=gpt_debug", "parallel.dp=2", "parallel.zero_stage=1", "parallel.dp=1"], "zero_stage=1 has no effect with dp=1"),
+        (["recipe=gpt_debug", "moe.num_shared_experts=1"], "num_shared_experts=1 has no effect"),
+        (["recipe=mixtral_debug", "moe.num_expert_groups=2"], "num_expert_groups=2 has no effect with moe.max_nodes_per_token=0"),
+        (["recipe=deepseek_debug", "moe.max_nodes_per_token=4"], "max_nodes_per_token=4 equals the number of routing groups"),
+        (["recipe=mixtral_debug", "moe.dropless=true", "moe.capacity_factor=2.0"], "capacity_factor=2.0 has no effect"),
+        (["recipe=mixtral_debug", "parallel.pp=2", "parallel.grad_accum=1"], "grad_accum=1 < parallel.pp=2"),
+        (["recipe=mixtral_debug", "model.first_k_dense=4"], "no block is MoE"),
+        (["recipe=gpt_debug", "parallel=tp2_pp2_dp2"], "parallel.ep=2 has no effect with moe.num_experts=0"),
+    ],
+)
+def test_warnings_for_settings_without_effect(compose_cfg, overrides: list[str], fragment: str) -> None:
+    plan = make_plan(compose_cfg(*overrides))
+    assert any(fragment in w for w in plan.warnings), plan.warnings
