@@ -1,0 +1,153 @@
+"""Shared helpers of the GPU benchmarks: timing with CUDA events, memory, ceilings, environment, JSON.
+
+Every benchmark in ``bench/`` times device work with CUDA events after a warm-up, repeats it and
+reports the median; it draws random inputs (never zeros) and records the environment it ran in.
+These helpers need torch but nothing from hpframe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+#: Dense bf16 peak of one H200 SXM by the datasheet (TFLOP/s); MFU is reported against it.
+H200_PEAK_TFLOPS = 989.0
+
+
+def time_cuda(
+    fn: Callable[[], Any],
+    *,
+    warmup: int = 3,
+    min_reps: int = 3,
+    max_reps: int = 20,
+    budget_s: float = 2.0,
+) -> dict[str, Any]:
+    """Median wall time of ``fn`` in ms, each repetition bracketed by its own pair of CUDA events.
+
+    The number of repetitions adapts to the cost of one call: as many as fit in ``budget_s``
+    (at least ``min_reps``, at most ``max_reps``), so slow baselines do not eat the device lease.
+    """
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    one = time.perf_counter() - t0
+    reps = int(max(min_reps, min(max_reps, budget_s / max(one, 1e-6))))
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return {
+        "median_ms": statistics.median(times),
+        "min_ms": min(times),
+        "max_ms": max(times),
+        "reps": reps,
+        "warmup": warmup,
+    }
+
+
+def gib(num_bytes: float) -> float:
+    return num_bytes / 2**30
+
+
+def measure_matmul_tflops(n: int = 8192, reps: int = 10) -> float:
+    """bf16 n x n x n matmul rate on random data (the measured compute ceiling), TFLOP/s."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    t = time_cuda(lambda: a @ b, warmup=3, min_reps=reps, max_reps=reps)
+    del a, b
+    return 2 * n**3 / (t["median_ms"] * 1e-3) / 1e12
+
+
+def measure_copy_gbps(num_bytes: int = 2**31) -> float:
+    """Device-to-device copy bandwidth, bytes read plus bytes written, GB/s (the memory ceiling)."""
+    src = torch.randn(num_bytes // 4, device="cuda")
+    dst = torch.empty_like(src)
+    t = time_cuda(lambda: dst.copy_(src), warmup=3, min_reps=10, max_reps=10)
+    del src, dst
+    return 2 * num_bytes / (t["median_ms"] * 1e-3) / 1e9
+
+
+def environment() -> dict[str, Any]:
+    """What the numbers were measured on: GPU, driver, library versions, git commit."""
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "host": platform.node(),
+        "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env.update(gpu=p.name, num_gpus=torch.cuda.device_count(), sms=p.multi_processor_count,
+                   gpu_mem_gib=round(gib(p.total_memory), 1))
+    for mod in ("transformers", "deepspeed", "triton"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except ImportError:
+            env[mod] = None
+    try:
+        env["git_commit"] = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False
+        ).stdout.strip() or None
+    except OSError:
+        env["git_commit"] = None
+    return env
+
+
+def out_dir() -> Path:
+    """$OUT on the device machine (files there come back), else bench/results/local."""
+    path = Path(os.environ.get("OUT") or Path(__file__).parent / "results" / "local")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_json(name: str, payload: dict[str, Any]) -> Path:
+    path = out_dir() / name
+    path.write_text(json.dumps(payload, indent=1, sort_keys=False, default=str) + "\n")
+    return path
+
+
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    """||a - ref|| / ||ref|| in fp32 (NaN anywhere gives NaN, which fails every check)."""
+    a32, r32 = a.detach().float(), ref.detach().float()
+    return float((a32 - r32).norm() / r32.norm().clamp_min(1e-30))
+
+
+def row_agreement(a: torch.Tensor, ref: torch.Tensor, tol: float) -> float:
+    """Fraction of rows whose relative error is below ``tol``.
+
+    Routers that round their logits to bf16 pick a different k-th expert for a few tokens near a
+    tie; those rows differ by a whole expert's share. The row fraction keeps such legitimate
+    differences apart from a wrong kernel, which corrupts most rows.
+    """
+    a32, r32 = a.detach().float().reshape(-1, a.shape[-1]), ref.detach().float().reshape(-1, ref.shape[-1])
+    err = (a32 - r32).norm(dim=-1) / r32.norm(dim=-1).clamp_min(1e-30)
+    return float((err < tol).float().mean())
+
+
+def profile_table(fn: Callable[[], Any], *, steps: int = 2, row_limit: int = 25) -> str:
+    """torch.profiler table (CUDA time, top ``row_limit`` ops) of ``steps`` calls after one warm-up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=row_limit, max_name_column_width=60)

@@ -1,0 +1,144 @@
+"""The MoE GPU fast path (hpframe.models.moe_gpu) against plain autograd references.
+
+Compared: permute + combine (Triton kernels on CUDA, torch gathers elsewhere) against an autograd
+graph of index/mul/sum ops in fp32; grouped_mlp (torch._grouped_mm without padding, uneven and empty
+groups) against a per-expert fp32 loop; moe_forward against MoE.forward of the same module (outputs,
+input/weight/router gradients, aux loss and stats). Tests parametrized over "cpu" run everywhere (the
+fallback path); "cuda" ones are marked gpu and skip without a CUDA device.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hpframe.config.schema import Activation, MoEConfig
+from hpframe.models import moe_gpu
+from hpframe.models.moe import MoE
+
+CUDA = torch.cuda.is_available()
+DEVICES = [
+    "cpu",
+    pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA device")]),
+]
+needs_cuda = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA device")]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.detach().float() - b.detach().float()).norm() / b.detach().float().norm())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_permute_combine_match_autograd_reference(device: str, dtype: torch.dtype) -> None:
+    t, h, k, e = 301, 1100, 3, 7  # h > one 1024-column block and not a multiple of it
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(t, h, generator=g).to(device, dtype).requires_grad_(True)
+    idx = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)]).to(device)  # [T,k]
+    w = torch.rand(t, k, generator=g).to(device).requires_grad_(True)
+    scale = torch.randn(t * k, h, generator=g).to(device, dtype)  # stands for the experts: y = x * scale
+    gy = torch.randn(t, h, generator=g).to(device, dtype)
+
+    order = torch.argsort(idx.reshape(-1), stable=True)
+    inv = moe_gpu.inverse_order(order)
+    y = moe_gpu.combine(moe_gpu.permute(x, order, inv, k) * scale, w, inv)
+    y.backward(gy)
+
+    xr, wr = x.detach().float().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    ys = xr[order // k] * scale.float()  # [N,H] expert-sorted rows
+    y_assign = torch.zeros(t * k, h, device=device).index_copy(0, order, ys)  # back to a = t*k+j
+    yr = (y_assign.view(t, k, h) * wr[:, :, None]).sum(1)
+    yr.backward(gy.float())
+
+    tol = 1e-6 if dtype == torch.float32 else 8e-3
+    assert y.dtype == dtype and y.shape == (t, h)
+    assert rel(y, yr) < tol
+    assert rel(x.grad, xr.grad) < tol
+    assert w.grad.dtype == torch.float32 and rel(w.grad, wr.grad) < (1e-6 if dtype == torch.float32 else 2e-2)
+
+
+def test_inverse_order_is_the_inverse_permutation() -> None:
+    order = torch.randperm(1000, generator=torch.Generator().manual_seed(3))
+    inv = moe_gpu.inverse_order(order)
+    assert torch.equal(inv[order], torch.arange(1000))
+    assert torch.equal(order[inv], torch.arange(1000))
+
+
+@pytest.mark.parametrize("activation", ["swiglu", "gelu"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_grouped_mlp_matches_per_expert_loop(activation: str) -> None:
+    e, h, f = 6, 256, 384
+    counts = torch.tensor([37, 0, 129, 1, 0, 90], device="cuda")  # uneven, empty and 1-row groups
+    n = int(counts.sum())
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(n, h, device="cuda", generator=g).bfloat16().requires_grad_(True)
+    w1 = (torch.randn(e, f, h, device="cuda", generator=g) * h**-0.5).bfloat16().requires_grad_(True)
+    w3 = (torch.randn(e, f, h, device="cuda", generator=g) * h**-0.5).bfloat16().requires_grad_(True)
+    w2 = (torch.randn(e, h, f, device="cuda", generator=g) * f**-0.5).bfloat16().requires_grad_(True)
+    gy = torch.randn(n, h, device="cuda", generator=g).bfloat16()
+    use_w3 = activation == "swiglu"
+    assert moe_gpu.grouped_mm_ok(x, h, f)
+    y = moe_gpu.grouped_mlp(x, counts, w1, w3 if use_w3 else None, w2)
+    y.backward(gy)
+
+    xr, w1r, w3r, w2r = (t.detach().float().requires_grad_(True) for t in (x, w1, w3, w2))
+    outs = []
+    for i, xe in enumerate(torch.split(xr, counts.tolist())):
+        a = F.silu(xe @ w1r[i].t()) * (xe @ w3r[i].t()) if use_w3 else F.gelu(xe @ w1r[i].t())
+        outs.append(a @ w2r[i].t())
+    yr = torch.cat(outs)
+    yr.backward(gy.float())
+    assert torch.isfinite(y).all()
+    assert rel(y, yr) < 1e-2
+    assert rel(x.grad, xr.grad) < 1e-2
+    assert rel(w1.grad, w1r.grad) < 1e-2 and rel(w2.grad, w2r.grad) < 1e-2
+    if use_w3:
+        assert rel(w3.grad, w3r.grad) < 1e-2
+    # empty experts get exactly zero weight gradient
+    assert w1.grad[1].abs().max() == 0 and w2.grad[4].abs().max() == 0
+
+
+def _moe(device: str, dtype: torch.dtype, *, e: int, k: int, h: int, f: int, shared: int) -> MoE:
+    cfg = MoEConfig(num_experts=e, top_k=k, expert_ffn_hidden_size=f, num_shared_experts=shared,
+                    aux_loss_coef=0.01, z_loss_coef=1e-3, dropless=True)
+    m = MoE(h, Activation.swiglu, cfg, routing_groups=1, ffn=f)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
+        m.router.reset_buffers()
+    return m.to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_moe_forward_matches_module_forward(device: str) -> None:
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    ref = _moe(device, dtype, e=8, k=2, h=128, f=256, shared=1)
+    fast = _moe(device, dtype, e=8, k=2, h=128, f=256, shared=1)
+    fast.load_state_dict(ref.state_dict())
+    fast.forward = types.MethodType(moe_gpu.moe_forward, fast)
+    x = torch.randn(3, 50, 128, generator=torch.Generator().manual_seed(9)).to(device, dtype)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yb = ref(xa), fast(xb)
+    gy = torch.randn_like(ya)
+    (ya * gy).sum().add(ref.aux_loss).backward()
+    (yb * gy).sum().add(fast.aux_loss).backward()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel(yb, ya) < tol and rel(xb.grad, xa.grad) < tol
+    assert rel(fast.aux_loss, ref.aux_loss) < 1e-5
+    for name in ("experts.w1", "experts.w2", "experts.w3", "router.gate.weight", "shared.w1.weight"):
+        pa = dict(ref.named_parameters())[name]
+        pb = dict(fast.named_parameters())[name]
+        assert rel(pb.grad, pa.grad) < tol, name
+    assert torch.equal(fast.stats["tokens_per_expert"], ref.stats["tokens_per_expert"])
+
+
+def test_moe_forward_refuses_capacity_dropping() -> None:
+    m = _moe("cpu", torch.float32, e=4, k=2, h=16, f=32, shared=0)
+    m.cfg.dropless = False
+    with pytest.raises(ValueError, match="moe.dropless"):
+        moe_gpu.moe_forward(m, torch.randn(1, 8, 16))
