@@ -196,7 +196,9 @@ class Router(nn.Module):
         """Move each expert's bias by +-rate toward balance: + for under-loaded, - for over-loaded.
 
         ``load[E]`` is the per-expert assignment count since the last update (the training loop
-        all-reduces ``load_accum`` over data-parallel ranks). Resets ``load_accum``.
+        all-reduces ``load_accum`` over data-parallel ranks). Resets ``load_accum``. Only the sign
+        of mean - load matters, so a uniform scaling of the counts (e.g. forwards re-run by
+        activation recomputation, which counts every token twice) changes nothing.
         """
         if load.shape != self.expert_bias.shape:
             raise ValueError(f"load has shape {tuple(load.shape)}, expected ({self.num_experts},)")
@@ -370,6 +372,6 @@ class MoE(nn.Module):
         self.stats = {
             "tokens_per_expert": routed.detach(),
             "load_cv": (load.std(correction=0) / load.mean().clamp_min(1e-10)).detach(),
-            "dropped_frac": torch.tensor(1.0 - kept / max(r.topk_idx.numel(), 1)),
+            "dropped_frac": torch.tensor(1.0 - kept / max(r.topk_idx.numel(), 1), device=load.device),
             **{k: v.detach() for k, v in losses.items()},
         }

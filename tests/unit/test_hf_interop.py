@@ -212,3 +212,15 @@ def test_unsupported_configs_raise(arch_override: dict[str, object], message: st
         setattr(model_cfg, k, v)
     with pytest.raises(ValueError, match=message):
         to_hf_config(model_cfg, moe_cfg)
+
+
+def test_config_json_of_the_full_scale_deepseek_recipe() -> None:
+    from test_models_transformer import compose_run
+
+    cfg = compose_run("recipe=deepseek_v3")
+    hf = to_hf_config(cfg.model, cfg.moe)
+    assert (hf["n_routed_experts"], hf["n_group"], hf["topk_group"], hf["num_experts_per_tok"]) == (256, 8, 4, 8)
+    assert (hf["first_k_dense_replace"], hf["q_lora_rank"], hf["moe_intermediate_size"]) == (3, 1536, 2048)
+    assert hf["routed_scaling_factor"] == 2.5 and hf["rope_interleave"] is True
+    config = transformers.AutoConfig.for_model(**hf)
+    assert config.num_hidden_layers == 61 and config.qk_head_dim == 192
