@@ -127,9 +127,20 @@ def plan_to_dict(plan: ParallelPlan, cfg: RunConfig) -> dict[str, Any]:
     }
 
 
+def _suggestions(plan: ParallelPlan, cfg: RunConfig) -> list[dict[str, Any]]:
+    from dataclasses import asdict
+
+    from hpframe.plan.suggest import suggest_layouts
+
+    return [asdict(s) for s in suggest_layouts(cfg, plan)]
+
+
 def render_json(plan: ParallelPlan, cfg: RunConfig) -> str:
-    """One JSON document (see docs/planner.md for the keys)."""
-    return json.dumps(plan_to_dict(plan, cfg), indent=2)
+    """One JSON document (see docs/planner.md for the keys); with plan.suggest, also ``suggestions``."""
+    doc = plan_to_dict(plan, cfg)
+    if cfg.plan.suggest:
+        doc["suggestions"] = _suggestions(plan, cfg)
+    return json.dumps(doc, indent=2)
 
 
 def render_table(plan: ParallelPlan, cfg: RunConfig, width: int = 110) -> str:
@@ -208,6 +219,14 @@ def render_table(plan: ParallelPlan, cfg: RunConfig, width: int = 110) -> str:
     t.add_row("job MTBF", _seconds(ck["job_mtbf_seconds"]))
     t.add_row("checkpoint interval (Young/Daly)", f"{_seconds(ck['interval_seconds'])} = {ck['interval_steps']} steps")
     con.print(t)
+
+    if cfg.plan.suggest:
+        t = table(f"Suggested layouts for {plan.world_size} GPUs at global batch {plan.global_batch_size} (fastest first)",
+                  "tp", "pp", "dp", "ep", "zero", "recompute", "memory/GPU", "step", "compute", "comm")
+        for sg in _suggestions(plan, cfg):
+            t.add_row(*(str(sg[k]) for k in ("tp", "pp", "dp", "ep", "zero_stage", "recompute")), _gib(sg["memory_bytes"]),
+                      _seconds(sg["step_seconds"]), _seconds(sg["compute_seconds"]), _seconds(sg["comm_seconds"]))
+        con.print(t)
 
     if plan.warnings:
         con.print("\n[bold]Warnings[/bold]")
