@@ -121,7 +121,8 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
             elapsed = time.perf_counter() - t0
             consumed_tokens += tokens_per_step
             loss = float(out.loss)
-            bad = bool(out.skipped) or not math.isfinite(loss)
+            # the engine skips the optimizer update when the loss or the gradient norm is not finite
+            bad = bool(out.skipped) or not math.isfinite(loss) or not math.isfinite(float(out.grad_norm))
             nonfinite = nonfinite + 1 if bad else 0
             cv, dropped = summarize_moe(out.moe_stats)
             tps = tokens_per_step / elapsed
@@ -135,10 +136,13 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
             result.history.append(record)
             writer.write(record)
             if bad:
-                log.warning(f"step {step}: non-finite loss ({loss}); step skipped ({nonfinite}/{cfg.train.max_nonfinite_steps} in a row)")
+                log.warning(
+                    f"step {step}: non-finite loss or gradients (loss {loss}, grad norm {record['grad_norm']}); "
+                    f"step skipped ({nonfinite}/{cfg.train.max_nonfinite_steps} in a row)"
+                )
                 if nonfinite >= cfg.train.max_nonfinite_steps:
                     raise NonFiniteLossError(
-                        f"{nonfinite} consecutive steps with a non-finite loss (train.max_nonfinite_steps="
+                        f"{nonfinite} consecutive steps with a non-finite loss or gradients (train.max_nonfinite_steps="
                         f"{cfg.train.max_nonfinite_steps}), last at step {step}; lower train.lr or check the data"
                     )
             progress.update(record, log_line=step % cfg.train.log_interval == 0 or step == cfg.train.steps)
