@@ -20,7 +20,20 @@ def _num(n: float) -> str:
 
 
 def _gib(n: float) -> str:
-    return f"{n / GIB:.2f} GiB"
+    """Bytes in the largest binary unit (up to TiB) that keeps the figure >= 1."""
+    for shift, unit in ((40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")):
+        if abs(n) >= 1 << shift:
+            return f"{n / (1 << shift):.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _ranks(ranks: list[int]) -> str:
+    """'8-15' for consecutive ranks, else the list (shortened with its stride when long)."""
+    if ranks == list(range(ranks[0], ranks[-1] + 1)):
+        return f"{ranks[0]}-{ranks[-1]}" if len(ranks) > 1 else str(ranks[0])
+    if len(ranks) <= 4:
+        return ", ".join(map(str, ranks))
+    return f"{ranks[0]}, {ranks[1]}, ..., {ranks[-1]} (stride {ranks[1] - ranks[0]})"
 
 
 def _seconds(s: float) -> str:
@@ -197,7 +210,7 @@ def render_table(plan: ParallelPlan, cfg: RunConfig, width: int = 110) -> str:
         for row in ex["placement"]:
             by_node.setdefault(row["node"], []).append(row)
         for node, rows in by_node.items():
-            t.add_row(str(node), f"{rows[0]['rank']}..{rows[-1]['rank']}", f"{rows[0]['ep_rank']}-{rows[-1]['ep_rank']}",
+            t.add_row(str(node), _ranks([r["rank"] for r in rows]), f"{rows[0]['ep_rank']}-{rows[-1]['ep_rank']}",
                       f"{rows[0]['experts'][0]}-{rows[-1]['experts'][1]}")
         con.print(t)
 
