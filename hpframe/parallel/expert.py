@@ -122,8 +122,10 @@ class ExpertParallelExperts(GroupedExperts):
         # 2-3. x is grouped by expert, so the first in_splits[0] rows go to rank 0, and so on.
         x_recv = all_to_all_rows(x, out_splits, in_splits, self.ep_group)  # [M,H] (source, local expert)
         # 4. stable sort by local expert: rows of expert j from source 0, then 1, ...
-        recv_expert = torch.repeat_interleave(
-            torch.arange(e_local, device=x.device).repeat(p), counts_recv.reshape(-1).to(x.device)
+        recv_expert = torch.repeat_interleave(  # [M] local expert of each received row; no host sync
+            torch.arange(e_local, device=x.device).repeat(p),
+            counts_recv.reshape(-1).to(x.device),
+            output_size=sum(out_splits),
         )
         perm = torch.argsort(recv_expert, stable=True)
         x_local = x_recv.index_select(0, perm)
