@@ -86,6 +86,15 @@ def launch_local(cfg: RunConfig, nproc: int) -> int:
     return 0
 
 
+def single_process_env() -> None:
+    """Give a one-process run the environment a launcher would (DeepSpeed insists on LOCAL_RANK)."""
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1")):
+        os.environ.setdefault(key, value)
+
+
 def agree_on_run_dir(output_dir: str) -> str:
     """Rank 0's run directory, on every rank (a collective over the world group).
 

@@ -40,7 +40,7 @@ def _render(plan: object, cfg: RunConfig) -> str:
 
 def main(cfg: RunConfig) -> int:
     """Plan, then (unless a dry run) train, starting local processes when the plan needs them."""
-    from hpframe.launcher import launch_local, under_launcher
+    from hpframe.launcher import launch_local, single_process_env, under_launcher
     from hpframe.plan import PlanError, make_plan
 
     try:
@@ -56,6 +56,8 @@ def main(cfg: RunConfig) -> int:
     if not under_launcher() and plan.world_size > 1:
         os.environ[PLAN_SHOWN] = "1"  # inherited by the workers: rank 0 need not print it again
         return launch_local(cfg, plan.world_size)
+    if not under_launcher():
+        single_process_env()
     return train_main(cfg, plan)
 
 

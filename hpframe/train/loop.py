@@ -14,12 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from hpframe.checkpoint import manager
 from hpframe.config.convert import to_dict
 from hpframe.config.schema import RunConfig
 from hpframe.data import Data
 from hpframe.logging import current_rank, get_logger
-from hpframe.train.metrics import MetricsWriter, mfu, summarize_moe
+from hpframe.train.metrics import MetricsWriter, dropped_frac, mfu, summarize_moe
 from hpframe.train.progress import Progress
 from hpframe.train.schedule import lr_at
 
@@ -68,8 +70,17 @@ def _resume_path(cfg: RunConfig, root: Path) -> Path | None:
     return Path(choice)
 
 
-def _evaluate(engine: Any, data: Data, step: int) -> float:
-    return float(engine.eval_step(data.eval))
+def as_pairs(batches: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Sequences [B, S+1] -> (tokens [B, S], targets [B, S]) shifted by one, the engine's micro-batch form."""
+    return [(b[:, :-1], b[:, 1:]) for b in batches]
+
+
+def _evaluate(engine: Any, data: Data, plan: "ParallelPlan") -> float:
+    """Mean held-out LM loss; a pipelined engine takes grad_accum micro-batches per call."""
+    batches = as_pairs(data.eval)
+    chunk = plan.grad_accum if plan.pp > 1 else len(batches)
+    losses = [float(engine.eval_step(batches[i : i + chunk])) for i in range(0, len(batches), chunk)]
+    return sum(losses) / len(losses)
 
 
 def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> TrainResult:
@@ -103,7 +114,7 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
         log.info(f"saved checkpoint {result.checkpoints[-1]}")
 
     def evaluate(step: int) -> None:
-        record = {"step": step, "eval_loss": _evaluate(engine, data, step)}
+        record = {"step": step, "eval_loss": _evaluate(engine, data, plan)}
         result.evals.append(record)
         writer.write(record, prefix="eval")
         log.info(f"eval step {step}: loss {record['eval_loss']:.4f}")
@@ -117,7 +128,7 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
             lr = lr_at(step - 1, lr=cfg.train.lr, min_lr=cfg.train.min_lr, warmup_steps=cfg.train.warmup_steps, total_steps=cfg.train.steps)
             engine.set_lr(lr)
             t0 = time.perf_counter()
-            out = engine.train_step(data.train.next_step())
+            out = engine.train_step(as_pairs(data.train.next_step()))
             elapsed = time.perf_counter() - t0
             consumed_tokens += tokens_per_step
             loss = float(out.loss)
@@ -125,6 +136,7 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
             bad = bool(out.skipped) or not math.isfinite(loss) or not math.isfinite(float(out.grad_norm))
             nonfinite = nonfinite + 1 if bad else 0
             cv, dropped = summarize_moe(out.moe_stats)
+            dropped = dropped or dropped_frac(engine.module)
             tps = tokens_per_step / elapsed
             record = {
                 "step": step, "loss": loss, "lm_loss": float(out.lm_loss), "aux_loss": float(out.aux_loss), "lr": lr,

@@ -42,22 +42,33 @@ def _as_float(value: Any) -> float:
     return float(value.detach().float().mean()) if isinstance(value, torch.Tensor) else float(value)
 
 
+def _layers(moe_stats: Any) -> list[Mapping[str, Any]]:
+    """Per-layer stats mappings from the shapes an engine step may report (see ``summarize_moe``)."""
+    if not moe_stats:
+        return []
+    if not isinstance(moe_stats, Mapping):
+        return list(moe_stats)
+    if any(k in moe_stats for k in ("tokens_per_expert", "load_cv", "dropped_frac")):
+        return [moe_stats]
+    flat = [k for k in moe_stats if "/" in k]
+    if flat:  # {"layer3/tokens_per_expert": [...], "layer3/load_cv": x, "max_load_cv": y}
+        layers: dict[str, dict[str, Any]] = {}
+        for key in flat:
+            layer, name = key.split("/", 1)
+            layers.setdefault(layer, {})[name] = moe_stats[key]
+        return list(layers.values())
+    return [v for v in moe_stats.values() if isinstance(v, Mapping)]
+
+
 def summarize_moe(moe_stats: Any) -> tuple[float, float]:
     """(expert_load_cv, dropped_token_frac) averaged over MoE layers; (0.0, 0.0) for a dense model.
 
-    Accepts what an engine step reports: None/empty (dense), one stats mapping, or a sequence / mapping
-    of per-layer mappings with ``tokens_per_expert`` or ``load_cv``, and ``dropped_frac``.
+    Accepts None/empty (dense), one stats mapping, a sequence or mapping of per-layer mappings, or
+    the engine's flat ``{"layer{i}/tokens_per_expert": ..., "layer{i}/load_cv": ...}``; a layer gives
+    ``tokens_per_expert`` or ``load_cv``, and optionally ``dropped_frac``.
     """
-    if not moe_stats:
-        return 0.0, 0.0
-    if isinstance(moe_stats, Mapping) and not any(k in moe_stats for k in ("tokens_per_expert", "load_cv", "dropped_frac")):
-        layers: Sequence[Any] = list(moe_stats.values())
-    elif isinstance(moe_stats, Mapping):
-        layers = [moe_stats]
-    else:
-        layers = list(moe_stats)
     cvs, drops = [], []
-    for layer in layers:
+    for layer in _layers(moe_stats):
         if "tokens_per_expert" in layer:
             cvs.append(load_cv(torch.as_tensor(layer["tokens_per_expert"])))
         elif "load_cv" in layer:
@@ -65,6 +76,17 @@ def summarize_moe(moe_stats: Any) -> tuple[float, float]:
         drops.append(_as_float(layer.get("dropped_frac", 0.0)))
     mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
     return mean(cvs), mean(drops)
+
+
+def dropped_frac(module: torch.nn.Module) -> float:
+    """Fraction of routed (token, expert) assignments dropped by capacity in the last forward, mean over MoE layers.
+
+    Read from each MoE layer's ``stats`` (so: this rank's last micro-batch); 0.0 for dense or dropless models.
+    """
+    from hpframe.models.moe import MoE
+
+    values = [_as_float(m.stats["dropped_frac"]) for m in module.modules() if isinstance(m, MoE) and "dropped_frac" in m.stats]
+    return sum(values) / len(values) if values else 0.0
 
 
 def _clean(value: Any) -> Any:
