@@ -36,13 +36,14 @@ AXES: tuple[str, ...] = ("tp", "pp", "dp", "ep", "edp", "mp", "embedding")
 RankLists = Mapping[str, Sequence[Sequence[int]]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class ParallelGroups:
     """The process groups of this rank, one per axis, plus the member ranks of each.
 
     ``ranks[axis]`` is the (ordered) tuple of global ranks in this rank's group along ``axis``;
     a group's local rank is the position of this rank in that tuple. ``embedding`` is ``None``
     when this rank belongs to no embedding group (no tied embeddings across pipeline stages).
+    Compared and hashed by identity (it is a bundle of handles).
     """
 
     rank: int

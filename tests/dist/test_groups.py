@@ -24,14 +24,14 @@ def _layout(overrides: list[str]) -> Any:
 
 
 def _groups_worker(rank: int, world_size: int, layouts: list[tuple[str, Any]], mismatch: Any) -> list[dict[str, Any]]:
-    from hpframe.parallel import AXES, build_groups
+    from hpframe.parallel import AXES, build_groups, init_distributed
     from hpframe.parallel.groups import build_device_mesh
     from hpframe.plan import make_plan
 
     out = []
     for name, cfg in layouts:
         plan = make_plan(cfg, world_size)
-        groups = build_groups(plan)
+        groups = init_distributed(plan)  # already initialized by the harness: checks the size, builds groups
         rec: dict[str, Any] = {"layout": name, "rank": rank, "axes": {}}
         for axis in AXES:
             expected = plan.ranks.group(axis, rank)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -111,3 +112,21 @@ def test_recompute_keeps_loss_and_gradients(recipe: str, mode: str) -> None:
     assert calls == {"ref": 1, "model": 2}
     for (name, p), q in zip(ref.named_parameters(), model.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_init_distributed_single_process_without_launcher() -> None:
+    """No RANK/WORLD_SIZE and a one-rank plan: a gloo group of one on a free port (own interpreter)."""
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]);"
+        "from _equivalence import compose_run_config;"
+        "from hpframe.plan import make_plan; from hpframe.parallel import init_distributed;"
+        "import torch.distributed as dist;"
+        "g = init_distributed(make_plan(compose_run_config('mixtral_debug', []), 1));"
+        "print(dist.get_backend(), dist.get_world_size(), [g.size(a) for a in ('tp', 'pp', 'dp', 'ep', 'edp')]);"
+        "dist.destroy_process_group()"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    dist_dir = str(Path(__file__).resolve().parents[1] / "dist")
+    out = subprocess.run([sys.executable, "-c", code, dist_dir], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "gloo 1 [1, 1, 1, 1, 1]"
