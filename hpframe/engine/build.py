@@ -1,0 +1,106 @@
+"""build_engine(model, plan, groups, cfg): a DeepSpeed engine (ZeRO, pipeline, expert groups) from the plan.
+
+Order of construction (every rank, the model already parallelized by ``hpframe.parallel.parallelize``):
+  1. DeepSpeed's comm layer on the existing torch.distributed group (no shm op build on CPU)
+  2. the config dict from ``plan.deepspeed_config`` (explicit values, clipping off: see step.py)
+  3. expert tags and hpframe's EP/EDP groups registered with DeepSpeed (moe_bridge)
+  4. pp > 1: ``PlanPipelineModule`` on DeepSpeed's ``ProcessTopology`` of the plan (checked rank by
+     rank against plan.ranks); pp == 1: the model itself with a ``PlanMPU``
+  5. client ``SkippableAdamW`` (decay on matrices only, expert weights in ``moe`` groups)
+  6. the DeepSpeed engine class (expert-aware), then ``StepGuard`` around its optimizer step
+
+The engine classes are constructed directly instead of through ``deepspeed.initialize`` (which
+does steps 4-6 with DeepSpeed's classes) so that ``has_moe_layers`` follows hpframe's tags.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from hpframe.engine.ds_env import init_deepspeed_comm
+from hpframe.plan.deepspeed_config import deepspeed_config
+
+
+def resolve_device(cfg: Any) -> str:
+    """cpu or cuda, from ``train.device`` (auto = cuda when available)."""
+    want = str(getattr(cfg.train.device, "value", cfg.train.device))
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device=cuda but CUDA is not available")
+    if want == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return want
+
+
+def build_engine(model: nn.Module, plan: Any, groups: Any, cfg: Any) -> Any:
+    """Wrap the (parallelized, materialized) ``model`` in a DeepSpeed engine; returns ``hpframe.engine.Engine``."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from hpframe.engine.engine import Engine
+    from hpframe.engine.moe_bridge import (
+        ExpertAwareEngine,
+        ExpertAwarePipelineEngine,
+        optimizer_param_groups,
+        register_expert_groups,
+        tag_expert_params,
+    )
+    from hpframe.engine.step import SkippableAdamW, StepGuard
+    from hpframe.engine.topology import PlanMPU, check_topology, process_topology
+
+    init_deepspeed_comm()
+    device = resolve_device(cfg)
+    dtype = str(getattr(cfg.train.dtype, "value", cfg.train.dtype))
+    if dtype == "bf16" and device == "cuda" and plan.zero_stage == 0:
+        raise ValueError(
+            "train.dtype=bf16 with parallel.zero_stage=0: the gradient-norm guard reads ZeRO partitions or "
+            "param.grad, not DeepSpeed's separate bf16 optimizer buffers; use parallel.zero_stage >= 1"
+        )
+    ds_cfg = deepspeed_config(plan, dtype=dtype, device=device)
+    tag_expert_params(model, plan)
+    register_expert_groups(plan, groups)
+    loss_fn = None
+    if plan.pp > 1:
+        from hpframe.parallel.pipeline import PipelineLoss, PlanPipelineModule
+
+        topo = process_topology(plan)
+        check_topology(plan, topo)
+        loss_fn = PipelineLoss(groups.tp)
+        module: nn.Module = PlanPipelineModule(model, plan, groups, topo, loss_fn)
+        mpu: Any = module.mpu()
+        _check_grid(plan, mpu)
+        engine_cls: type = ExpertAwarePipelineEngine
+    else:
+        module, mpu, engine_cls = model, PlanMPU(plan, dist.get_rank(), groups), ExpertAwareEngine
+    t = cfg.train
+    optimizer = SkippableAdamW(
+        optimizer_param_groups(module, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay
+    )
+    ds = engine_cls(
+        args=None,
+        model=module,
+        optimizer=optimizer,
+        model_parameters=None,
+        training_data=None,
+        lr_scheduler=None,
+        mpu=mpu,
+        dist_init_required=False,
+        collate_fn=None,
+        config=ds_cfg,
+        config_class=DeepSpeedConfig(ds_cfg, mpu),
+    )
+    coords = plan.ranks.coords(dist.get_rank())
+    guard = StepGuard(ds, optimizer, groups, grad_clip=t.grad_clip, tp_rank=coords["tp"])
+    return Engine(ds=ds, plan=plan, groups=groups, optimizer=optimizer, guard=guard, loss_fn=loss_fn)
+
+
+def _check_grid(plan: Any, grid: Any) -> None:
+    """DeepSpeed's PipelineParallelGrid built its own groups: its members must be the plan's."""
+    rank = dist.get_rank()
+    for axis, ours in (("dp", grid.dp_group), ("pp", grid.pp_group)):
+        if tuple(sorted(ours)) != plan.ranks.group(axis, rank):
+            raise ValueError(f"rank {rank}: DeepSpeed's {axis} group {ours} differs from the plan's {plan.ranks.group(axis, rank)}")
+    if grid.get_stage_id() != plan.ranks.coords(rank)["pp"]:
+        raise ValueError(f"rank {rank}: DeepSpeed stage {grid.get_stage_id()} differs from the plan's pp coordinate")

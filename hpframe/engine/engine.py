@@ -1,0 +1,183 @@
+"""Engine: the training loop's view of DeepSpeed (one optimizer step, evaluation, lr, checkpoints).
+
+Loss conventions (identical on every rank after the step):
+  per micro-batch  lm = mean token cross-entropy (vocab-parallel over tp), aux = sum of the MoE
+                   layers' coefficient-weighted balance losses, loss = lm + aux
+  per step         the mean of each over the plan.grad_accum micro-batches of every dp rank
+                   (all ranks hold the same number of equal-size micro-batches, so this is the
+                   mean over the global batch); the gradient is that of the mean loss.
+Without pp, every rank computes them; with pp, the last stage does and broadcasts over its pp group.
+
+After an applied step, the aux-loss-free router bias update: each router's ``load_accum`` (summed
+over this rank's micro-batches) is summed over dp so every replica applies the same update, then
+``router.update_bias(load)`` resets it. With pp, each stage updates the routers it owns.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from hpframe.models.moe import Router
+from hpframe.parallel.tensor import vocab_parallel_cross_entropy
+
+
+@dataclass
+class StepResult:
+    loss: float
+    lm_loss: float
+    aux_loss: float
+    grad_norm: float
+    """Global gradient norm before clipping (nan when skipped for a non-finite value)."""
+    skipped: bool
+    moe_stats: dict[str, float | list] = field(default_factory=dict)
+    """Per MoE layer owned by this rank's stage: ``layer{i}/tokens_per_expert`` (global counts of the
+    step) and ``layer{i}/load_cv`` (std/mean of those counts); ``max_load_cv`` over them."""
+
+
+class Engine:
+    """Built by ``build_engine``; ``ds`` is the DeepSpeed engine, ``module`` the local model or stage."""
+
+    def __init__(self, *, ds: Any, plan: Any, groups: Any, optimizer: Any, guard: Any, loss_fn: Any | None) -> None:
+        self.ds, self.plan, self.groups = ds, plan, groups
+        self.optimizer, self.guard, self.loss_fn = optimizer, guard, loss_fn
+        self.rank = dist.get_rank()
+        pp_group = plan.ranks.group("pp", self.rank)
+        self._last_stage_rank = pp_group[-1]  # the pp group is ordered by stage
+        self.is_last_stage = self.rank == self._last_stage_rank
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.ds.module
+
+    def set_lr(self, lr: float) -> None:
+        """Learning rate of every param group for the next steps (the loop owns the schedule)."""
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+
+    # ---- training -----------------------------------------------------------------------------
+    def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
+        """One optimizer step over this rank's ``plan.grad_accum`` micro-batches of (tokens, targets)."""
+        if len(micro_batches) != self.plan.grad_accum:
+            raise ValueError(f"got {len(micro_batches)} micro-batches, the plan's grad_accum is {self.plan.grad_accum}")
+        self.guard.local_losses = []
+        self.ds.train()
+        if self.plan.pp > 1:
+            lm, aux = self._train_pipeline(micro_batches)
+        else:
+            lm, aux = self._train_flat(micro_batches)
+        lm_mean, aux_mean = self._global_means(lm, aux)
+        stats = {} if self.guard.skipped else self._update_router_bias()
+        return StepResult(
+            loss=lm_mean + aux_mean,
+            lm_loss=lm_mean,
+            aux_loss=aux_mean,
+            grad_norm=self.guard.grad_norm,
+            skipped=self.guard.skipped,
+            moe_stats=stats,
+        )
+
+    def _device_batch(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.ds.device)
+
+    def _train_flat(self, micro_batches: list) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        lms, auxs = [], []
+        for tokens, targets in micro_batches:
+            logits = self.ds(self._device_batch(tokens))  # [B,S,V/tp]
+            lm = vocab_parallel_cross_entropy(logits, self._device_batch(targets), self.groups.tp)
+            aux = self.ds.module.aux_loss.float()
+            loss = lm + aux
+            lms.append(lm.detach().float())
+            auxs.append(aux.detach())
+            self.guard.local_losses.append(loss.detach())
+            self.ds.backward(loss)  # DeepSpeed scales by 1/grad_accum
+            self.ds.step()  # applies the update (through StepGuard) on the last micro-batch only
+        return lms, auxs
+
+    def _train_pipeline(self, micro_batches: list) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        batches = [(self._device_batch(x), self._device_batch(y)) for x, y in micro_batches]
+        # The guard runs inside train_batch, after the backward passes: the last stage's losses are
+        # recorded by then, so its non-finite check sees them.
+        self.loss_fn.on_record = self.guard.local_losses.append
+        try:
+            self.ds.train_batch(iter(batches))
+        finally:
+            self.loss_fn.on_record = None
+        return self.loss_fn.pop() if self.is_last_stage else ([], [])
+
+    def _global_means(self, lm: list[torch.Tensor], aux: list[torch.Tensor]) -> tuple[float, float]:
+        """Means over the global batch: average over micro-batches, dp ranks; from the last stage."""
+        if lm:
+            v = torch.stack([torch.stack(lm).mean(), torch.stack(aux).mean()]).double().cpu()
+        else:
+            v = torch.zeros(2, dtype=torch.float64)
+        if self.plan.pp > 1:
+            dist.broadcast(v, src=self._last_stage_rank, group=self.groups.pp)
+        dist.all_reduce(v, group=self.groups.dp)
+        v /= self.plan.dp
+        return float(v[0]), float(v[1])
+
+    def _routers(self) -> list[tuple[int, Router]]:
+        """(block index, router) of the MoE layers this rank runs, in block order."""
+        out = []
+        for name, mod in self.ds.module.named_modules():
+            if isinstance(mod, Router):
+                idx = next((int(p) for p in name.split(".") if p.isdigit()), -1)
+                out.append((idx, mod))
+        return out
+
+    @torch.no_grad()
+    def _update_router_bias(self) -> dict[str, float | list]:
+        routers = self._routers()
+        if not routers:
+            return {}
+        loads = torch.stack([r.load_accum.detach().float().cpu() for _, r in routers])  # [layers, E]
+        dist.all_reduce(loads, group=self.groups.dp)
+        stats: dict[str, float | list] = {}
+        worst = 0.0
+        for (idx, router), load in zip(routers, loads):
+            router.update_bias(load.to(router.load_accum.device))
+            cv = float(load.std(correction=0) / load.mean().clamp_min(1e-10))
+            stats[f"layer{idx}/tokens_per_expert"] = load.tolist()
+            stats[f"layer{idx}/load_cv"] = cv
+            worst = max(worst, cv)
+        stats["max_load_cv"] = worst
+        return stats
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def eval_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+        """Mean LM loss over the micro-batches of every dp rank (identical on every rank)."""
+        if self.plan.pp > 1:
+            if len(micro_batches) != self.plan.grad_accum:
+                raise ValueError(
+                    f"pipeline evaluation takes grad_accum={self.plan.grad_accum} micro-batches, got {len(micro_batches)}"
+                )
+            batches = [(self._device_batch(x), self._device_batch(y)) for x, y in micro_batches]
+            self.ds.eval_batch(iter(batches))
+            lm, aux = self.loss_fn.pop() if self.is_last_stage else ([], [])
+        else:
+            self.ds.eval()
+            lm = []
+            for tokens, targets in micro_batches:
+                logits = self.ds(self._device_batch(tokens))
+                lm.append(vocab_parallel_cross_entropy(logits, self._device_batch(targets), self.groups.tp).float())
+            aux = [torch.zeros(()) for _ in lm]
+        self.ds.train()
+        lm_mean, _ = self._global_means(lm, aux)
+        return lm_mean
+
+    # ---- checkpoints --------------------------------------------------------------------------
+    def save_checkpoint(self, path: str, client_state: dict) -> None:
+        """Write model, optimizer and ``client_state`` under directory ``path`` (collective)."""
+        self.ds.save_checkpoint(path, tag="state", client_state=client_state)
+
+    def load_checkpoint(self, path: str) -> dict:
+        """Restore what ``save_checkpoint(path, ...)`` wrote; returns its client_state."""
+        load_path, client_state = self.ds.load_checkpoint(path, tag="state")
+        if load_path is None:
+            raise ValueError(f"no checkpoint found under {path}")
+        return client_state or {}

@@ -1,0 +1,129 @@
+"""The optimizer-step guard: true global gradient norm, clipping, and skipping non-finite steps.
+
+DeepSpeed's own clipping is switched off (``gradient_clipping: 0`` in the generated config). Its
+ZeRO-1/2 norm sums over the data-parallel group and then only over its "model parallel" group, which
+for the pipeline grid is the tensor-parallel slice, so pipeline stages are not combined; and its
+ZeRO-0 path sees neither expert parallelism nor our tied-embedding copy. Instead, ``StepGuard``
+runs inside DeepSpeed's ``_take_model_step`` (after the gradients are reduced, before the optimizer):
+
+  sq(p)  = sum of squared gradient entries this rank holds for p (a ZeRO partition, or the whole grad)
+  counted: TP-sharded params (``tensor_model_parallel``) on every tp rank, replicated params on
+           tp rank 0 only; the second copy of a tied embedding (last pipeline stage) not at all
+  ZeRO 1/2: sum over dp  (dense partitions span dp; expert partitions span edp, and summing
+            over dp = edp x ep also adds the distinct experts of the ep ranks)
+  ZeRO 0:   expert part summed over ep (distinct experts; edp replicas hold equal grads)
+  then:     sum over mp = tp x pp (TP shards and pipeline stages)
+  norm = sqrt(total), identical on every rank.
+
+Then: if the norm or any rank's loss is not finite, the gradients are zeroed and the optimizer's step
+is skipped (``SkippableAdamW``: parameters and Adam state untouched; DeepSpeed still advances its
+counters and frees the gradients). Otherwise, with ``grad_clip > 0``, every gradient is scaled by
+``min(1, grad_clip / (norm + 1e-6))`` (the formula of ``torch.nn.utils.clip_grad_norm_``).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from deepspeed.moe.utils import is_moe_param
+from torch import nn
+
+
+class SkippableAdamW(torch.optim.AdamW):
+    """AdamW whose next ``step`` can be turned into a no-op (a step skipped for a non-finite gradient)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.skip_next_step = False
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        if self.skip_next_step:
+            return None
+        return super().step(closure)
+
+
+def held_gradients(ds_engine: Any) -> tuple[list[tuple[nn.Parameter, torch.Tensor]], bool]:
+    """(param, gradient tensor this rank holds for it) pairs, and whether they are ZeRO partitions.
+
+    ZeRO 1/2 keep the reduced gradients of this rank's partition in ``averaged_gradients[group]``
+    (one tensor per parameter piece, in ``params_in_partition`` order); ZeRO 0 in ``param.grad``.
+    """
+    opt = ds_engine.optimizer
+    if ds_engine.zero_optimization_stage() > 0:
+        pairs = []
+        for i, grads in opt.averaged_gradients.items():  # {param group index: [grad pieces]}
+            if grads is None:
+                continue
+            real = [g for g in grads if not getattr(g, "_zero_padding", False)]
+            pairs.extend(zip(opt.params_in_partition[i], real))
+        return pairs, True
+    return [(p, p.grad) for p in ds_engine.module.parameters() if p.grad is not None], False
+
+
+class StepGuard:
+    """Computes the global gradient norm, clips or skips, around DeepSpeed's optimizer step."""
+
+    def __init__(self, ds_engine: Any, optimizer: SkippableAdamW, groups: Any, *, grad_clip: float, tp_rank: int) -> None:
+        self.ds, self.optimizer, self.groups = ds_engine, optimizer, groups
+        self.grad_clip, self.tp_rank = grad_clip, tp_rank
+        self.local_losses: list[torch.Tensor] = []  # this rank's micro-batch losses of the current step
+        self.grad_norm = float("nan")
+        self.skipped = False
+        self._original = ds_engine._take_model_step
+        ds_engine._take_model_step = self._take_model_step  # also reached from PipelineEngine's schedule
+
+    def _duplicate(self) -> torch.Tensor | None:
+        dup = getattr(self.ds.module, "tied_weight_duplicate", None)
+        return dup() if dup is not None else None
+
+    def global_norm(self) -> float:
+        pairs, partitioned = held_gradients(self.ds)
+        dup = self._duplicate()
+        dense = torch.zeros((), dtype=torch.float64)
+        expert = torch.zeros((), dtype=torch.float64)
+        for p, g in pairs:
+            if p is dup or (self.tp_rank != 0 and not getattr(p, "tensor_model_parallel", False)):
+                continue
+            sq = g.detach().double().pow(2).sum().cpu()
+            if is_moe_param(p):
+                expert += sq
+            else:
+                dense += sq
+        if partitioned:
+            total = dense + expert
+            dist.all_reduce(total, group=self.groups.dp)
+        else:
+            dist.all_reduce(expert, group=self.groups.ep)
+            total = dense + expert
+        dist.all_reduce(total, group=self.groups.mp)
+        return math.sqrt(total.item()) if math.isfinite(total.item()) else float("nan")
+
+    def _any_rank_bad(self, norm: float) -> bool:
+        bad = not math.isfinite(norm) or any(not torch.isfinite(x).all() for x in self.local_losses)
+        flag = torch.tensor([1.0 if bad else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+    @torch.no_grad()
+    def _take_model_step(self, lr_kwargs: Any = None) -> None:
+        norm = self.global_norm()
+        self.skipped = self._any_rank_bad(norm)
+        self.grad_norm = norm
+        pairs, _ = held_gradients(self.ds)
+        if self.skipped:
+            for _, g in pairs:
+                g.zero_()
+            self.optimizer.skip_next_step = True
+        elif self.grad_clip > 0:
+            coef = self.grad_clip / (norm + 1e-6)
+            if coef < 1.0:
+                for _, g in pairs:
+                    g.mul_(coef)
+        try:
+            self._original(lr_kwargs)
+        finally:
+            self.optimizer.skip_next_step = False
