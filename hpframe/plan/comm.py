@@ -2,7 +2,8 @@
 
 Model (per rank of the busiest pipeline stage; T = micro_batch_size * seq_len tokens per micro-batch,
 e = bytes of the train dtype, ga = grad_accum micro-batches per step):
-* MoE all-to-all: per MoE block and micro-batch a rank dispatches T/tp tokens x top_k copies of H
+* MoE all-to-all: per MoE block and micro-batch a rank dispatches T tokens (the MoE is replicated
+  over TP, so every TP rank routes the whole stream) x top_k copies of H
   values and receives them back combined; dispatch + combine forward and the same backward = 4
   exchanges (6 with full recompute). Routing is taken as uniform, so a copy stays on the rank with
   probability 1/ep, goes to a rank of the same node with (k-1)/ep and to another node with (ep-k)/ep,
@@ -10,9 +11,10 @@ e = bytes of the train dtype, ga = grad_accum micro-batches per step):
   to at most M*(n-1)/n other nodes once each and is forwarded inside the node from there.
 * Moving experts instead: each rank gathers the remote experts' weights per micro-batch forward and
   again in backward, and reduce-scatters their gradients once per step.
-* TP: 4 all-reduces of T*H values per block and micro-batch (2 forward, 2 backward; 6 under full
-  recompute); a ring all-reduce sends 2(t-1)/t of the data (the same as all-gather + reduce-scatter
-  under sequence parallelism).
+* TP: per block and micro-batch, attention costs 2 all-reduces of T*H values (forward, backward),
+  a dense MLP 2 more, an MoE MLP none (1 all-reduce equivalent under sequence parallelism: gather
+  forward, gather backward); x1.5 under full recompute. A ring all-reduce sends 2(t-1)/t of the data
+  (as all-gather + reduce-scatter under sequence parallelism). Embedding and head are left out.
 * DP: ZeRO-0 ring all-reduce of the gradients (2(d-1)/d); ZeRO-1 reduce-scatter of the gradients and
   all-gather of the updated weights ((d-1)/d each); ZeRO-2 reduce-scatters every micro-batch; ZeRO-3
   also gathers weights in forward and backward of every micro-batch. Dense over dp, experts over edp.
@@ -55,7 +57,7 @@ def moe_all_to_all(cfg: RunConfig, plan: ParallelPlan, stage: StagePlan) -> dict
         inter_copies = min(inter_copies, moe.max_nodes_per_token * (nodes - 1) / nodes)
     intra_copies = moe.top_k * (ep - 1) / ep - inter_copies
     exchanges = 6 if cfg.parallel.recompute == Recompute.full else 4
-    per_copy = plan.micro_batch_size * plan.seq_len / plan.tp * h * e * exchanges * plan.grad_accum * n_moe
+    per_copy = plan.micro_batch_size * plan.seq_len * h * e * exchanges * plan.grad_accum * n_moe
     return {"intra": int(per_copy * intra_copies), "inter": int(per_copy * inter_copies)}
 
 
@@ -75,9 +77,12 @@ def tensor_parallel(cfg: RunConfig, plan: ParallelPlan, stage: StagePlan) -> dic
     t = plan.tp
     if t == 1:
         return {"intra": 0, "inter": 0}
-    ops = 6 if cfg.parallel.recompute == Recompute.full else 4
+    moe_ops = 1 if cfg.parallel.sequence_parallel else 0
+    ops = sum(2 + (moe_ops if i in plan.moe_layers else 2) for i in stage.layers)
+    if cfg.parallel.recompute == Recompute.full:
+        ops *= 1.5
     size = plan.micro_batch_size * plan.seq_len * cfg.model.hidden_size * dtype_bytes(cfg)
-    nbytes = ops * 2 * (t - 1) / t * size * len(stage.layers) * plan.grad_accum
+    nbytes = ops * 2 * (t - 1) / t * size * plan.grad_accum
     return _split(nbytes, _spans_nodes(plan, "tp", _first_rank_of_stage(plan, stage.index)))
 
 

@@ -1,7 +1,9 @@
 """Cost estimates attached to a plan: parameters, FLOPs, memory, communication, time, checkpoint.
 
-Time: compute = flops_per_token * tokens per step / (world * peak * assumed MFU), stretched by the
-1F1B bubble (pp - 1) / (grad_accum + pp - 1), times 4/3 under full recompute (selective counted free); comm = intra-node bytes / intra_node_bw + inter-node
+Time: compute = (flops_per_token + (tp - 1) x the MoE MLPs' FLOPs, which every TP rank repeats) *
+tokens per step / (world * peak * assumed MFU), stretched by the
+1F1B bubble (pp - 1) / (grad_accum + pp - 1), times 4/3 under full recompute (selective adds one more
+forward of the MoE MLPs); comm = intra-node bytes / intra_node_bw + inter-node
 bytes / inter_node_bw of the busiest stage, with no overlap; step = compute + comm (an upper bound).
 Checkpoint: bytes = total params * (train-dtype weight bytes + optimizer bytes); write = bytes /
 storage_bw; job MTBF = gpu_mtbf_hours / world_size; Young/Daly interval = sqrt(2 * write * MTBF).
@@ -16,7 +18,7 @@ from hpframe.config.schema import DType, Recompute, RunConfig
 from hpframe.plan.comm import estimate_comm
 from hpframe.plan.errors import PlanError
 from hpframe.plan.memory import GIB, dtype_bytes, estimate_memory
-from hpframe.plan.params import count_params, flops_per_token
+from hpframe.plan.params import count_params, flops_per_token, moe_fwd_flops
 from hpframe.plan.types import CheckpointEstimate, CommEstimate, ParallelPlan, TimeEstimate
 
 
@@ -26,7 +28,13 @@ def estimate_time(cfg: RunConfig, plan: ParallelPlan, comm: CommEstimate) -> Tim
     mfu = cfg.plan.assumed_mfu
     # full recompute runs every forward twice: 4 forward-equivalents instead of 3
     redo = 4 / 3 if cfg.parallel.recompute == Recompute.full else 1.0
-    ideal = redo * plan.flops_per_token * tokens / (plan.world_size * c.peak_tflops * 1e12 * mfu)
+    # every TP rank runs the (replicated) MoE MLPs on all tokens: (tp - 1) extra copies of that work;
+    # selective recompute runs the MoE MLPs' forward once more in backward (on every TP rank)
+    moe_fwd = moe_fwd_flops(cfg.model, cfg.moe)
+    work = plan.flops_per_token + (plan.tp - 1) * 3 * moe_fwd
+    if cfg.parallel.recompute == Recompute.selective:
+        work += plan.tp * moe_fwd
+    ideal = redo * work * tokens / (plan.world_size * c.peak_tflops * 1e12 * mfu)
     bubble = (plan.pp - 1) / (plan.grad_accum + plan.pp - 1)
     compute = ideal / (1 - bubble)
     intra = sum(p["intra"] for p in comm.parts.values())

@@ -1,9 +1,10 @@
 """Memory per GPU: weights, gradients, optimizer state and activations, for every pipeline stage.
 
 Assumptions (stated in docs/planner.md):
-* Dense weights (attention, dense MLP, shared experts, embedding, head) are split over the TP group;
-  norms and the router are replicated. Routed experts are split over the EP group and replicated
-  across TP (DeepSpeed's default; tokens are divided among the TP ranks before dispatch).
+* As hpframe/parallel/tensor.py shards them: attention (MLA: its up-projections and output), dense
+  MLPs, embedding and head are split over the TP group; norms, MLA down-projections and the whole MoE
+  MLP (router, shared experts) are replicated, and every TP rank runs the MoE on all its tokens.
+  Routed experts are split over the EP group.
 * bf16 training keeps bf16 weights and gradients plus an fp32 master copy and Adam m, v (12 bytes per
   parameter of optimizer state); fp32 training keeps fp32 weights and gradients and Adam m, v (8 bytes).
 * ZeRO-1 shards optimizer state, ZeRO-2 also gradients, ZeRO-3 also weights: dense parameters over dp,
@@ -17,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hpframe.config.schema import Attention, DType, Recompute, RunConfig
-from hpframe.plan.params import block_params, expert_ffn, head_dim, mlp_mats, num_kv_heads
+from hpframe.plan.params import attention_replicated_params, block_params, expert_ffn, head_dim, mlp_mats, num_kv_heads
 from hpframe.plan.types import MemoryEstimate, ParallelPlan, StagePlan
 
 GIB = 1 << 30
@@ -45,7 +46,8 @@ def stage_params(cfg: RunConfig, plan: ParallelPlan, stage: StagePlan) -> StageP
     dense = expert = 0
     for i in stage.layers:
         b = block_params(m, moe, i)
-        dense += (b.attention + b.mlp + b.shared_experts) // t + b.norms + b.router
+        rep = attention_replicated_params(m)
+        dense += (b.attention - rep + b.mlp) // t + rep + b.shared_experts + b.norms + b.router
         expert += b.experts // plan.ep
     vh = m.vocab_size * m.hidden_size // t
     if stage.has_embedding:
@@ -76,11 +78,12 @@ def block_activation_bytes(cfg: RunConfig, plan: ParallelPlan, i: int, *, recomp
     b = block_params(m, moe, i)
     mats = mlp_mats(m)
     if b.is_moe:
+        # replicated over TP: the full token stream (gathered under sequence parallelism)
         fe, k = expert_ffn(m, moe), moe.top_k
-        inner = k * mats * fe / t  # expert hidden activations of the k copies (tokens split over TP)
+        inner = k * mats * fe  # expert hidden activations of the k copies
         if recompute == Recompute.selective:
             inner = 0.0
-        mlp = res + 2 * k * h / t + inner + moe.num_shared_experts * mats * fe / t + 4 * moe.num_experts / e
+        mlp = 2 * h + 2 * k * h + inner + moe.num_shared_experts * mats * fe + 4 * moe.num_experts / e
     else:
         mlp = res + mats * m.ffn_hidden_size / t
     return e * (attn + mlp)

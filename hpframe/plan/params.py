@@ -58,6 +58,25 @@ def attention_params(m: ModelConfig) -> int:
     return h * nh * hd + 2 * h * nkv * hd + nh * hd * h
 
 
+def attention_replicated_params(m: ModelConfig) -> int:
+    """The part of ``attention_params`` that tensor parallelism replicates: MLA's down-projections
+    (wq_a, wkv_a) and latent norms; GQA attention is split whole (by heads)."""
+    if m.attention != Attention.mla:
+        return 0
+    h = m.hidden_size
+    q = h * m.q_lora_rank + m.q_lora_rank if m.q_lora_rank > 0 else 0
+    return q + h * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank
+
+
+def moe_fwd_flops(m: ModelConfig, moe: MoEConfig) -> int:
+    """Forward FLOPs per token of all MoE MLPs (router, shared and top_k routed experts)."""
+    total = 0
+    for i in moe_layers(m, moe):
+        b = block_params(m, moe, i)
+        total += 2 * (b.router + b.shared_experts + min(moe.top_k, moe.num_experts) * b.one_expert)
+    return total
+
+
 def attention_norm_params(m: ModelConfig) -> int:
     """The part of ``attention_params`` that is norm weights (no matmul FLOPs)."""
     if m.attention != Attention.mla:

@@ -108,3 +108,19 @@ def test_deepseek_v3_checkpoint_interval(compose_cfg) -> None:
     assert c.bytes == 671_026_404_352 * 14  # bf16 weights + fp32 master, m, v
     assert c.job_mtbf_seconds == pytest.approx(50_000 * 3600 / 2048)
     assert 1 <= c.interval_steps < 10_000
+
+
+def test_tp_replicates_the_moe(compose_cfg) -> None:
+    # hpframe/parallel/tensor.py splits attention, embedding and head over TP and replicates the MoE MLP
+    cfg = compose_cfg("recipe=mixtral_debug", "parallel.tp=2")
+    plan = make_plan(cfg)
+    h, v = 128, 2048
+    attn = h * 128 + 2 * h * 64 + 128 * h
+    moe = h * 8 + 8 * 3 * h * 256
+    assert plan.memory.params_on_rank == 4 * (attn // 2 + moe + 2 * h) + v * h // 2 * 2 + h
+    # only attention talks over TP in an MoE block: 2 all-reduces of 1024*128 fp32 values, ring factor 2*(1/2)
+    assert plan.comm.parts["tp"] == {"intra": 4 * 2 * 1024 * 128 * 4, "inter": 0}
+    # every TP rank dispatches all 1024 tokens of its micro-batch (tp2 pp2 dp2 ep2: 2 MoE blocks per stage,
+    # grad_accum 2, half of the top-2 copies leave the rank)
+    comm = make_plan(compose_cfg("recipe=mixtral_debug", "parallel=tp2_pp2_dp2")).comm
+    assert comm.parts["moe_all_to_all"] == {"intra": 1024 * 2 * 128 * 4 * 4 * 2 * 2 // 2, "inter": 0}
