@@ -55,8 +55,12 @@ def build_data(cfg: RunConfig, plan: "ParallelPlan", rank: int) -> Data:
         train_split, micro_batch_size=plan.micro_batch_size, grad_accum=plan.grad_accum,
         dp=plan.dp, dp_rank=dp_rank, seed=cfg.data.seed,
     )
-    # a pipelined engine evaluates grad_accum micro-batches per call: round eval_steps up to a multiple
-    num_eval = cfg.train.eval_steps if plan.pp == 1 else -(-cfg.train.eval_steps // plan.grad_accum) * plan.grad_accum
+    # train.eval_steps micro-batches in total, split over dp (rounded up to a multiple of dp): the same
+    # held-out sequences for every layout when eval_steps is a multiple of dp. A pipelined engine
+    # evaluates grad_accum micro-batches per call, so its share is rounded up to a multiple of that.
+    num_eval = -(-cfg.train.eval_steps // plan.dp)
+    if plan.pp > 1:
+        num_eval = -(-num_eval // plan.grad_accum) * plan.grad_accum
     evals = eval_batches(eval_split, micro_batch_size=plan.micro_batch_size, num_batches=num_eval, dp=plan.dp, dp_rank=dp_rank)
     description += f"; {train_split.num_sequences:,} train / {eval_split.num_sequences:,} eval sequences of {cfg.data.seq_len}"
     return Data(loader, evals, train_split, eval_split, description)

@@ -27,12 +27,15 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 # 8 smoke steps (lr 3e-3, warmup 2, min_lr 3e-4) of 4 x 8 sequences of 128 tokens
-COMMON = ["train=smoke", "train.steps=8", "train.eval_interval=4", "checkpoint.interval=4", "train.progress=false"]
+# and an evaluation of 4 held-out micro-batches (split over dp) every 4 steps
+COMMON = ["train=smoke", "train.steps=8", "train.eval_interval=4", "train.eval_steps=4", "checkpoint.interval=4",
+          "train.progress=false"]
 
 
 def launch(args: list[str], run_dir: Path, *, timeout: float = 240) -> subprocess.CompletedProcess:
     """Run launch.py with ``args`` into ``run_dir``; stdout and stderr captured as text."""
-    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"))
+    # one OpenMP thread per process: on a shared 2-core machine more threads only wait on each other
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"), OMP_NUM_THREADS="1")
     cmd = [sys.executable, str(REPO / "launch.py"), *args, f"hydra.run.dir={run_dir}"]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -67,7 +70,7 @@ def test_single_process_trains(single_run):
         assert r["aux_loss"] > 0 and r["expert_load_cv"] > 0 and r["dropped_token_frac"] == 0.0  # dropless MoE
         assert r["consumed_tokens"] == r["step"] * 32 * 128 and not r["skipped"]
     assert steps[0]["loss"] == pytest.approx(math.log(2048), abs=0.3)  # random init: uniform over the vocabulary
-    assert steps[-1]["loss"] < steps[0]["loss"] - 1.5
+    assert steps[-1]["loss"] < steps[0]["loss"] - 1.0
     assert [e["step"] for e in evals] == [4, 8] and evals[1]["eval_loss"] < evals[0]["eval_loss"] < steps[0]["loss"]
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_00000004", "step_00000008"]
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
@@ -104,8 +107,9 @@ def test_four_processes_match_single_process(single_run, tmp_path):
     assert steps[0]["loss"] == pytest.approx(ref[0]["loss"], rel=1e-5)
     for a, b in zip(steps, ref):
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-3)
-    assert steps[-1]["loss"] < steps[0]["loss"] - 1.5
-    assert evals[-1]["eval_loss"] == pytest.approx(ref_evals[-1]["eval_loss"], rel=2e-3)
+    assert steps[-1]["loss"] < steps[0]["loss"] - 1.0
+    for a, b in zip(evals, ref_evals):  # the same 4 held-out micro-batches: 1 per dp rank vs 4 on one rank
+        assert a["step"] == b["step"] and a["eval_loss"] == pytest.approx(b["eval_loss"], rel=2e-3)
     assert (tmp_path / "checkpoints" / "step_00000008").is_dir()
 
 
