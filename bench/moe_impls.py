@@ -218,7 +218,8 @@ class DenseSwiGLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xr = x.repeat_interleave(self.top_k, dim=0)  # [N,H] the rows the experts would see
-        return F.linear(F.silu(F.linear(xr, self.w1)) * F.linear(xr, self.w3), self.w2)
+        y = F.linear(F.silu(F.linear(xr, self.w1)) * F.linear(xr, self.w3), self.w2)
+        return y.view(x.shape[0], self.top_k, -1).sum(1)  # [T,H] like a layer's output
 
 
 def roofline_gemm_step(w: Weights, shape: Shape, num_tokens: int) -> Callable[[], None]:

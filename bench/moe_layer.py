@@ -94,7 +94,7 @@ def run_shape(shape: Shape, impls: list[str], num_tokens: int, profile: set[str]
             rows.append(row)
             print(f"{shape.name:9s} {impl:14s} skipped: {row['skipped']}", flush=True)
             continue
-        mod = None
+        mod = step = x = gy = None
         try:
             torch.cuda.empty_cache()
             base = torch.cuda.memory_allocated()
@@ -130,7 +130,7 @@ def run_shape(shape: Shape, impls: list[str], num_tokens: int, profile: set[str]
             print(f"{shape.name:9s} {impl:14s} ERROR {row['error']}", flush=True)
             print(row["traceback"], flush=True)
         rows.append(row)
-        del mod
+        del mod, step, x, gy  # the step closure holds the module: drop both before the next build
         gc.collect()
         torch.cuda.empty_cache()
     return rows

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hpframe.config.schema import Activation, DropPolicy, MoEConfig, ScoreFunc
+from hpframe.models import moe_gpu
 from hpframe.models.layers import MLP
 
 
@@ -96,7 +97,7 @@ def switch_aux_loss(scores: torch.Tensor, topk_idx: torch.Tensor, score_func: Sc
     """
     t, e = scores.shape
     probs = scores if ScoreFunc(score_func) == ScoreFunc.softmax else scores / scores.sum(-1, keepdim=True)
-    frac = torch.bincount(topk_idx.reshape(-1), minlength=e).to(scores.dtype) / topk_idx.numel()
+    frac = moe_gpu.expert_counts(topk_idx.reshape(-1), e).to(scores.dtype) / topk_idx.numel()
     return e * (frac * probs.mean(0)).sum()
 
 
@@ -188,7 +189,7 @@ class Router(nn.Module):
         weight = weight * self.route_scale
         if self.training:
             with torch.no_grad():
-                self.load_accum += torch.bincount(topk_idx.reshape(-1), minlength=self.num_experts).float()
+                self.load_accum += moe_gpu.expert_counts(topk_idx.reshape(-1), self.num_experts).float()
         return Routing(logits, scores, topk_idx, topk_score, weight)
 
     @torch.no_grad()
@@ -213,8 +214,8 @@ class GroupedExperts(nn.Module):
 
     ``forward(x_sorted[N,H], num_tokens_per_expert[E])`` computes expert e on its contiguous block of
     rows (blocks in expert id order). Implementations (``impl``):
-      grouped_mm  torch._grouped_mm (one kernel per matmul); on CUDA bf16 the row groups are padded
-                  to multiples of 16 rows so every group offset keeps 16-byte alignment.
+      grouped_mm  torch._grouped_mm (one kernel per matmul); on CUDA through moe_gpu.grouped_mlp on
+                  the unpadded rows (group offsets need no alignment; tests/gpu checks uneven groups).
       padded_bmm  rows scattered to [E, max_count, H] blocks and batched matmuls (CUDA fallback).
       loop        a Python loop over experts: the CPU path. CPU runs are debug-sized, so padding
                   would waste work for nothing, and it is the one path that takes float64 (gradcheck).
@@ -278,6 +279,8 @@ class GroupedExperts(nn.Module):
                 f"grouped_mm needs hidden ({self.hidden}) and expert inner size ({self.inner}) rows of a "
                 f"multiple of 16 bytes in {x.dtype}; use impl='auto'"
             )
+        if x.is_cuda:  # unpadded rows: group offsets need no alignment, only row strides (checked above)
+            return moe_gpu.grouped_mlp(x, counts, self.w1, self.w3, self.w2)
         align = 16 if x.is_cuda else 1
         rows = None
         if align > 1:
@@ -336,6 +339,8 @@ class MoE(nn.Module):
         return capacity_of(num_tokens, self.num_experts, self.top_k, factor, self.cfg.min_capacity)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and self.cfg.dropless:
+            return moe_gpu.moe_forward(self, x)  # same function, fused permutation kernels
         b, s, h = x.shape
         xf = x.reshape(b * s, h)
         r = self.router(xf)
@@ -372,6 +377,7 @@ class MoE(nn.Module):
         self.stats = {
             "tokens_per_expert": routed.detach(),
             "load_cv": (load.std(correction=0) / load.mean().clamp_min(1e-10)).detach(),
-            "dropped_frac": torch.tensor(1.0 - kept / max(r.topk_idx.numel(), 1), device=load.device),
+            # torch.full, not torch.tensor: a host-to-device copy would wait for the whole stream
+            "dropped_frac": torch.full((), 1.0 - kept / max(r.topk_idx.numel(), 1), device=load.device),
             **{k: v.detach() for k, v in losses.items()},
         }

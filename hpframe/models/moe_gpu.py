@@ -8,13 +8,15 @@ is its inverse: row ``inv[a]`` of the expert-sorted tensors holds assignment a.
 What it changes against the generic path in ``moe.py`` (same function, fewer passes over memory):
   permute   x_sorted = x[order // k]; backward gathers the k gradient rows of each token and sums
             them in fp32 (deterministic) instead of an atomic index_put.
+  counts    a scatter-add instead of torch.bincount, which syncs with the host on CUDA.
   experts   torch._grouped_mm on the unpadded rows: the group offsets need no 16-row alignment
             (only the base pointers and strides do, which [N,H] row-major tensors with H % 8 == 0
-            satisfy), so the scatter into a padded buffer and the gather back are gone.
+            satisfy), so the scatter into a padded buffer and the gather back are gone. SwiGLU's
+            silu(h1) * h3 is one Triton kernel each way and keeps two [N,F] tensors, not three.
   combine   y[t] = sum_j w[t,j] * y_sorted[inv[t*k+j]] in one kernel with fp32 accumulation, in
             place of a weight multiply, a bf16 atomic index_add and a zero-filled buffer; backward
             writes grad_y_sorted and grad_w in one pass.
-The permute-backward and combine kernels are Triton kernels when Triton is importable and the
+The permute-backward, combine and SwiGLU kernels are Triton kernels when Triton is importable and the
 tensors are on CUDA; otherwise the same math runs as torch gathers and reductions.
 """
 
@@ -74,6 +76,64 @@ if triton is not None:
             dot += g * v
             tl.store(grad_ys + r * H + cols, (g * wa).to(grad_ys.dtype.element_ty), mask=mask)
         tl.store(grad_w + a, tl.sum(dot, axis=0))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _swiglu_fwd_kernel(h1, h3, out, n, BLOCK: tl.constexpr):
+        # out = silu(h1) * h3, elementwise over n values, fp32 math.
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        a = tl.load(h1 + offs, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(h3 + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out + offs, (a * tl.sigmoid(a) * b).to(out.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _swiglu_bwd_kernel(g, h1, h3, dh1, dh3, n, BLOCK: tl.constexpr):
+        # d/dh3 = g * silu(h1); d/dh1 = g * h3 * sig(h1) * (1 + h1 * (1 - sig(h1))).
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        a = tl.load(h1 + offs, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(h3 + offs, mask=mask, other=0.0).to(tl.float32)
+        gg = tl.load(g + offs, mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(a)
+        tl.store(dh3 + offs, (gg * a * sig).to(dh3.dtype.element_ty), mask=mask)
+        tl.store(dh1 + offs, (gg * b * sig * (1.0 + a * (1.0 - sig))).to(dh1.dtype.element_ty), mask=mask)
+
+
+_BLOCK_ELEM = 2048  # elements per program of the elementwise SwiGLU kernels
+
+
+class _SwiGLU(torch.autograd.Function):
+    """silu(h1) * h3 in one pass; saves h1 and h3 only (autograd's version also keeps silu(h1))."""
+
+    @staticmethod
+    def forward(ctx, h1: torch.Tensor, h3: torch.Tensor) -> torch.Tensor:
+        h1, h3 = h1.contiguous(), h3.contiguous()
+        ctx.save_for_backward(h1, h3)
+        out = torch.empty_like(h1)
+        n = h1.numel()
+        if n:
+            _swiglu_fwd_kernel[(triton.cdiv(n, _BLOCK_ELEM),)](h1, h3, out, n, BLOCK=_BLOCK_ELEM)
+        return out
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        h1, h3 = ctx.saved_tensors
+        g = g.contiguous()
+        dh1, dh3 = torch.empty_like(h1), torch.empty_like(h3)
+        n = h1.numel()
+        if n:
+            _swiglu_bwd_kernel[(triton.cdiv(n, _BLOCK_ELEM),)](g, h1, h3, dh1, dh3, n, BLOCK=_BLOCK_ELEM)
+        return dh1, dh3
+
+
+def swiglu(h1: torch.Tensor, h3: torch.Tensor) -> torch.Tensor:
+    """silu(h1) * h3: one fused Triton kernel each way where Triton runs, else the torch ops."""
+    if triton_ok(h1):
+        return _SwiGLU.apply(h1, h3)
+    return F.silu(h1) * h3
 
 
 def gather_sum(src: torch.Tensor, idx: torch.Tensor, top_k: int, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -142,6 +202,13 @@ class _Combine(torch.autograd.Function):
         return grad_ys, grad_w.view(weight.shape).to(weight.dtype), None, None
 
 
+def expert_counts(flat_e: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Assignments per expert, int64 [E], without a host sync (torch.bincount on CUDA reads the
+    maximum back to size its output, which stalls the launch queue once per layer)."""
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat_e.device)
+    return counts.scatter_add_(0, flat_e, torch.ones_like(flat_e))
+
+
 def inverse_order(order: torch.Tensor) -> torch.Tensor:
     """inv[N] with inv[order[r]] = r (order must be a permutation of 0..N-1)."""
     inv = torch.empty_like(order)
@@ -170,7 +237,7 @@ def grouped_mlp(
     offs = torch.cumsum(counts, 0, dtype=torch.int32)  # [E] end row of each group
     h1 = torch._grouped_mm(x, w1.transpose(-2, -1), offs=offs)  # [N,F]
     if w3 is not None:
-        act = F.silu(h1) * torch._grouped_mm(x, w3.transpose(-2, -1), offs=offs)
+        act = swiglu(h1, torch._grouped_mm(x, w3.transpose(-2, -1), offs=offs))
     else:
         act = F.gelu(h1)
     return torch._grouped_mm(act, w2.transpose(-2, -1), offs=offs)  # [N,H]
@@ -195,23 +262,26 @@ def moe_forward(moe: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     ``(x_sorted, counts)`` signature (an expert-parallel wrapper too); a plain ``GroupedExperts``
     is run through ``grouped_mlp``.
     """
-    from hpframe.models.moe import GroupedExperts, dispatch_order
+    from hpframe.models.moe import GroupedExperts
 
     if not moe.cfg.dropless:
         raise ValueError("the MoE fast path needs moe.dropless=true (capacity dropping changes N)")
     b, s, h = x.shape
     xf = x.reshape(b * s, h)
     r = moe.router(xf)
-    order, counts, routed = dispatch_order(r.topk_idx, r.topk_score, moe.num_experts, None)
+    flat_e = r.topk_idx.reshape(-1)  # [N] expert of assignment a = t*k + j
+    order = torch.argsort(flat_e, stable=True)  # tokens of one expert stay in position order
+    counts = expert_counts(flat_e, moe.num_experts)
     inv = inverse_order(order)
     x_sorted = permute(xf, order, inv, moe.top_k)  # [N,H]
     ex = moe.experts
-    if isinstance(ex, GroupedExperts) and grouped_mm_ok(x_sorted, ex.hidden, ex.inner):
+    # exact type: an expert-parallel subclass must run its own forward (the all-to-all exchange)
+    if type(ex) is GroupedExperts and grouped_mm_ok(x_sorted, ex.hidden, ex.inner):
         y_sorted = grouped_mlp(x_sorted, counts, ex.w1, ex.w3, ex.w2)
     else:
         y_sorted = ex(x_sorted, counts)
     y = combine(y_sorted, r.topk_weight, inv)  # fp32 weights: the kernels accumulate in fp32
     if moe.shared is not None:
         y = y + moe.shared(xf)
-    moe._losses_and_stats(r, b, s, routed, order.numel())
+    moe._losses_and_stats(r, b, s, counts, order.numel())
     return y.view(b, s, h)

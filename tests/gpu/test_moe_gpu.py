@@ -142,3 +142,40 @@ def test_moe_forward_refuses_capacity_dropping() -> None:
     m.cfg.dropless = False
     with pytest.raises(ValueError, match="moe.dropless"):
         moe_gpu.moe_forward(m, torch.randn(1, 8, 16))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_fused_swiglu_matches_torch_ops() -> None:
+    g = torch.Generator(device="cuda").manual_seed(2)
+    h1 = torch.randn(1001, 777, device="cuda", generator=g).bfloat16().requires_grad_(True)
+    h3 = torch.randn(1001, 777, device="cuda", generator=g).bfloat16().requires_grad_(True)
+    gy = torch.randn(1001, 777, device="cuda", generator=g).bfloat16()
+    y = moe_gpu.swiglu(h1, h3)
+    y.backward(gy)
+    r1, r3 = h1.detach().float().requires_grad_(True), h3.detach().float().requires_grad_(True)
+    yr = F.silu(r1) * r3
+    yr.backward(gy.float())
+    assert rel(y, yr) < 5e-3 and rel(h1.grad, r1.grad) < 5e-3 and rel(h3.grad, r3.grad) < 5e-3
+
+
+def test_expert_counts_equal_bincount() -> None:
+    idx = torch.randint(0, 13, (5000,), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(moe_gpu.expert_counts(idx, 16), torch.bincount(idx, minlength=16))
+
+
+def test_moe_forward_runs_a_subclass_experts_own_forward() -> None:
+    """An expert-parallel wrapper subclasses GroupedExperts; the fast path must call its forward."""
+    from hpframe.models.moe import GroupedExperts
+
+    class Doubled(GroupedExperts):
+        def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+            return 2 * super().forward(x, counts)
+
+    m = _moe("cpu", torch.float32, e=4, k=2, h=16, f=32, shared=0)
+    x = torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(6))
+    y_plain = moe_gpu.moe_forward(m, x)
+    doubled = Doubled(4, 16, 32, Activation.swiglu)
+    doubled.load_state_dict(m.experts.state_dict())
+    m.experts = doubled
+    assert rel(moe_gpu.moe_forward(m, x), 2 * y_plain) < 1e-6
