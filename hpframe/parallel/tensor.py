@@ -30,6 +30,9 @@ from torch import nn
 from torch.autograd import Function
 
 SEQ_DIM = 1  # model activations are [B, S, H]
+# torch 2.13 renames the tensor collectives (the old names warn); older torch has only the old ones.
+_all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 def _size(group: Any) -> int:
@@ -51,7 +54,7 @@ def _all_gather(x: torch.Tensor, group: Any, dim: int) -> torch.Tensor:
     t = _size(group)
     parts = x.movedim(dim, 0).contiguous()  # [X, ...]
     out = parts.new_empty((t * parts.shape[0], *parts.shape[1:]))
-    dist.all_gather_into_tensor(out, parts, group=group)
+    _all_gather_tensor(out, parts, group=group)
     return out.movedim(0, dim)
 
 
@@ -59,17 +62,23 @@ def _reduce_scatter(x: torch.Tensor, group: Any, dim: int) -> torch.Tensor:
     """Sum over ranks, keep this rank's 1/t chunk along ``dim``."""
     t = _size(group)
     if x.shape[dim] % t:
-        raise ValueError(f"sequence parallelism needs the sequence length {x.shape[dim]} divisible by tp={t}")
+        raise ValueError(
+            f"parallel.sequence_parallel needs the sequence length (data.seq_len) {x.shape[dim]} "
+            f"divisible by parallel.tp={t}"
+        )
     parts = x.movedim(dim, 0).contiguous()
     out = parts.new_empty((parts.shape[0] // t, *parts.shape[1:]))
-    dist.reduce_scatter_tensor(out, parts, group=group)
+    _reduce_scatter_tensor(out, parts, group=group)
     return out.movedim(0, dim)
 
 
 def _split(x: torch.Tensor, group: Any, dim: int) -> torch.Tensor:
     t = _size(group)
     if x.shape[dim] % t:
-        raise ValueError(f"sequence parallelism needs the sequence length {x.shape[dim]} divisible by tp={t}")
+        raise ValueError(
+            f"parallel.sequence_parallel needs the sequence length (data.seq_len) {x.shape[dim]} "
+            f"divisible by parallel.tp={t}"
+        )
     return x.chunk(t, dim=dim)[_rank(group)].contiguous()
 
 
