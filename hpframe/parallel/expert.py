@@ -130,14 +130,17 @@ class ExpertParallelExperts(GroupedExperts):
         perm = torch.argsort(recv_expert, stable=True)
         x_local = x_recv.index_select(0, perm)
         local_counts = counts_recv.sum(0)
-        if self.checkpoint_compute and torch.is_grad_enabled():
+        if x_local.shape[0] == 0:
+            # Nothing arrived: no kernel runs, but the weights and the received rows stay in the graph,
+            # so this rank still joins the backward all-to-alls and its weights get zero (not None) grads.
+            y_local = x_local.new_zeros(0, self.hidden)
+            if torch.is_grad_enabled():
+                weights = [w for w in (self.w1, self.w2, self.w3) if w is not None]
+                y_local = _KeepInGraph.apply(y_local, x_recv, *weights)
+        elif self.checkpoint_compute and torch.is_grad_enabled():
             y_local = checkpoint(GroupedExperts.forward, self, x_local, local_counts, use_reentrant=False)
         else:
             y_local = super().forward(x_local, local_counts)  # [M,H]
-        if x_local.shape[0] == 0 and torch.is_grad_enabled():
-            # Nothing arrived: keep the weights and the received rows in the graph so this rank still
-            # runs the backward all-to-alls and its weights get zero (not None) gradients.
-            y_local = _KeepInGraph.apply(y_local, x_recv, *[w for w in (self.w1, self.w2, self.w3) if w is not None])
         # 5. undo the sort, send the rows back to their sources.
         y_recv = torch.empty_like(y_local).index_copy(0, perm, y_local) if y_local.shape[0] else y_local
         y = all_to_all_rows(y_recv, in_splits, out_splits, self.ep_group)  # [N,H]
