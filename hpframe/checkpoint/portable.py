@@ -1,0 +1,257 @@
+"""The portable checkpoint format: every logical tensor once, under its single-device name, in safetensors.
+
+A checkpoint directory (inside the crash-safe directories of ``hpframe.checkpoint.store``)::
+
+    step_00000040/
+      client_state.json            rank 0: step, consumed tokens, data-loader position, composed config,
+                                   plan and model fingerprints, the saving layout (tp, pp, dp, ep)
+      tensors/rank00003.safetensors  the tensors rank 3 owns (see below); fp32, no pickle
+      layout/rank00003.json        what that file holds: logical name, full shape, expert rows, Adam step,
+                                   and the rank's coordinates (written after the file: its completion mark)
+      rng/rank00003.json           rank 3's RNG states (python, numpy, torch CPU, CUDA), as JSON
+      MANIFEST.json                sha256 of every file above (store.py), written last by rank 0
+
+Logical tensors are the single-device ``Transformer.state_dict()`` names (``layers.2.attn.wq.weight``,
+``layers.1.mlp.experts.w1`` [E, F, H], ``layers.1.mlp.router.expert_bias``), each in three kinds:
+``param`` (the fp32 master weight; persistent buffers too), ``exp_avg`` and ``exp_avg_sq`` (Adam
+moments, absent before the first optimizer step). TP shards are gathered before writing; routed
+experts are written as row ranges ``[first, last)`` of global expert ids by the rank owning them, so a
+file never depends on the layout that reads it. Safetensors key: ``KIND/NAME`` or ``KIND/NAME@first-last``.
+
+This module is the format only (no torch.distributed): writing one rank's part, reading the merged
+index, slicing a logical tensor, and the compatibility check that names every missing, unexpected or
+mis-shaped tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+KINDS = ("param", "exp_avg", "exp_avg_sq")
+CLIENT_STATE = "client_state.json"
+
+
+def tensor_file(rank: int) -> str:
+    return f"tensors/rank{rank:05d}.safetensors"
+
+
+def layout_file(rank: int) -> str:
+    return f"layout/rank{rank:05d}.json"
+
+
+def rng_file(rank: int) -> str:
+    return f"rng/rank{rank:05d}.json"
+
+
+@dataclass
+class Piece:
+    """One stored tensor: logical ``name`` of ``kind``; ``rows`` = global expert ids [first, last) or None (whole)."""
+
+    name: str
+    kind: str
+    tensor: torch.Tensor
+    full_shape: tuple[int, ...]
+    rows: tuple[int, int] | None = None
+
+    @property
+    def key(self) -> str:
+        suffix = f"@{self.rows[0]}-{self.rows[1]}" if self.rows is not None else ""
+        return f"{self.kind}/{self.name}{suffix}"
+
+
+@dataclass
+class RankPart:
+    """What one rank writes: its pieces, the Adam step of each logical tensor, its layout coordinates."""
+
+    rank: int
+    pieces: list[Piece] = field(default_factory=list)
+    adam_step: dict[str, float] = field(default_factory=dict)
+    coords: dict[str, int] = field(default_factory=dict)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_part(directory: Path, part: RankPart) -> list[Path]:
+    """Write ``part``'s safetensors file, then its layout JSON (the completion mark); returns both paths."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    tpath, lpath = directory / tensor_file(part.rank), directory / layout_file(part.rank)
+    tpath.parent.mkdir(parents=True, exist_ok=True)
+    lpath.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {p.key: p.tensor.contiguous() for p in part.pieces}
+    save_file(tensors, str(tpath), metadata={"format": "hpframe-portable", "version": str(FORMAT_VERSION)})
+    _fsync(tpath)
+    layout = {
+        "version": FORMAT_VERSION,
+        "rank": part.rank,
+        "coords": part.coords,
+        "file": tensor_file(part.rank),
+        "tensors": {
+            p.key: {"name": p.name, "kind": p.kind, "shape": list(p.full_shape),
+                    "rows": list(p.rows) if p.rows is not None else None, "dtype": str(p.tensor.dtype).removeprefix("torch.")}
+            for p in part.pieces
+        },
+        "expert_rows": sorted({tuple(p.rows) for p in part.pieces if p.rows is not None}),
+        "adam_step": part.adam_step,
+    }
+    tmp = lpath.with_suffix(".tmp")
+    tmp.write_text(json.dumps(layout, indent=1, sort_keys=True))
+    _fsync(tmp)
+    os.replace(tmp, lpath)
+    return [tpath, lpath]
+
+
+def parts_written(directory: Path) -> set[int]:
+    """Ranks whose layout JSON (written after their tensors) exists under ``directory``."""
+    d = Path(directory) / "layout"
+    return {int(p.stem.removeprefix("rank")) for p in d.glob("rank*.json")} if d.is_dir() else set()
+
+
+@dataclass
+class _Stored:
+    file: str
+    key: str
+    rows: tuple[int, int] | None
+
+
+class PortableCheckpoint:
+    """Read side: the merged index of every rank's layout JSON; tensors read lazily by slice.
+
+    Safetensors files are memory-mapped headers plus raw bytes: reading never executes code.
+    """
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        layouts = sorted((self.directory / "layout").glob("rank*.json"))
+        if not layouts:
+            raise ValueError(f"{self.directory}: no layout/rank*.json: not a portable hpframe checkpoint")
+        self.shapes: dict[tuple[str, str], tuple[int, ...]] = {}
+        self.stored: dict[tuple[str, str], list[_Stored]] = {}
+        self.adam_step: dict[str, float] = {}
+        self.saved_coords: dict[int, dict[str, int]] = {}
+        for path in layouts:
+            doc = json.loads(path.read_text())
+            self.saved_coords[int(doc["rank"])] = doc["coords"]
+            self.adam_step.update(doc["adam_step"])
+            for key, meta in doc["tensors"].items():
+                lk = (meta["kind"], meta["name"])
+                shape = tuple(meta["shape"])
+                if self.shapes.setdefault(lk, shape) != shape:
+                    raise ValueError(f"{path}: {meta['name']} ({meta['kind']}) has shape {shape}, another file says {self.shapes[lk]}")
+                rows = tuple(meta["rows"]) if meta["rows"] is not None else None
+                self.stored.setdefault(lk, []).append(_Stored(doc["file"], key, rows))  # type: ignore[arg-type]
+        self._handles: dict[str, Any] = {}
+
+    def names(self, kind: str = "param") -> set[str]:
+        return {n for k, n in self.shapes if k == kind}
+
+    def has(self, name: str, kind: str = "param") -> bool:
+        return (kind, name) in self.shapes
+
+    def _open(self, file: str) -> Any:
+        from safetensors import safe_open
+
+        if file not in self._handles:
+            path = self.directory / file
+            try:
+                self._handles[file] = safe_open(str(path), framework="pt")
+            except Exception as err:  # safetensors raises its own error types for damaged headers
+                raise ValueError(f"{path}: unreadable safetensors file ({err})") from err
+        return self._handles[file]
+
+    def read(self, name: str, kind: str = "param", rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The logical tensor ``name`` (or its dim-0 rows [first, last)), assembled from the stored pieces."""
+        lk = (kind, name)
+        if lk not in self.stored:
+            raise KeyError(f"{self.directory}: no {kind} tensor {name!r}")
+        shape = self.shapes[lk]
+        first, last = rows if rows is not None else (0, shape[0] if shape else 0)
+        out: torch.Tensor | None = None
+        covered = 0
+        for s in self.stored[lk]:
+            h = self._open(s.file)
+            if s.rows is None:  # a whole tensor: slice what was asked
+                t = h.get_tensor(s.key)
+                return t if rows is None else t[first:last].clone()
+            a, b = max(first, s.rows[0]), min(last, s.rows[1])
+            if a >= b:
+                continue
+            piece = h.get_slice(s.key)[a - s.rows[0]:b - s.rows[0]]
+            if out is None:
+                out = torch.empty((last - first, *shape[1:]), dtype=piece.dtype)
+            out[a - first:b - first] = piece
+            covered += b - a
+        if out is None or covered != last - first:
+            raise ValueError(f"{self.directory}: {kind} {name} rows [{first}, {last}) are not all stored (expert files missing?)")
+        return out
+
+    def check_compatible(self, expected: dict[str, tuple[int, ...]]) -> None:
+        """Raise ValueError naming every missing, unexpected and mis-shaped parameter (no partial loads)."""
+        have = {n: self.shapes[("param", n)] for n in self.names("param")}
+        missing = sorted(set(expected) - set(have))
+        unexpected = sorted(set(have) - set(expected))
+        wrong = sorted(f"{n}: checkpoint {list(have[n])} vs model {list(expected[n])}"
+                       for n in set(have) & set(expected) if tuple(have[n]) != tuple(expected[n]))
+        if missing or unexpected or wrong:
+            lines = [f"checkpoint {self.directory} does not fit this model (model.* / moe.* differ from the saved run):"]
+            for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
+                if items:
+                    shown = ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
+                    lines.append(f"  {title}: {shown}")
+            raise ValueError("\n".join(lines))
+
+
+# ---- RNG states as JSON (no pickle) ------------------------------------------------------------------
+def rng_state_json() -> dict[str, Any]:
+    """This process's python, numpy, torch CPU (and CUDA) RNG states as JSON-able values."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state_json(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state_json`` returned."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+def write_json(path: Path, doc: Any) -> None:
+    """Write JSON durably (temporary file, fsync, rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1, sort_keys=True, default=str))
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def checkpoint_bytes(directory: Path) -> int:
+    """Bytes of the tensor files of a checkpoint (what the planner's estimate describes)."""
+    return sum(p.stat().st_size for p in (Path(directory) / "tensors").glob("*.safetensors"))
