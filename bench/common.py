@@ -35,6 +35,8 @@ def time_cuda(
     The number of repetitions adapts to the cost of one call: as many as fit in ``budget_s``
     (at least ``min_reps``, at most ``max_reps``), so slow baselines do not eat the device lease.
     """
+    if not torch.cuda.is_available():  # CPU smoke runs of the scripts: host clock, no events
+        return _time_host(fn, warmup=warmup, reps=min_reps)
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -58,6 +60,23 @@ def time_cuda(
         "reps": reps,
         "warmup": warmup,
     }
+
+
+def _time_host(fn: Callable[[], Any], *, warmup: int, reps: int) -> dict[str, Any]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times), "reps": reps,
+            "warmup": warmup}
+
+
+def peak_gib() -> float:
+    """torch.cuda.max_memory_allocated in GiB (0 without CUDA)."""
+    return gib(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else 0.0
 
 
 def gib(num_bytes: float) -> float:
