@@ -311,6 +311,7 @@ class _VocabParallelCE(Function):
     def forward(ctx: Any, logits: torch.Tensor, targets: torch.Tensor, group: Any, ignore_index: int) -> torch.Tensor:
         v_local = logits.shape[-1]
         start = _rank(group) * v_local
+        ctx.dtype = logits.dtype
         logits = logits.float()
         lmax = logits.max(dim=-1).values
         dist.all_reduce(lmax, op=dist.ReduceOp.MAX, group=group)
@@ -335,7 +336,7 @@ class _VocabParallelCE(Function):
         onehot = (~not_here).to(grad.dtype)[..., None]
         grad.scatter_add_(-1, local_t[..., None], -onehot)
         grad.mul_((g * (~ignored).to(g.dtype))[..., None])
-        return grad, None, None, None
+        return grad.to(ctx.dtype), None, None, None
 
 
 def vocab_parallel_cross_entropy(
