@@ -1,7 +1,7 @@
 """parallelize(model, plan, groups): apply the plan's parallelism to a model, in a fixed order.
 
   1. tensor parallelism   (plan.tp > 1)        tensor.apply_tp
-  2. expert parallelism   (plan.ep > 1)        expert.apply_ep
+  2. expert parallelism   (plan.ep > 1, MoE)   expert.apply_ep
   3. activation ckpt      (recompute != none)  act_ckpt.apply_activation_checkpointing
 
 The input is a MATERIALIZED full single-device model, built and ``init_weights(seed)``-ed identically
@@ -49,7 +49,7 @@ def parallelize(
     _check_groups(plan, groups)
     if plan.tp > 1:
         apply_tp(model, groups.tp, sequence_parallel=sequence_parallel)
-    if plan.ep > 1:
+    if plan.ep > 1 and plan.experts is not None:  # ep > 1 on a dense model: the planner warned, nothing to split
         apply_ep(model, plan, groups)
     if Recompute(recompute) != Recompute.none:
         apply_activation_checkpointing(model, recompute)
