@@ -6,15 +6,17 @@ Parameters stay ordinary ``nn.Parameter`` tensors (no DTensor), so DeepSpeed's o
 plain shards. Every TP-sharded parameter is tagged ``tensor_model_parallel = True`` with
 ``partition_dim`` (0: output rows split, column-parallel; 1: input columns split, row-parallel) so the
 engine counts each shard once in a global gradient norm. Replicated parameters (norms, router,
-experts, MLA down-projections) carry no tag: they are identical on every TP rank.
+experts, MLA down-projections) carry no TP tag: they and their gradients are identical on every TP
+rank. Under sequence parallelism the block norms see 1/t of the tokens; their weights are tagged
+``sequence_parallel = True`` and a gradient hook sums their gradients over the TP group.
 
 The four region ops and their gradients (g = this rank's gradient):
   copy_to_tp_region          fwd identity           bwd all-reduce(g)      (input of column-parallel)
   reduce_from_tp_region      fwd all-reduce         bwd identity           (output of row-parallel)
   gather_from_sp_region      fwd all-gather over S  bwd reduce-scatter(g)  (SP input of column-parallel)
   reduce_scatter_to_sp_region fwd reduce-scatter    bwd all-gather(g)      (SP output of row-parallel)
-plus, for replicated compute on a sequence-parallel stream (the MoE under SP, the LM-head input is
-a column-parallel input and uses the pair above):
+plus, for compute that every TP rank repeats on the whole sequence (the MoE layer, MLA's replicated
+down-projections) inside a sequence-parallel stream:
   gather_sp_replicated       fwd all-gather over S  bwd split(g)           (every rank computes the same)
   split_to_sp_region         fwd split over S       bwd all-gather(g)
 """
