@@ -1,17 +1,16 @@
-"""Save and resume training state through the engine's checkpoint calls.
+"""Save and resume training state: portable checkpoints on the crash-safe store.
 
-Layout under the checkpoint root (``checkpoint.dir``, relative to the run directory), on top of the
-crash-safe directories of ``hpframe.checkpoint.store`` (staging, manifest, atomic commit)::
+Layout under the checkpoint root (``checkpoint.dir``, relative to the run directory): the crash-safe
+directories of ``hpframe.checkpoint.store`` (staging, manifest, atomic commit, ``latest``), each
+holding a portable checkpoint (``hpframe.checkpoint.portable``: every logical tensor once, fp32 master
+weights and Adam moments in safetensors, TP shards gathered, experts by global id; client_state.json;
+one RNG JSON per rank). See docs/checkpointing.md.
 
-    step_00000050/                 one checkpoint = one directory, handed to engine.save_checkpoint
-        ...                        whatever the engine writes (DeepSpeed model/optimizer shards)
-        rng_rank00000.pt           RNG states of each rank (torch CPU/CUDA, numpy, python)
-        MANIFEST.json              written by rank 0 after every rank finished: files, step, plan
-                                   fingerprint; a directory without it is never resumed from
-
-API: ``save(engine, step, client_state, root=...)``, ``find_latest(root)``, ``load(engine, path)``.
-``client_state`` is the loop's: step, consumed tokens, data-loader state, RNG states, the composed
-config and the plan fingerprint; ``load`` returns it and refuses a checkpoint of another plan.
+API: ``save(engine, step, client_state, root=...)`` (or a ``Checkpointer`` for asynchronous saves),
+``find_latest(root)``, ``load(engine, path)``. ``client_state`` is the loop's: step, consumed tokens,
+data-loader state, the composed config and the plan fingerprint (JSON values); ``load`` returns it.
+A checkpoint saved under another parallel layout (tp, pp, dp, ep, ZeRO stage) loads and is re-sharded
+on the fly; a checkpoint of another model is refused with the tensors that differ.
 """
 
 from __future__ import annotations
@@ -19,37 +18,27 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import shutil
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from hpframe.checkpoint import store
+from hpframe.checkpoint import reshard, store
+from hpframe.checkpoint.async_save import Checkpointer
+from hpframe.checkpoint.portable import CLIENT_STATE, PortableCheckpoint, rng_file, set_rng_state_json
 from hpframe.logging import get_logger
 
 log = get_logger(__name__)
-
-
-class CheckpointEngine(Protocol):
-    def save_checkpoint(self, path: str, client_state: dict[str, Any]) -> None: ...
-
-    def load_checkpoint(self, path: str) -> dict[str, Any]: ...
 
 
 def _rank() -> int:
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-
-
 def rng_state() -> dict[str, Any]:
-    """This process's RNG states."""
+    """This process's RNG states (torch tensors and numpy arrays; in memory only)."""
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -65,11 +54,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def plan_fingerprint(plan: Any, cfg: Any) -> str:
-    """A short hash of what a checkpoint's shards depend on: the layout and the parameter shapes.
+    """A short hash of the layout and the parameter shapes: equal fingerprints = identical shards.
 
     Covers world size, degrees, ZeRO stage, the pipeline partition, every model.* field and the MoE
-    fields that shape parameters. Training hyperparameters (lr, steps, loss coefficients) are left out,
-    so they may change across a resume.
+    fields that shape parameters. Training hyperparameters (lr, steps, loss coefficients) are left out.
     """
     moe = cfg.moe
     key = {
@@ -80,13 +68,21 @@ def plan_fingerprint(plan: Any, cfg: Any) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def layout_of(plan: Any) -> dict[str, int]:
+    """The parallel layout recorded in client_state (what re-sharding converts from)."""
+    return {"world_size": plan.world_size, "tp": plan.tp, "pp": plan.pp, "dp": plan.dp, "ep": plan.ep, "zero_stage": plan.zero_stage}
+
+
 def checkpoint_path(root: str | Path, step: int) -> Path:
     """Directory of the committed checkpoint taken after ``step`` optimizer steps."""
     return Path(root) / store.tag_for_step(step)
 
 
 def find_latest(root: str | Path) -> Path | None:
-    """The newest committed checkpoint under ``root`` that verifies against its manifest, or None."""
+    """The newest committed checkpoint under ``root`` that verifies against its manifest, or None.
+
+    Damaged newer checkpoints (truncated or corrupted files) are skipped with a warning naming the file.
+    """
     found = store.find_latest_good(Path(root))
     if found is None:
         return None
@@ -95,53 +91,49 @@ def find_latest(root: str | Path) -> Path | None:
     return found.path
 
 
-def save(engine: CheckpointEngine, step: int, client_state: dict[str, Any], *, root: str | Path, keep_last: int = 0) -> Path:
-    """Save on every rank (collective) into a staging directory; rank 0 commits it and prunes.
-
-    Every rank writes its engine shards and RNG states; after a barrier rank 0 writes the manifest
-    (with the plan fingerprint), moves the directory into place atomically, and keeps the
-    ``keep_last`` newest checkpoints (0 = keep all).
-    """
-    root = Path(root)
-    tag = store.tag_for_step(step)
-    staging = store.staging_path(root, tag)
-    if _rank() == 0 and staging.exists():  # left by a save that died
-        shutil.rmtree(staging)
-    _barrier()
-    staging.mkdir(parents=True, exist_ok=True)
-    engine.save_checkpoint(str(staging), client_state)
-    torch.save(rng_state(), staging / f"rng_rank{_rank():05d}.pt")
-    _barrier()  # every rank's files are on disk before the manifest lists them
-    if _rank() == 0:
-        store.write_manifest(staging, step, extra={"plan_fingerprint": client_state.get("plan_fingerprint")})
-        store.commit(root, tag)
-        if keep_last > 0:
-            store.prune(root, keep_last)
-    _barrier()
-    return root / tag
+def save(engine: Any, step: int, client_state: dict[str, Any], *, root: str | Path, keep_last: int = 0) -> Path:
+    """Save synchronously on every rank (collective); returns the committed directory."""
+    return Checkpointer(engine, root, keep_last=keep_last).save(step, json_client_state(client_state)).path
 
 
-def load(engine: CheckpointEngine, path: str | Path, *, plan_fingerprint: str | None = None) -> dict[str, Any]:
-    """Load a checkpoint on every rank; return its client_state and restore this rank's RNG states.
+def json_client_state(client_state: dict[str, Any]) -> dict[str, Any]:
+    """``client_state`` without in-memory RNG objects (each rank's RNG is saved in its own JSON file)."""
+    return {k: v for k, v in client_state.items() if k != "rng"}
 
-    Raises ValueError when the checkpoint is incomplete or was written under a different plan
-    (re-sharding to another layout is an explicit conversion, not a resume).
+
+def read_client_state(path: str | Path) -> dict[str, Any]:
+    """client_state.json of a committed checkpoint."""
+    return json.loads((Path(path) / CLIENT_STATE).read_text())
+
+
+def load(engine: Any, path: str | Path, *, plan_fingerprint: str | None = None, checksums: bool = True) -> dict[str, Any]:
+    """Load a checkpoint on every rank (any saved layout); return its client_state, restore RNG states.
+
+    Raises ValueError naming the file when the checkpoint is incomplete, truncated or corrupted, and
+    naming the tensors when it belongs to a different model.
     """
     path = Path(path)
     try:
-        manifest = store.verify(path, checksums=False)  # find_latest already checksummed the newest candidate
+        manifest = store.verify(path, checksums=checksums)
     except store.CheckpointError as err:
         raise ValueError(f"checkpoint.resume={str(path)!r}: {err}") from err
-    saved = manifest.get("plan_fingerprint")
-    if plan_fingerprint is not None and saved is not None and saved != plan_fingerprint:
-        raise ValueError(
-            f"checkpoint {path} was written under plan {saved}, this run's plan is {plan_fingerprint}: "
-            "parallel layout or model changed; resume with the same parallel.* and model.* settings"
-        )
-    client_state = engine.load_checkpoint(str(path))
-    own = path / f"rng_rank{_rank():05d}.pt"
-    if own.is_file():
-        set_rng_state(torch.load(own, weights_only=False))  # our own file, written by save() above
-    elif client_state.get("rng"):
-        set_rng_state(client_state["rng"])
+    if not (path / CLIENT_STATE).is_file():
+        raise ValueError(f"checkpoint.resume={str(path)!r}: no {CLIENT_STATE}: not a portable hpframe checkpoint")
+    client_state = read_client_state(path)
+    saved_fp = manifest.get("plan_fingerprint")
+    same_layout = plan_fingerprint is None or saved_fp == plan_fingerprint
+    if not same_layout:
+        log.warning(f"re-sharding {path}: saved under {client_state.get('layout')}, loading under "
+                    f"{layout_of(engine.plan)}")
+    reshard.restore(engine, PortableCheckpoint(path))
+    own = path / rng_file(_rank())
+    if same_layout and own.is_file():
+        set_rng_state_json(json.loads(own.read_text()))
+    elif (path / rng_file(0)).is_file():  # another layout: ranks do not correspond; take rank 0's
+        set_rng_state_json(json.loads((path / rng_file(0)).read_text()))
+    step = int(client_state.get("step", manifest.get("step", 0)))
+    ds = getattr(engine, "ds", None)
+    if ds is not None:  # DeepSpeed's own counters (logging, pipeline schedule bookkeeping)
+        ds.global_steps = step
+        ds.global_samples = step * engine.plan.global_batch_size
     return client_state

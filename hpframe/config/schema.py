@@ -236,6 +236,9 @@ class TrainConfig:
     """Write TensorBoard event files in the run directory."""
     compile: bool = False
     """torch.compile the transformer blocks."""
+    fail_at_step: int = 0
+    """Testing aid for restart tests: rank 1 (rank 0 alone) SIGKILLs itself after this step, in the first
+    attempt of a torchrun job only (TORCHELASTIC_RESTART_COUNT=0); 0 = off. Never set it in real runs."""
 
 
 @dataclass

@@ -1,0 +1,120 @@
+"""The portable checkpoint format without processes: pieces written by hand-built rank parts read back.
+
+Compared: logical tensors assembled from expert row ranges of two files (and any sub-range of them)
+with the tensors written; the compatibility check's error text with the missing, unexpected and
+mis-shaped names; RNG draws after a JSON round trip of the RNG states with the draws before it; the
+safetensors files hold no pickle (their header is JSON and loading them never unpickles).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from hpframe.checkpoint.portable import (
+    Piece,
+    PortableCheckpoint,
+    RankPart,
+    parts_written,
+    rng_state_json,
+    set_rng_state_json,
+    tensor_file,
+    write_part,
+)
+
+E, F, H = 4, 3, 2
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """Two ranks: rank 0 the dense tensors and experts [0, 2), rank 1 experts [2, 4)."""
+    g = torch.Generator().manual_seed(0)
+    experts = torch.randn(E, F, H, generator=g)
+    moment = torch.rand(E, F, H, generator=g)
+    dense = torch.randn(5, H, generator=g)
+    bias = torch.tensor([0.1, -0.2, 0.0, 0.3])
+    r0 = RankPart(rank=0, coords={"tp": 0, "pp": 0, "dp": 0, "ep": 0, "edp": 0}, adam_step={"embed.weight": 3.0, "w": 3.0})
+    r0.pieces = [Piece("embed.weight", "param", dense, (5, H)), Piece("bias", "param", bias, (E,)),
+                 Piece("w", "param", experts[:2], (E, F, H), (0, 2)), Piece("w", "exp_avg", moment[:2], (E, F, H), (0, 2))]
+    r1 = RankPart(rank=1, coords={"tp": 0, "pp": 0, "dp": 1, "ep": 1, "edp": 0}, adam_step={"w": 3.0})
+    r1.pieces = [Piece("w", "param", experts[2:], (E, F, H), (2, 4)), Piece("w", "exp_avg", moment[2:], (E, F, H), (2, 4))]
+    write_part(tmp_path, r0)
+    write_part(tmp_path, r1)
+    return tmp_path, {"embed.weight": dense, "bias": bias, "w": experts, "w.exp_avg": moment}
+
+
+def test_pieces_assemble_into_logical_tensors(saved):
+    path, ref = saved
+    assert parts_written(path) == {0, 1}
+    ck = PortableCheckpoint(path)
+    assert ck.names() == {"embed.weight", "bias", "w"}
+    assert torch.equal(ck.read("embed.weight"), ref["embed.weight"])
+    assert torch.equal(ck.read("w"), ref["w"])
+    assert torch.equal(ck.read("w", "exp_avg"), ref["w.exp_avg"])
+    # an ep=4 reader of expert 1 and an ep=1-of-3 style range crossing both files
+    assert torch.equal(ck.read("w", rows=(1, 2)), ref["w"][1:2])
+    assert torch.equal(ck.read("w", rows=(1, 4)), ref["w"][1:4])
+    assert torch.equal(ck.read("embed.weight", rows=(2, 4)), ref["embed.weight"][2:4])
+    assert ck.adam_step == {"embed.weight": 3.0, "w": 3.0}
+    assert ck.saved_coords[1]["ep"] == 1
+
+
+def test_layout_json_records_expert_rows(saved):
+    path, _ = saved
+    doc = json.loads((path / "layout" / "rank00001.json").read_text())
+    assert doc["expert_rows"] == [[2, 4]] and doc["coords"]["ep"] == 1
+    assert doc["tensors"]["param/w@2-4"] == {"name": "w", "kind": "param", "shape": [E, F, H], "rows": [2, 4], "dtype": "float32"}
+
+
+def test_missing_rows_are_an_error(saved):
+    path, _ = saved
+    (path / "layout" / "rank00001.json").unlink()
+    ck = PortableCheckpoint(path)
+    with pytest.raises(ValueError, match=r"param w rows \[0, 4\) are not all stored"):
+        ck.read("w")
+
+
+def test_incompatible_model_names_every_tensor(saved):
+    path, _ = saved
+    ck = PortableCheckpoint(path)
+    ck.check_compatible({"embed.weight": (5, H), "bias": (E,), "w": (E, F, H)})  # the saved model: fine
+    with pytest.raises(ValueError) as err:
+        ck.check_compatible({"embed.weight": (6, H), "w": (E, F, H), "head.weight": (5, H)})
+    text = str(err.value)
+    assert "missing: head.weight" in text
+    assert "unexpected: bias" in text
+    assert "shape mismatch: embed.weight: checkpoint [5, 2] vs model [6, 2]" in text
+
+
+def test_not_a_portable_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="no layout/rank"):
+        PortableCheckpoint(tmp_path)
+
+
+def test_safetensors_header_is_json_not_pickle(saved):
+    path, _ = saved
+    raw = (path / tensor_file(0)).read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + header_len])
+    assert header["__metadata__"]["format"] == "hpframe-portable"
+    assert b"\x80\x04" not in raw[:8 + header_len]  # no pickle protocol marker in the header
+
+
+def test_rng_json_round_trip():
+    torch.manual_seed(3)
+    np.random.seed(4)
+    random.seed(5)
+    state = json.loads(json.dumps(rng_state_json()))
+    before = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    set_rng_state_json(state)
+    after = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
+    assert torch.equal(before[0], after[0])
+    assert np.array_equal(before[1], after[1])
+    assert before[2] == after[2]
