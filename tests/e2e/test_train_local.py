@@ -91,6 +91,10 @@ def test_resume_continues_where_the_checkpoint_left_off(single_run, tmp_path):
     for a, b in zip(resumed, ref[4:]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["consumed_tokens"] == b["consumed_tokens"]
+    # a checkpoint of another model shape is refused as a user error, before any step
+    other = launch([*COMMON, "parallel.grad_accum=4", "model.num_layers=3", f"checkpoint.resume={ckpt}"], tmp_path / "other")
+    assert other.returncode == 2 and f"{ckpt}" in other.stdout + other.stderr
+    assert "INFO step 1/" not in other.stdout and "INFO step 5/" not in other.stdout
 
 
 @pytest.mark.dist
@@ -113,10 +117,12 @@ def test_four_processes_match_single_process(single_run, tmp_path):
     assert (tmp_path / "checkpoints" / "step_00000008").is_dir()
 
 
+@pytest.mark.dist
 def test_nonfinite_losses_stop_the_run(tmp_path):
-    # lr 1e6 blows the weights up after the first update; later steps have NaN gradients and are skipped
+    # lr 1e6 blows the weights up after the first update; later steps have NaN gradients and are skipped.
+    # Two processes: the workers' exit code 3 must reach the shell through the elastic launcher.
     proc = launch(["train=smoke", "train.steps=10", "train.lr=1e6", "train.min_lr=1e6", "train.max_nonfinite_steps=2",
-                   "checkpoint=off", "train.progress=false"], tmp_path)
+                   "parallel.dp=2", "checkpoint=off", "train.progress=false"], tmp_path)
     assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 consecutive steps with a non-finite loss or gradients (train.max_nonfinite_steps=2)" in proc.stdout + proc.stderr
     steps, _ = records(tmp_path)
