@@ -70,7 +70,12 @@ class Engine:
         else:
             lm, aux = self._train_flat(micro_batches)
         lm_mean, aux_mean = self._global_means(lm, aux)
-        stats = {} if self.guard.skipped else self._update_router_bias()
+        if self.guard.skipped:
+            stats: dict[str, float | list] = {}
+            for _, router in self._routers():
+                router.load_accum.zero_()  # the skipped step's routing must not steer the next update
+        else:
+            stats = self._update_router_bias()
         return StepResult(
             loss=lm_mean + aux_mean,
             lm_loss=lm_mean,
@@ -171,13 +176,44 @@ class Engine:
         return lm_mean
 
     # ---- checkpoints --------------------------------------------------------------------------
+    TAG = "state"
+
     def save_checkpoint(self, path: str, client_state: dict) -> None:
-        """Write model, optimizer and ``client_state`` under directory ``path`` (collective)."""
-        self.ds.save_checkpoint(path, tag="state", client_state=client_state)
+        """Write model, optimizer and ``client_state`` under directory ``path`` (collective).
+
+        DeepSpeed writes the model states from dp rank 0 only (per tp rank, or per layer with pp),
+        which with ep > 1 holds only its own EP rank's experts; so every EP rank's first replica
+        (edp rank 0) also writes its local expert weights to ``experts_pp{p}_tp{t}_ep{e}.pt``.
+        Optimizer state is DeepSpeed's: per EP rank for ZeRO 0, per rank for ZeRO 1/2.
+        """
+        self.ds.save_checkpoint(path, tag=self.TAG, client_state=client_state)
+        if self.plan.experts is not None and self.plan.ep > 1:
+            c = self.plan.ranks.coords(self.rank)
+            if c["edp"] == 0:
+                torch.save(self._expert_state(), self._expert_file(path))
+            dist.barrier()
 
     def load_checkpoint(self, path: str) -> dict:
         """Restore what ``save_checkpoint(path, ...)`` wrote; returns its client_state."""
-        load_path, client_state = self.ds.load_checkpoint(path, tag="state")
+        load_path, client_state = self.ds.load_checkpoint(path, tag=self.TAG)
         if load_path is None:
             raise ValueError(f"no checkpoint found under {path}")
+        if self.plan.experts is not None and self.plan.ep > 1:
+            saved = torch.load(self._expert_file(path), map_location="cpu", weights_only=True)
+            with torch.no_grad():
+                for name, p in self._expert_state(live=True).items():
+                    if saved[name].shape != p.shape:
+                        raise ValueError(f"expert tensor {name}: checkpoint {tuple(saved[name].shape)} vs model {tuple(p.shape)}")
+                    p.copy_(saved[name])
         return client_state or {}
+
+    def _expert_file(self, path: str) -> str:
+        import os
+
+        c = self.plan.ranks.coords(self.rank)
+        return os.path.join(path, self.TAG, f"experts_pp{c['pp']}_tp{c['tp']}_ep{c['ep']}.pt")
+
+    def _expert_state(self, live: bool = False) -> dict[str, torch.Tensor]:
+        from hpframe.engine.moe_bridge import expert_parameters
+
+        return {n: (p if live else p.detach().cpu().clone()) for n, p in expert_parameters(self.ds.module)}
