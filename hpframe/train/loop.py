@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hpframe.checkpoint import manager
+from hpframe.checkpoint import faults, manager
+from hpframe.checkpoint.async_save import Checkpointer
 from hpframe.config.convert import to_dict
 from hpframe.config.schema import RunConfig
 from hpframe.data import Data
@@ -105,13 +106,23 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
         every = f"every {interval} steps and " if interval else ""
         log.info(f"checkpoints {every}at the end in {ckpt_root}")
 
+    # one Checkpointer for the run: with checkpoint.async_save at most one save is in flight
+    checkpointer = (
+        Checkpointer(engine, ckpt_root, keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save)
+        if cfg.checkpoint.enabled else None
+    )
+
     def save(step: int) -> None:
+        assert checkpointer is not None
+        # RNG states are saved per rank by the checkpointer; the rest is JSON in client_state.json
         client_state = {
             "step": step, "consumed_tokens": consumed_tokens, "data": data.train.state_dict(),
-            "rng": manager.rng_state(), "config": to_dict(cfg), "plan_fingerprint": fingerprint,
+            "config": to_dict(cfg), "plan_fingerprint": fingerprint, "layout": manager.layout_of(plan),
         }
-        result.checkpoints.append(manager.save(engine, step, client_state, root=ckpt_root, keep_last=cfg.checkpoint.keep_last))
-        log.info(f"saved checkpoint {result.checkpoints[-1]}")
+        stats = checkpointer.save(step, manager.json_client_state(client_state))
+        result.checkpoints.append(stats.path)
+        how = "writing in the background" if cfg.checkpoint.async_save else "saved"
+        log.info(f"checkpoint {stats.path}: {how} (training stalled {stats.stall_s:.2f} s)")
 
     def evaluate(step: int) -> None:
         record = {"step": step, "eval_loss": _evaluate(engine, data, plan)}
@@ -159,6 +170,7 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
                     )
             progress.update(record, log_line=step % cfg.train.log_interval == 0 or step == cfg.train.steps)
             result.steps_done = step
+            faults.maybe_fail(cfg.train.fail_at_step, step)  # restart tests only; no-op when 0
             if cfg.train.eval_interval and step % cfg.train.eval_interval == 0:
                 evaluate(step)
                 last_eval = step
@@ -170,6 +182,8 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
         if cfg.checkpoint.enabled and last_saved != step:
             save(step)
     finally:
+        if checkpointer is not None:
+            checkpointer.close()  # the last asynchronous save is committed before the process ends
         progress.close()
         writer.close()
     return result
