@@ -119,12 +119,14 @@ def environment() -> dict[str, Any]:
             env[mod] = __import__(mod).__version__
         except ImportError:
             env[mod] = None
-    try:
-        env["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False
-        ).stdout.strip() or None
-    except OSError:
-        env["git_commit"] = None
+    # the device machine gets a copy of the tree without .git: the caller passes the commit
+    env["git_commit"] = os.environ.get("BENCH_COMMIT")
+    if not env["git_commit"]:
+        try:
+            out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout
+            env["git_commit"] = out.strip() if len(out.strip()) == 40 else None
+        except OSError:
+            env["git_commit"] = None
     return env
 
 

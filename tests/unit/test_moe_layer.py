@@ -198,9 +198,14 @@ def test_grouped_mm_bf16_on_gpu_matches_loop() -> None:
     x = torch.randn(int(counts.sum()), 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     assert ex.pick_impl(x) in ("grouped_mm", "padded_bmm")
     y = ex(x, counts)
-    ex.impl = "loop"
-    ref = ex(x, counts)
-    torch.testing.assert_close(y.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    # Reference: the loop in fp32 on the same bf16 values. Outputs are O(50) here, so one bf16 ulp
+    # is 0.25: compare by relative norm, not elementwise against another bf16 rounding order.
+    ex32 = make_moe(hidden=64, inner=32, num_experts=8).experts.cuda()
+    ex32.load_state_dict({k: v.float() for k, v in ex.state_dict().items()})
+    ex32.impl = "loop"
+    ref = ex32(x.detach().float(), counts)
+    assert torch.isfinite(y).all()
+    assert float((y.float() - ref).norm() / ref.norm()) < 1e-2
 
 
 def test_expert_implementations_give_the_same_gradients() -> None:
