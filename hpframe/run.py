@@ -1,7 +1,10 @@
 """The data-flow line of hpframe, one call per arrow (see docs/design.md).
 
-    RunConfig --make_plan--> ParallelPlan --init_distributed--> ParallelGroups --build_model (meta)-->
-    Transformer (init_weights) --parallelize--> local shards --build_engine--> Engine --build_data--> Data --train--> metrics
+    RunConfig --make_plan--> ParallelPlan --init_distributed--> ParallelGroups --build_model + init_weights-->
+    Transformer --parallelize--> local shards --build_engine--> Engine --build_data--> Data --train--> metrics
+
+With several processes needed and no launcher around, ``main`` starts them (``hpframe.launcher``)
+and each of them runs ``train_main``.
 
 Exit codes: 0 success, 2 user error (bad config, impossible plan), 3 stopped by non-finite losses.
 """
@@ -84,7 +87,7 @@ def train_main(cfg: RunConfig, plan: "object") -> int:
         model = build_model(cfg.model, cfg.moe, routing_groups=plan.experts.routing_groups if plan.experts else None)
         model.init_weights(cfg.train.seed)
         model = parallelize(model, plan, groups, sequence_parallel=cfg.parallel.sequence_parallel, recompute=cfg.parallel.recompute)
-        log.info(f"model: {cfg.model.name}, {sum(p.numel() for p in model.parameters()):,} parameters on rank 0")
+        log.info(f"model: {cfg.model.name}, {sum(p.numel() for p in model.parameters()):,} parameters on this rank")
         engine = build_engine(model, plan, groups, cfg)
         log.info(f"engine: {type(engine).__name__}, ZeRO stage {plan.zero_stage}, {cfg.train.dtype.value}")
         data = build_data(cfg, plan, dist.get_rank())
