@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the GPU benchmarks on the H200 machine, from the repository root:
 #   bash bench/run_device.sh gpu1   # one GPU: GPU tests, MoE layer, end-to-end training
-#   bash bench/run_device.sh gpu2   # two GPUs: the same one-GPU set on GPU 0, then EP and all-to-all
+#   bash bench/run_device.sh gpu2   # two GPUs: EP and all-to-all, then the one-GPU set on GPU 0
+#   bash bench/run_device.sh repeat # one GPU: tests, then hpframe and the rooflines measured again
 # The machine has torch/transformers but not deepspeed, hydra-core, omegaconf, antlr4, hjson or
 # pydantic: they travel as wheels in .whl/ (see docs/performance.md). Results go to $OUT (or
 # bench/results/local): JSON per benchmark, a log, and the profiler tables packed in profiles.tgz.
@@ -35,6 +36,11 @@ case "$what" in
   gpu1) one_gpu ;;
   moe) timeout 400 python3 bench/moe_layer.py "${@:2}" 2>&1 | tee -a "$LOG" ;;
   e2e) timeout 400 python3 bench/train_e2e.py "${@:2}" 2>&1 | tee -a "$LOG" ;;
+  repeat)  # second measurement of hpframe and the rooflines, to see the run-to-run spread
+    timeout 90 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/unit/test_moe_layer.py 2>&1 | tail -15 | tee -a "$LOG"
+    timeout 200 python3 bench/moe_layer.py --impls roofline_gemm dense_swiglu hpframe --out moe_layer_repeat.json 2>&1 | tee -a "$LOG"
+    timeout 200 python3 bench/train_e2e.py --impls hpframe hpframe_compile --steps 10 --out train_e2e_repeat.json 2>&1 | tee -a "$LOG"
+    ;;
   gpu2)  # the two-GPU part first: it is what this machine is for
     timeout 150 torchrun --standalone --nproc_per_node 2 bench/ep_bench.py 2>&1 | grep -v "^W.*OMP_NUM_THREADS\|^W.*\*\*\*" | tee -a "$LOG"
     one_gpu
