@@ -31,11 +31,24 @@ def current_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stdout`` is at emit time, so a live progress bar that redirects
+    stdout (rich) prints log lines above itself instead of being torn by them."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value: Any) -> None:  # logging.StreamHandler.__init__ assigns it
+        pass
+
+
 def _configure() -> None:
     global _configured
     if _configured:
         return
-    handler = logging.StreamHandler(sys.stdout)
+    handler = _StdoutHandler()
     handler.setFormatter(logging.Formatter(_FORMAT, datefmt="%H:%M:%S"))
     root = logging.getLogger("hpframe")
     root.addHandler(handler)

@@ -20,6 +20,15 @@ def format_record(record: Mapping[str, Any], total: int) -> str:
     )
 
 
+def compact_record(record: Mapping[str, Any]) -> str:
+    """The same figures, abbreviated for the progress bar."""
+    return (
+        f"loss {record['loss']:.3f} lm {record['lm_loss']:.3f} aux {record['aux_loss']:.3f} lr {record['lr']:.1e} "
+        f"gn {record['grad_norm']:.2f} {record['tokens_per_s'] / 1000:.1f}k tok/s mfu {100 * record['mfu']:.1f}% "
+        f"cv {record['expert_load_cv']:.2f} drop {record['dropped_token_frac']:.2f}"
+    )
+
+
 class Progress:
     """Shows step records: a bar when enabled and stdout is a terminal, else a log line per log step."""
 
@@ -31,7 +40,7 @@ class Progress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
 
             self.bar = RichProgress(
-                TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[figures]}"),
+                BarColumn(bar_width=20), MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[figures]}"),
                 transient=False,
             )
             self.task = self.bar.add_task("train", total=total, completed=start, figures="")
@@ -39,8 +48,7 @@ class Progress:
 
     def update(self, record: Mapping[str, Any], *, log_line: bool) -> None:
         if self.bar is not None:
-            figures = format_record(record, self.total).split(" | ", 1)[1]
-            self.bar.update(self.task, completed=record["step"], figures=figures)
+            self.bar.update(self.task, completed=record["step"], figures=compact_record(record))
         elif log_line:
             log.info(format_record(record, self.total))
 
