@@ -110,17 +110,17 @@ def _has_adam_state(engine: Any) -> bool:
     return any("exp_avg" in s for s in opt.state.values())
 
 
-def _adam_step(engine: Any, t: LocalTensor) -> float | None:
+def _adam_step(engine: Any) -> float | None:
+    """The Adam step count of this rank's optimizer (None before the first step).
+
+    Every parameter shares it: a skipped step skips the whole optimizer (``SkippableAdamW``). Under
+    ZeRO a rank holds Adam state only for its partition, so the count is read from any group's state.
+    """
     zo = _zero_optimizer(engine)
-    if zo is None:
-        state = engine.optimizer.state.get(t.tensor, {})
-    else:
-        mapping = getattr(t.tensor, "_hp_mapping", None)
-        if mapping is None:
-            return None
-        state = zo.optimizer.state.get(zo.single_partition_of_fp32_groups[mapping.param_group_index], {})
-    step = state.get("step")
-    return float(step) if step is not None else None
+    opt = zo.optimizer if zo is not None else engine.optimizer
+    steps = {float(s["step"]) for s in opt.state.values() if "step" in s}
+    assert len(steps) <= 1, f"parameters at different Adam steps: {sorted(steps)}"
+    return steps.pop() if steps else None
 
 
 def _full_hp(zo: Any, p: torch.Tensor, key: str | None) -> torch.Tensor:
@@ -172,6 +172,7 @@ def capture(engine: Any) -> RankPart:
     plan, rank = engine.plan, dist.get_rank()
     coords = plan.ranks.coords(rank)
     with_moments = _has_adam_state(engine)
+    adam_step = _adam_step(engine)
     part = RankPart(rank=rank, coords=dict(coords))
     with torch.no_grad():
         for t in local_tensors(engine):
@@ -186,9 +187,8 @@ def capture(engine: Any) -> RankPart:
                 full_shape = (_num_global(engine), *full_shape[1:])
             for kind, v in values.items():
                 part.pieces.append(Piece(t.name, kind, v.detach().cpu().clone(), full_shape, t.rows))
-            step = _adam_step(engine, t) if t.is_param else None
-            if step is not None:
-                part.adam_step[t.name] = step
+            if t.is_param and adam_step is not None and "exp_avg" in values:
+                part.adam_step[t.name] = adam_step
     return part
 
 
@@ -258,7 +258,7 @@ def restore(engine: Any, ckpt: PortableCheckpoint) -> None:
                 state = engine.optimizer.state[t.tensor]
                 for k in MOMENTS:
                     state[k] = _local_slice(engine, t, ckpt.read(t.name, k, t.rows)).to(t.tensor.dtype).clone()
-                state["step"] = torch.tensor(float(step if step is not None else 0.0), dtype=torch.float32)
+                state["step"] = torch.tensor(float(step if step is not None else saved_step), dtype=torch.float32)
     if zo is not None:
         for gi, bufs in moments.items():
             flat = zo.single_partition_of_fp32_groups[gi]
