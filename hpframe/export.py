@@ -1,0 +1,91 @@
+"""Export a training checkpoint for transformers: ``python -m hpframe.export CHECKPOINT OUT``.
+
+CHECKPOINT is a committed checkpoint directory (``.../checkpoints/step_00000040``) or a checkpoint root
+(its newest good checkpoint is taken). OUT receives ``model.safetensors`` and ``config.json`` that
+``AutoModelForCausalLM.from_pretrained(OUT)`` loads as MixtralForCausalLM or DeepseekV3ForCausalLM
+(tensor names and config of ``hpframe.models.hf_adapter``), plus ``hpframe_run_config.json`` (the run's
+composed config, for provenance). Weights are the fp32 master weights, cast with ``--dtype``.
+
+Whatever layout the run used, the portable checkpoint already holds every tensor once under its
+single-device name, so export needs no process group and reads no pickle. The checkpoint is verified
+against its checksum manifest first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from hpframe.checkpoint import store
+from hpframe.checkpoint.portable import CLIENT_STATE, PortableCheckpoint
+from hpframe.config.convert import from_dict
+from hpframe.config.schema import RunConfig
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A committed checkpoint directory from a directory or a checkpoint root; ValueError if none."""
+    path = Path(path)
+    if (path / store.MANIFEST).is_file():
+        return path
+    found = store.find_latest_good(path)
+    if found is None:
+        raise ValueError(f"{path}: neither a committed checkpoint (no {store.MANIFEST}) nor a root holding one")
+    return found.path
+
+
+def load_model_state(checkpoint: str | Path) -> tuple[RunConfig, dict[str, torch.Tensor]]:
+    """(the run's config, the single-device model state dict) of a checkpoint, checksums verified."""
+    path = resolve_checkpoint(checkpoint)
+    try:
+        store.verify(path)
+    except store.CheckpointError as err:
+        raise ValueError(str(err)) from err
+    cfg = from_dict(json.loads((path / CLIENT_STATE).read_text())["config"])
+    ckpt = PortableCheckpoint(path)
+    return cfg, {name: ckpt.read(name) for name in sorted(ckpt.names("param"))}
+
+
+def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32") -> Path:
+    """Write the transformers files of ``checkpoint`` into ``out``; returns ``out``."""
+    from safetensors.torch import save_file
+
+    from hpframe.models.hf_adapter import to_hf_config, to_hf_state_dict
+
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype={dtype}: choose one of {sorted(DTYPES)}")
+    cfg, state = load_model_state(checkpoint)
+    tensors = to_hf_state_dict(state, cfg.model, cfg.moe)
+    # DeepSeek's selection bias stays fp32 (transformers keeps e_score_correction_bias in fp32)
+    tensors = {k: (v if k.endswith("e_score_correction_bias") else v.to(DTYPES[dtype])).contiguous() for k, v in tensors.items()}
+    hf_config = to_hf_config(cfg.model, cfg.moe) | {"dtype": "float32" if dtype == "fp32" else "bfloat16"}
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2))
+    (out / "hpframe_run_config.json").write_text(json.dumps(json.loads((resolve_checkpoint(checkpoint) / CLIENT_STATE).read_text())["config"], indent=1))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hpframe.export", description=__doc__.split("\n")[0])
+    parser.add_argument("checkpoint", help="checkpoint directory (step_XXXXXXXX) or checkpoint root")
+    parser.add_argument("out", help="output directory for model.safetensors and config.json")
+    parser.add_argument("--dtype", default="fp32", choices=sorted(DTYPES), help="dtype of the exported weights")
+    args = parser.parse_args(argv)
+    try:
+        out = export(args.checkpoint, args.out, dtype=args.dtype)
+    except ValueError as err:
+        print(f"hpframe.export: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {resolve_checkpoint(args.checkpoint)} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
