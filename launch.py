@@ -7,6 +7,7 @@ clear message and exit with code 2, without a traceback.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import hydra
@@ -15,6 +16,24 @@ from omegaconf import DictConfig
 from hpframe.config.store import CONF_DIR, register_configs
 
 register_configs()
+
+
+def strip_local_rank(argv: list[str]) -> list[str]:
+    """Drop ``--local_rank=N`` / ``--local-rank N``, which the DeepSpeed launcher (and the legacy
+    torch.distributed.launch) append to the script's arguments; Hydra would reject them. The value is
+    kept in LOCAL_RANK, where those launchers also put it."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith(("--local_rank", "--local-rank")):
+            value = arg.split("=", 1)[1] if "=" in arg else (argv[i + 1] if i + 1 < len(argv) else "0")
+            os.environ.setdefault("LOCAL_RANK", value)
+            i += 1 if "=" in arg else 2
+            continue
+        out.append(arg)
+        i += 1
+    return out
 
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
@@ -27,4 +46,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    sys.argv = strip_local_rank(sys.argv)
     main()
