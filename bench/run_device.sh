@@ -36,6 +36,7 @@ case "$what" in
   gpu1) one_gpu ;;
   moe) timeout 400 python3 bench/moe_layer.py "${@:2}" 2>&1 | tee -a "$LOG" ;;
   e2e) timeout 400 python3 bench/train_e2e.py "${@:2}" 2>&1 | tee -a "$LOG" ;;
+  diag) timeout 300 python3 bench/moe_diag.py "${@:2}" 2>&1 | tee -a "$LOG" ;;
   repeat)  # second measurement of hpframe and the rooflines, to see the run-to-run spread
     timeout 90 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/unit/test_moe_layer.py 2>&1 | tail -15 | tee -a "$LOG"
     timeout 200 python3 bench/moe_layer.py --impls roofline_gemm dense_swiglu hpframe --out moe_layer_repeat.json 2>&1 | tee -a "$LOG"
