@@ -64,6 +64,7 @@ def launch_local(cfg: RunConfig, nproc: int) -> int:
     The exit code is 0 when every worker succeeded, else the exit code of the first failed worker
     (so a worker's user error (2) or non-finite stop (3) reaches the shell unchanged).
     """
+    from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -74,6 +75,8 @@ def launch_local(cfg: RunConfig, nproc: int) -> int:
     config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"hpframe-{uuid.uuid4().hex[:8]}",
         rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0, monitor_interval=0.2,
+        # workers print to this console; the agent's per-worker error files go to the run directory
+        logs_specs=DefaultLogsSpecs(log_dir=str(Path(cfg.output_dir) / "elastic")),
     )
     log.info(f"starting {nproc} local processes (torch.distributed elastic launch), config {path}")
     try:
