@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import compose_run_config  # noqa: E402
 
 STEPS = 3
+EVAL_STEP = 99  # seed offset of the evaluation batches
 SEED = 1234
 # Small batches keep each case fast; a tiny clip keeps clipping active (checked on the reference).
 BASE = ["parallel.micro_batch_size=2", "parallel.grad_accum=2", "data.seq_len=16", "train.grad_clip=0.05",
@@ -94,6 +95,10 @@ def reference(cfg, dp: int) -> dict:
         out["loss"].append(out["lm"][-1] + out["aux"][-1])
         out["norm"].append(norm)
     out["params"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.eval()
+    with torch.no_grad():
+        evals = [F.cross_entropy(model(x).float().flatten(0, 1), y.flatten()).item() for x, y in global_batches(cfg, dp, EVAL_STEP)]
+    out["eval"] = sum(evals) / len(evals)
     return out
 
 
@@ -161,22 +166,34 @@ def run_case_on_rank(rank: int, cfg, world_size: int, expected: dict) -> dict:
         got["aux"].append(res.aux_loss)
         got["norm"].append(res.grad_norm)
         got["skipped"].append(res.skipped)
+    eval_batches = global_batches(cfg, plan.dp, EVAL_STEP)
+    got["eval"] = [engine.eval_step(eval_batches[coords["dp"] * plan.grad_accum:(coords["dp"] + 1) * plan.grad_accum])]
+    expected = {**expected, "eval": [expected["eval"]]}
     t3 = time.perf_counter()
     diffs = {"seconds": {"groups_model": t1 - t0, "engine": t2 - t1, "steps": t3 - t2}}
-    for key in ("loss", "lm", "aux", "norm"):
+    for key in ("loss", "lm", "aux", "norm", "eval"):
         a, b = torch.tensor(got[key], dtype=torch.float64), torch.tensor(expected[key], dtype=torch.float64)
         diffs[key] = float(((a - b).abs() / b.abs().clamp_min(1e-6)).max())
-    worst, worst_name, worst_abs = 0.0, "", 0.0
+    worst, worst_name, worst_abs, num_off, num_el = 0.0, "", 0.0, 0, 0
     for name, p in engine.module.named_parameters():
         ref_name = reference_name(name, cfg.model.num_layers, plan.pp > 1)
         ref = reference_slice(p, expected["params"][ref_name], name, plan.tp, coords["tp"])
-        diff = float((p.detach().float() - ref).abs().max())
+        delta = (p.detach().float() - ref).abs()
+        diff = float(delta.max())
+        num_off += int((delta > 1e-3 * cfg.train.lr).sum())
+        num_el += delta.numel()
         d = diff / float(ref.abs().max().clamp_min(1e-6))
         worst_abs = max(worst_abs, diff)
         if d > worst:
             worst, worst_name = d, name
+    diffs["bias"] = 0.0  # router expert_bias moves by +-rate per step: any disagreement is >= rate
+    for name, buf in engine.module.named_buffers():
+        if name.endswith("expert_bias"):
+            ref = expected["params"][reference_name(name, cfg.model.num_layers, plan.pp > 1)]
+            diffs["bias"] = max(diffs["bias"], float((buf.float() - ref).abs().max()))
     diffs["params"] = worst
     diffs["params_in_lr_steps"] = worst_abs / cfg.train.lr
+    diffs["frac_off"] = num_off / max(num_el, 1)  # elements more than 1e-3 lr away from the reference
     diffs["params_worst"] = worst_name
     diffs["skipped"] = any(got["skipped"])
     diffs["num_params"] = sum(1 for _ in engine.module.parameters())
