@@ -82,10 +82,12 @@ def launch_local(cfg: RunConfig, nproc: int) -> int:
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "hpframe.launcher", str(path))
     except ChildFailedError as err:
-        failures = sorted(err.failures.items())
-        rank, failure = failures[0]
-        log.error(f"{len(failures)} of {nproc} processes failed; first: rank {rank} with exit code {failure.exitcode}")
-        return failure.exitcode if failure.exitcode > 0 else 1
+        # the agent kills the remaining workers once one exits with an error (negative exit codes):
+        # report the earliest worker that exited by itself
+        own = [(f.timestamp, rank, f.exitcode) for rank, f in err.failures.items() if f.exitcode > 0]
+        _, rank, code = min(own) if own else (0, min(err.failures), 1)
+        log.error(f"{len(err.failures)} of {nproc} processes failed; first: rank {rank} with exit code {code}")
+        return code
     return 0
 
 
