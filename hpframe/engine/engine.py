@@ -156,13 +156,11 @@ class Engine:
     @torch.no_grad()
     def eval_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
         """Mean LM loss over the micro-batches of every dp rank (identical on every rank)."""
+        if not micro_batches:
+            raise ValueError("eval_step needs at least one micro-batch")
         if self.plan.pp > 1:
-            if len(micro_batches) != self.plan.grad_accum:
-                raise ValueError(
-                    f"pipeline evaluation takes grad_accum={self.plan.grad_accum} micro-batches, got {len(micro_batches)}"
-                )
             batches = [(self._device_batch(x), self._device_batch(y)) for x, y in micro_batches]
-            self.ds.eval_batch(iter(batches))
+            self.ds.eval_batch(iter(batches), num_micro_batches=len(batches))
             lm, aux = self.loss_fn.pop() if self.is_last_stage else ([], [])
         else:
             self.ds.eval()

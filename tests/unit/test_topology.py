@@ -67,3 +67,25 @@ def test_mpu_ranks_and_sizes_match_plan(tp: int, dp: int, ep: int, order: str) -
 def test_mpu_refuses_pipeline_plans() -> None:
     with pytest.raises(ValueError, match=r"parallel.pp=2"):
         PlanMPU(_plan(1, 2, 2, "pp-dp-tp"), 0)
+
+
+def test_pipeline_parts_follow_the_plan(compose_cfg) -> None:
+    """DeepSpeed's layer boundaries: embedding joins stage 0, norm + head close the last stage."""
+    from hpframe.parallel.pipeline import plan_parts
+    from hpframe.plan import make_plan
+
+    cfg = compose_cfg("recipe=mixtral_debug", "parallel.pp=2", "parallel.dp=1")
+    plan = make_plan(cfg, 2)
+    sizes = [len(s.layers) for s in plan.pipeline.stages]
+    assert plan_parts(plan) == [0, 1 + sizes[0], 2 + sizes[0] + sizes[1]]
+    cfg = compose_cfg("recipe=mixtral_debug", "parallel.pp=4", "parallel.dp=1", "parallel.pipeline_layout=[1,1,1,1]")
+    assert plan_parts(make_plan(cfg, 4)) == [0, 2, 3, 4, 6]
+
+
+def test_pipeline_parts_reject_a_gap() -> None:
+    from hpframe.parallel.pipeline import plan_parts
+    from hpframe.plan.types import PipelinePlan, StagePlan
+
+    stages = (StagePlan(0, (0, 1), True, False, 1.0), StagePlan(1, (3,), False, True, 1.0))
+    with pytest.raises(ValueError, match=r"stage 1 blocks \(3,\) are not the next contiguous run after 2"):
+        plan_parts(SimpleNamespace(pipeline=PipelinePlan(stages=stages, manual=True)))
