@@ -39,7 +39,7 @@ def test_cuda_fp32_matches_cpu(compose_cfg, recipe: str) -> None:
     lc, lg = _loss(cpu, tokens), _loss(gpu, tokens.cuda())
     lc.backward()
     lg.backward()
-    assert abs(float(lg) - float(lc)) < 1e-4 * abs(float(lc))
+    assert abs(lg.item() - lc.item()) < 1e-4 * abs(lc.item())
     assert _rel(gpu(tokens.cuda()), cpu(tokens)) < 1e-4
     for (name, pc), (_, pg) in zip(cpu.named_parameters(), gpu.named_parameters()):
         if pc.grad is None:
