@@ -22,6 +22,8 @@ tensors are on CUDA; otherwise the same math runs as torch gathers and reduction
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -37,8 +39,6 @@ _BLOCK_H = 1024  # hidden columns per program; H=4096..7168 -> 4..7 blocks per r
 
 def triton_ok(t: torch.Tensor) -> bool:
     """The Triton kernels run on this tensor (CUDA, or the Triton interpreter for tests)."""
-    import os
-
     return triton is not None and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
