@@ -84,39 +84,73 @@ def _evaluate(engine: Any, data: Data, plan: "ParallelPlan") -> float:
     return sum(losses) / len(losses)
 
 
+def _resume(engine: Any, data: Data, cfg: RunConfig, root: Path, fingerprint: str) -> tuple[int, int, Path | None]:
+    """Load the checkpoint ``checkpoint.resume`` selects, if any: (step, consumed tokens, path)."""
+    path = _resume_path(cfg, root)
+    if path is None:
+        return 0, 0, None
+    state = manager.load(engine, path, plan_fingerprint=fingerprint)
+    data.train.load_state_dict(state["data"])
+    step, consumed = int(state["step"]), int(state["consumed_tokens"])
+    log.info(f"resumed from {path}: step {step}, {consumed:,} tokens consumed")
+    return step, consumed, path
+
+
+def step_record(out: Any, *, step: int, lr: float, elapsed: float, tokens: int, consumed: int, module: Any,
+                plan: "ParallelPlan", cfg: RunConfig) -> dict[str, Any]:
+    """The metrics.jsonl line of one step from the engine's StepResult (keys: metrics.STEP_KEYS)."""
+    loss = float(out.loss)
+    # the engine skips the optimizer update when the loss or the gradient norm is not finite
+    bad = bool(out.skipped) or not math.isfinite(loss) or not math.isfinite(float(out.grad_norm))
+    cv, dropped = summarize_moe(out.moe_stats)
+    tps = tokens / elapsed
+    return {
+        "step": step, "loss": loss, "lm_loss": float(out.lm_loss), "aux_loss": float(out.aux_loss), "lr": lr,
+        "grad_norm": float(out.grad_norm), "tokens_per_s": tps,
+        "mfu": mfu(tps, plan.flops_per_token, plan.world_size, cfg.cluster.peak_tflops),
+        "expert_load_cv": cv, "dropped_token_frac": dropped or dropped_frac(module), "skipped": bad,
+        "consumed_tokens": consumed, "step_time_s": elapsed,
+    }
+
+
+def _check_nonfinite(record: dict[str, Any], in_a_row: int, limit: int) -> None:
+    """Report a skipped step; stop the run once ``limit`` steps in a row were skipped."""
+    log.warning(
+        f"step {record['step']}: non-finite loss or gradients (loss {record['loss']}, grad norm {record['grad_norm']}); "
+        f"step skipped ({in_a_row}/{limit} in a row)"
+    )
+    if in_a_row >= limit:
+        raise NonFiniteLossError(
+            f"{in_a_row} consecutive steps with a non-finite loss or gradients (train.max_nonfinite_steps={limit}), "
+            f"last at step {record['step']}; lower train.lr or check the data"
+        )
+
+
 def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> TrainResult:
     """Run ``train.steps`` optimizer steps (resuming if asked); returns the metrics written."""
     run_dir = Path(cfg.output_dir)
-    rank0 = current_rank() == 0
     ckpt_root = Path(cfg.checkpoint.dir) if Path(cfg.checkpoint.dir).is_absolute() else run_dir / cfg.checkpoint.dir
     interval = checkpoint_interval(cfg, plan) if cfg.checkpoint.enabled else 0
     fingerprint = manager.plan_fingerprint(plan, cfg)
     tokens_per_step = plan.global_batch_size * cfg.data.seq_len
-    result = TrainResult(steps_done=0)
-
-    start, consumed_tokens = 0, 0
-    path = _resume_path(cfg, ckpt_root)
-    if path is not None:
-        state = manager.load(engine, path, plan_fingerprint=fingerprint)
-        start, consumed_tokens = int(state["step"]), int(state["consumed_tokens"])
-        data.train.load_state_dict(state["data"])
-        result.resumed_from = path
-        log.info(f"resumed from {path}: step {start}, {consumed_tokens:,} tokens consumed")
+    start, consumed, resumed_from = _resume(engine, data, cfg, ckpt_root, fingerprint)
+    result = TrainResult(steps_done=start, resumed_from=resumed_from)
     if cfg.checkpoint.enabled:
-        every = f"every {interval} steps and " if interval else ""
-        log.info(f"checkpoints {every}at the end in {ckpt_root}")
-
+        log.info(f"checkpoints {f'every {interval} steps and ' if interval else ''}at the end in {ckpt_root}")
     # one Checkpointer for the run: with checkpoint.async_save at most one save is in flight
     checkpointer = (
         Checkpointer(engine, ckpt_root, keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save)
         if cfg.checkpoint.enabled else None
     )
+    rank0 = current_rank() == 0
+    writer = MetricsWriter(run_dir, enabled=rank0, tensorboard=cfg.train.tensorboard)
+    progress = Progress(total=cfg.train.steps, start=start, enabled=rank0 and cfg.train.progress)
 
     def save(step: int) -> None:
         assert checkpointer is not None
         # RNG states are saved per rank by the checkpointer; the rest is JSON in client_state.json
         client_state = {
-            "step": step, "consumed_tokens": consumed_tokens, "data": data.train.state_dict(),
+            "step": step, "consumed_tokens": consumed, "data": data.train.state_dict(),
             "config": to_dict(cfg), "plan_fingerprint": fingerprint, "layout": manager.layout_of(plan),
         }
         stats = checkpointer.save(step, manager.json_client_state(client_state))
@@ -130,57 +164,36 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
         writer.write(record, prefix="eval")
         log.info(f"eval step {step}: loss {record['eval_loss']:.4f}")
 
-    writer = MetricsWriter(run_dir, enabled=rank0, tensorboard=cfg.train.tensorboard)
-    progress = Progress(total=cfg.train.steps, start=start, enabled=rank0 and cfg.train.progress)
-    nonfinite = 0
-    step, last_saved, last_eval = start, start if path is not None else -1, -1
+    t = cfg.train
+    nonfinite, last_saved, last_eval = 0, start, -1
     try:
-        for step in range(start + 1, cfg.train.steps + 1):
-            lr = lr_at(step - 1, lr=cfg.train.lr, min_lr=cfg.train.min_lr, warmup_steps=cfg.train.warmup_steps, total_steps=cfg.train.steps)
+        for step in range(start + 1, t.steps + 1):
+            lr = lr_at(step - 1, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, total_steps=t.steps)
             engine.set_lr(lr)
             t0 = time.perf_counter()
             out = engine.train_step(as_pairs(data.train.next_step()))
             elapsed = time.perf_counter() - t0
-            consumed_tokens += tokens_per_step
-            loss = float(out.loss)
-            # the engine skips the optimizer update when the loss or the gradient norm is not finite
-            bad = bool(out.skipped) or not math.isfinite(loss) or not math.isfinite(float(out.grad_norm))
-            nonfinite = nonfinite + 1 if bad else 0
-            cv, dropped = summarize_moe(out.moe_stats)
-            dropped = dropped or dropped_frac(engine.module)
-            tps = tokens_per_step / elapsed
-            record = {
-                "step": step, "loss": loss, "lm_loss": float(out.lm_loss), "aux_loss": float(out.aux_loss), "lr": lr,
-                "grad_norm": float(out.grad_norm), "tokens_per_s": tps,
-                "mfu": mfu(tps, plan.flops_per_token, plan.world_size, cfg.cluster.peak_tflops),
-                "expert_load_cv": cv, "dropped_token_frac": dropped, "skipped": bad,
-                "consumed_tokens": consumed_tokens, "step_time_s": elapsed,
-            }
+            consumed += tokens_per_step
+            record = step_record(out, step=step, lr=lr, elapsed=elapsed, tokens=tokens_per_step, consumed=consumed,
+                                 module=engine.module, plan=plan, cfg=cfg)
             result.history.append(record)
             writer.write(record)
-            if bad:
-                log.warning(
-                    f"step {step}: non-finite loss or gradients (loss {loss}, grad norm {record['grad_norm']}); "
-                    f"step skipped ({nonfinite}/{cfg.train.max_nonfinite_steps} in a row)"
-                )
-                if nonfinite >= cfg.train.max_nonfinite_steps:
-                    raise NonFiniteLossError(
-                        f"{nonfinite} consecutive steps with a non-finite loss or gradients (train.max_nonfinite_steps="
-                        f"{cfg.train.max_nonfinite_steps}), last at step {step}; lower train.lr or check the data"
-                    )
-            progress.update(record, log_line=step % cfg.train.log_interval == 0 or step == cfg.train.steps)
+            nonfinite = nonfinite + 1 if record["skipped"] else 0
+            if record["skipped"]:
+                _check_nonfinite(record, nonfinite, t.max_nonfinite_steps)
+            progress.update(record, log_line=step % t.log_interval == 0 or step == t.steps)
             result.steps_done = step
-            faults.maybe_fail(cfg.train.fail_at_step, step)  # restart tests only; no-op when 0
-            if cfg.train.eval_interval and step % cfg.train.eval_interval == 0:
+            faults.maybe_fail(t.fail_at_step, step)  # restart tests only; no-op when 0
+            if t.eval_interval and step % t.eval_interval == 0:
                 evaluate(step)
                 last_eval = step
             if interval and step % interval == 0:
                 save(step)
                 last_saved = step
-        if result.steps_done and last_eval != step:
-            evaluate(step)
-        if cfg.checkpoint.enabled and last_saved != step:
-            save(step)
+        if result.steps_done > start and last_eval != result.steps_done:
+            evaluate(result.steps_done)
+        if checkpointer is not None and last_saved != result.steps_done:
+            save(result.steps_done)
     finally:
         if checkpointer is not None:
             checkpointer.close()  # the last asynchronous save is committed before the process ends
