@@ -3,7 +3,7 @@
 Compared: the 4-process run (dp4 = edp2 x ep2, ZeRO-1) with the single-process run of the same global
 batch (grad_accum 4): the step-1 loss (same initial weights, same 32 sequences) to 1e-5 and the
 following steps closely; a run resumed from the step-4 checkpoint with the uninterrupted run's steps
-5-8; the logged learning rates with the schedule's formula. Also checked: the loss falls by a real
+5-8 (and checkpoint.resume=auto continuing a finished run after its newest checkpoint); the logged learning rates with the schedule's formula. Also checked: the loss falls by a real
 margin, metrics.jsonl has every key on every step, evaluations and checkpoints happen where configured,
 non-finite losses stop the run with exit code 3, user errors exit with 2, tokenized data trains,
 ``--cfg job`` and a ``-m`` dry-run sweep work. CPU only; each launch takes 5-40 s on 2 cores.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +92,13 @@ def test_resume_continues_where_the_checkpoint_left_off(single_run, tmp_path):
     for a, b in zip(resumed, ref[4:]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["consumed_tokens"] == b["consumed_tokens"]
+    # checkpoint.resume=auto (the default) in a copy of the finished run: continues after its newest checkpoint
+    copy = tmp_path / "copy"
+    shutil.copytree(ref_dir, copy)
+    more = launch([*COMMON, "parallel.grad_accum=4", "train.steps=10"], copy)
+    check_ok(more)
+    assert f"resumed from {copy / 'checkpoints' / 'step_00000008'}: step 8" in more.stdout
+    assert [r["step"] for r in records(copy)[0]] == list(range(1, 11))
     # a checkpoint of another model shape is refused as a user error, before any step
     other = launch([*COMMON, "parallel.grad_accum=4", "model.num_layers=3", f"checkpoint.resume={ckpt}"], tmp_path / "other")
     assert other.returncode == 2 and f"{ckpt}" in other.stdout + other.stderr
