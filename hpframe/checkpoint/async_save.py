@@ -29,7 +29,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from hpframe.checkpoint import reshard, store
+from hpframe.checkpoint import faults, reshard, store
 from hpframe.checkpoint.portable import CLIENT_STATE, RankPart, parts_written, rng_file, rng_state_json, write_json, write_part
 from hpframe.logging import get_logger
 
@@ -117,6 +117,7 @@ class Checkpointer:
         staging.mkdir(parents=True, exist_ok=True)
         write_json(staging / rng_file(self.rank), rng)
         write_part(staging, part)
+        faults.maybe_kill_in_save(step)  # testing aid (HPFRAME_TEST_KILL_IN_SAVE), a no-op otherwise
         if sync:
             _barrier()  # every rank's files are on disk before the manifest lists them
         if self.rank == 0:

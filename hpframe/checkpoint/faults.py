@@ -14,14 +14,10 @@ import signal
 
 import torch.distributed as dist
 
+from hpframe.checkpoint.restart import restart_count
 from hpframe.logging import get_logger
 
 log = get_logger(__name__)
-
-
-def restart_count() -> int:
-    """How many times torchrun has restarted this job's workers (0 outside torchrun)."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
 
 
 def maybe_fail(fail_at_step: int, step: int) -> None:
@@ -32,4 +28,18 @@ def maybe_fail(fail_at_step: int, step: int) -> None:
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == (1 if world > 1 else 0):
         log.warning(f"train.fail_at_step={fail_at_step}: rank {rank} kills itself after step {step} (testing aid)", all_ranks=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+KILL_IN_SAVE_ENV = "HPFRAME_TEST_KILL_IN_SAVE"
+"""Testing aid: ``HPFRAME_TEST_KILL_IN_SAVE=k`` makes rank 0 SIGKILL itself in the middle of the save of
+step k, after its files are in the staging directory and before the manifest and the commit."""
+
+
+def maybe_kill_in_save(step: int) -> None:
+    """SIGKILL rank 0 mid-save when ``HPFRAME_TEST_KILL_IN_SAVE`` names ``step`` (first attempt only)."""
+    want = os.environ.get(KILL_IN_SAVE_ENV, "")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if want and int(want) == step and rank == 0 and restart_count() == 0:
+        log.warning(f"{KILL_IN_SAVE_ENV}={want}: rank 0 kills itself in the middle of a save (testing aid)")
         os.kill(os.getpid(), signal.SIGKILL)

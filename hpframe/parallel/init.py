@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from hpframe.checkpoint.restart import attempt_store
 from hpframe.parallel.groups import ParallelGroups, build_groups
 
 
@@ -73,5 +74,6 @@ def init_distributed(plan: Any, *, backend: str | None = None) -> ParallelGroups
         if not torch.cuda.is_available():
             raise ValueError("backend nccl needs CUDA, which is not available; use gloo on CPUs")
         torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend, rank=rank, world_size=world_size)
+    # under torchrun a store scoped to this restart attempt (hpframe/checkpoint/restart.py); else env://
+    dist.init_process_group(backend, rank=rank, world_size=world_size, store=attempt_store(world_size))
     return build_groups(plan)

@@ -1,0 +1,111 @@
+"""Crash safety end to end: ``launch.py`` (and torchrun) as subprocesses on the Mixtral debug recipe, CPU.
+
+Compared with an uninterrupted run of the same configuration (6 steps, a checkpoint every 2):
+  * killed mid-save: rank 0 SIGKILLs itself inside the save of step 4 (files staged, no manifest,
+    no commit; HPFRAME_TEST_KILL_IN_SAVE). The staging directory is left, ``latest`` still names
+    step 2, and ``checkpoint.resume=auto`` resumes from step 2: steps 3-6 equal the reference's.
+  * damaged newest checkpoint: a truncated tensor file in the step-6 checkpoint of a copy of the
+    reference run. Resuming from that path explicitly fails with exit code 2 and a message naming the
+    file; ``checkpoint.resume=auto`` skips it with a warning naming the file and resumes from step 4.
+  * torchrun --nproc-per-node 2 --max-restarts 1: rank 1 SIGKILLs itself after step 3
+    (``train.fail_at_step=3``), torchrun restarts both workers, which resume from step 2 and finish
+    with the same step-6 loss, bit for bit, as an uninterrupted torchrun run.
+CPU only; each launch takes 10-40 s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hpframe.checkpoint.faults import KILL_IN_SAVE_ENV
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+COMMON = ["train=smoke", "train.steps=6", "checkpoint.interval=2", "checkpoint.keep_last=0", "parallel.micro_batch_size=2",
+          "data.seq_len=32", "data.num_synthetic_tokens=50000", "train.progress=false", "train.tensorboard=false"]
+
+
+def run(cmd: list[str], run_dir: Path, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    full_env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"), **(env or {}))
+    return subprocess.run([*cmd, f"hydra.run.dir={run_dir}"], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def launch(args: list[str], run_dir: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return run([sys.executable, str(REPO / "launch.py"), *COMMON, *args], run_dir, env)
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step -> loss of metrics.jsonl; a step logged twice (before and after a restart) keeps the last."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if "loss" in r:
+            out[r["step"]] = r["loss"]
+    return out
+
+
+def ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("reference")
+    ok(launch(["checkpoint.resume=none"], run_dir))
+    return run_dir
+
+
+def test_kill_during_save_leaves_the_previous_checkpoint(reference, tmp_path):
+    killed = launch(["checkpoint.resume=none"], tmp_path, env={KILL_IN_SAVE_ENV: "4"})
+    assert killed.returncode == -9, killed.stdout[-2000:] + killed.stderr[-2000:]
+    ckpts = tmp_path / "checkpoints"
+    assert (ckpts / ".staging-step_00000004" / "tensors" / "rank00000.safetensors").is_file()
+    assert not (ckpts / "step_00000004").exists()
+    assert (ckpts / "latest").read_text().strip() == "step_00000002"
+
+    resumed = launch(["checkpoint.resume=auto"], tmp_path)
+    ok(resumed)
+    assert f"resumed from {ckpts / 'step_00000002'}: step 2" in resumed.stdout
+    got, ref = losses(tmp_path), losses(reference)
+    assert [got[s] for s in range(3, 7)] == [ref[s] for s in range(3, 7)]
+    assert not (ckpts / ".staging-step_00000004").exists()  # the resumed run saved step 4 over it
+
+
+def test_damaged_checkpoint_named_and_skipped(reference, tmp_path):
+    shutil.copytree(reference / "checkpoints", tmp_path / "checkpoints")
+    victim = tmp_path / "checkpoints" / "step_00000006" / "tensors" / "rank00000.safetensors"
+    with open(victim, "r+b") as f:
+        f.truncate(victim.stat().st_size // 2)
+
+    explicit = launch([f"checkpoint.resume={victim.parents[1]}"], tmp_path / "explicit")
+    assert explicit.returncode == 2
+    assert f"{victim}:" in explicit.stdout + explicit.stderr and "truncated" in explicit.stdout + explicit.stderr
+
+    auto = launch(["checkpoint.resume=auto", "train.steps=6"], tmp_path)
+    ok(auto)
+    assert f"skipping a damaged checkpoint: {victim}:" in auto.stdout + auto.stderr
+    assert f"resumed from {tmp_path / 'checkpoints' / 'step_00000004'}: step 4" in auto.stdout
+    got, ref = losses(tmp_path), losses(reference)
+    assert [got[5], got[6]] == [ref[5], ref[6]]
+
+
+@pytest.mark.dist
+def test_torchrun_restart_after_sigkill_finishes_like_an_uninterrupted_run(tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
+                "--monitor-interval", "0.5", str(REPO / "launch.py"), *COMMON, "parallel.dp=2"]
+    ok(run(torchrun, tmp_path / "clean"))
+    failing = run([*torchrun, "train.fail_at_step=3"], tmp_path / "restarted")
+    ok(failing)
+    out = failing.stdout + failing.stderr
+    assert "train.fail_at_step=3: rank 1 kills itself after step 3" in out
+    assert f"resumed from {tmp_path / 'restarted' / 'checkpoints' / 'step_00000002'}: step 2" in out
+    clean, restarted = losses(tmp_path / "clean"), losses(tmp_path / "restarted")
+    assert restarted[6] == clean[6]
+    assert [restarted[s] for s in range(3, 7)] == [clean[s] for s in range(3, 7)]
