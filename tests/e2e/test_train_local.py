@@ -5,7 +5,8 @@ batch (grad_accum 4): the step-1 loss (same initial weights, same 32 sequences) 
 following steps closely; a run resumed from the step-4 checkpoint with the uninterrupted run's steps
 5-8 (and checkpoint.resume=auto continuing a finished run after its newest checkpoint); the logged
 learning rates with the schedule's formula. Also checked: the loss falls by a real margin, metrics.jsonl has every key on every step, evaluations and checkpoints happen where configured,
-non-finite losses stop the run with exit code 3, user errors exit with 2, tokenized data trains,
+non-finite losses stop the run with exit code 3, user errors exit with 2, tokenized data trains (dense
+recipe: MoE figures 0.0),
 ``--cfg job`` and a ``-m`` dry-run sweep work. CPU only; each launch takes 5-40 s on 2 cores.
 """
 
@@ -153,11 +154,13 @@ def test_tokenized_data_trains(tmp_path):
     vocab = json.loads((data / "meta.json").read_text())["vocab_size"]
     small = launch(["data=tokenized", f"data.path={data}", "data.seq_len=64", f"model.vocab_size={vocab - 1}"], tmp_path / "bad")
     assert small.returncode == 2 and f"model.vocab_size>={vocab}" in small.stdout + small.stderr
-    proc = launch(["train=smoke", "train.steps=6", "data=tokenized", f"data.path={data}", "data.seq_len=64",
-                   "checkpoint=off", "train.progress=false"], tmp_path / "run")
+    # the dense recipe here: its MoE figures are plain zeros, not NaN
+    proc = launch(["recipe=gpt_debug", "train=smoke", "train.steps=6", "data=tokenized", f"data.path={data}",
+                   "data.seq_len=64", "checkpoint=off", "train.progress=false"], tmp_path / "run")
     check_ok(proc)
     steps, _ = records(tmp_path / "run")
     assert len(steps) == 6 and steps[-1]["loss"] < steps[0]["loss"] - 1.0
+    assert all(r["aux_loss"] == 0.0 and r["expert_load_cv"] == 0.0 and r["dropped_token_frac"] == 0.0 for r in steps)
 
 
 def test_cfg_job_and_multirun_dry_run(tmp_path):
