@@ -4,10 +4,11 @@ Compared: the 4-process run (dp4 = edp2 x ep2, ZeRO-1) with the single-process r
 batch (grad_accum 4): the step-1 loss (same initial weights, same 32 sequences) to 1e-5 and the
 following steps closely; a run resumed from the step-4 checkpoint with the uninterrupted run's steps
 5-8 (and checkpoint.resume=auto continuing a finished run after its newest checkpoint); the logged
-learning rates with the schedule's formula. Also checked: the loss falls by a real margin, metrics.jsonl has every key on every step, evaluations and checkpoints happen where configured,
-non-finite losses stop the run with exit code 3, user errors exit with 2, tokenized data trains (dense
-recipe: MoE figures 0.0),
-``--cfg job`` and a ``-m`` dry-run sweep work. CPU only; each launch takes 5-40 s on 2 cores.
+learning rates with the schedule's formula. Also checked: the loss falls by a real margin,
+metrics.jsonl has every key on every step, evaluations and checkpoints happen where configured,
+non-finite losses stop the run with exit code 3, user errors exit with 2, tokenized data trains
+(dense recipe: MoE figures 0.0), ``--cfg job`` and a ``-m`` dry-run sweep work.
+CPU only; each launch takes 5-40 s on 2 cores.
 """
 
 from __future__ import annotations
