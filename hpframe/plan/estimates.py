@@ -5,7 +5,8 @@ tokens per step / (world * peak * assumed MFU), stretched by the
 1F1B bubble (pp - 1) / (grad_accum + pp - 1), times 4/3 under full recompute (selective adds one more
 forward of the MoE MLPs); comm = intra-node bytes / intra_node_bw + inter-node
 bytes / inter_node_bw of the busiest stage, with no overlap; step = compute + comm (an upper bound).
-Checkpoint: bytes = total params * (train-dtype weight bytes + optimizer bytes); write = bytes /
+Checkpoint: bytes = total params * 12 (fp32 master weight + two fp32 Adam moments: the portable
+checkpoint hpframe writes, independent of dtype and layout); write = bytes /
 storage_bw; job MTBF = gpu_mtbf_hours / world_size; Young/Daly interval = sqrt(2 * write * MTBF).
 """
 
@@ -14,10 +15,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from hpframe.config.schema import DType, Recompute, RunConfig
+from hpframe.config.schema import Recompute, RunConfig
 from hpframe.plan.comm import estimate_comm
 from hpframe.plan.errors import PlanError
-from hpframe.plan.memory import GIB, dtype_bytes, estimate_memory
+from hpframe.plan.memory import GIB, estimate_memory
 from hpframe.plan.params import count_params, flops_per_token, moe_fwd_flops
 from hpframe.plan.types import CheckpointEstimate, CommEstimate, ParallelPlan, TimeEstimate
 
@@ -50,10 +51,15 @@ def estimate_time(cfg: RunConfig, plan: ParallelPlan, comm: CommEstimate) -> Tim
     )
 
 
+CHECKPOINT_BYTES_PER_PARAM = 12
+"""Bytes per parameter in a checkpoint: fp32 weight, fp32 exp_avg, fp32 exp_avg_sq."""
+
+
 def estimate_checkpoint(cfg: RunConfig, plan: ParallelPlan, step_seconds: float) -> CheckpointEstimate:
     assert plan.params is not None
-    per_param = dtype_bytes(cfg) + (12 if cfg.train.dtype == DType.bf16 else 8)
-    nbytes = plan.params.total * per_param
+    # what hpframe writes (hpframe/checkpoint/portable.py): every parameter once, as fp32 master weight
+    # plus Adam's exp_avg and exp_avg_sq, whatever the training dtype and the parallel layout
+    nbytes = plan.params.total * CHECKPOINT_BYTES_PER_PARAM
     write = nbytes / (cfg.cluster.storage_bw_GBps * 1e9)
     mtbf = cfg.cluster.gpu_mtbf_hours * 3600 / plan.world_size
     interval = math.sqrt(2 * write * mtbf)
