@@ -120,19 +120,6 @@ class ExpertAwarePipelineEngine(_ExpertAware, PipelineEngine):
     """PipelineEngine that reduces tagged expert gradients over hpframe's expert-data-parallel group."""
 
 
-def expert_sq_and_dense_sq(grads: list[tuple[nn.Parameter, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of squared gradient entries, split into (dense, expert) by the tags above."""
-    dense = torch.zeros((), dtype=torch.float32)
-    expert = torch.zeros((), dtype=torch.float32)
-    for p, g in grads:
-        sq = g.detach().float().pow(2).sum().cpu()
-        if is_moe_param(p):
-            expert += sq
-        else:
-            dense += sq
-    return dense, expert
-
-
 def release_expert_groups(plan: Any) -> None:
     """Forget the expert groups ``register_expert_groups`` registered (before building another engine)."""
     if plan.experts is None or plan.ep == 1:
