@@ -67,7 +67,7 @@ def test_recipe_composes_and_converts(compose_cfg, recipe: str) -> None:
 
 def test_experiment_overrides_group_choices(compose_cfg) -> None:
     cfg = compose_cfg("experiment=ep_demo")
-    assert cfg.recipe == "mixtral_debug" and (cfg.parallel.dp, cfg.parallel.ep, cfg.parallel.zero_stage) == (2, 2, 1)
+    assert cfg.recipe == "mixtral_debug" and (cfg.parallel.dp, cfg.parallel.ep, cfg.parallel.zero_stage) == (4, 2, 1)
 
 
 @pytest.mark.parametrize(
