@@ -63,6 +63,8 @@ WORLD2 = [
     (Case("ep2-deepseek", "deepseek_debug", ["parallel.dp=2", "parallel.ep=2"]), [2]),
     (Case("tp2-mixtral", "mixtral_debug", ["parallel.tp=2", "parallel.dp=1"]), [1]),
     (Case("tp2-deepseek", "deepseek_debug", ["parallel.tp=2", "parallel.dp=1"]), [0]),
+    (Case("tp2-sp-mixtral", "mixtral_debug", ["parallel.tp=2", "parallel.dp=1", "parallel.sequence_parallel=true"]), [1]),
+    (Case("pp2-recompute-deepseek", "deepseek_debug", ["parallel.pp=2", "parallel.dp=1", "parallel.recompute=full"]), [1]),
 ]
 
 WORLD4 = [
