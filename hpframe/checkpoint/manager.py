@@ -78,17 +78,41 @@ def checkpoint_path(root: str | Path, step: int) -> Path:
     return Path(root) / store.tag_for_step(step)
 
 
+def _on_rank0(fn: Any) -> Any:
+    """``fn()`` computed by rank 0 only and broadcast (checksumming every file once, not once per rank).
+
+    Returns ``(value, None)`` or ``(None, error message)`` identically on every rank, so all ranks
+    raise together instead of one hanging in the next collective.
+    """
+    result: list[Any] = [None]
+    if _rank() == 0:
+        try:
+            result[0] = (fn(), None)
+        except (store.CheckpointError, OSError, ValueError) as err:
+            result[0] = (None, str(err))
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(result, src=0)
+    return result[0]
+
+
 def find_latest(root: str | Path) -> Path | None:
     """The newest committed checkpoint under ``root`` that verifies against its manifest, or None.
 
-    Damaged newer checkpoints (truncated or corrupted files) are skipped with a warning naming the file.
+    Damaged newer checkpoints (truncated or corrupted files) are skipped with a warning naming the
+    file. Rank 0 checks the checksums; every rank gets its answer (a collective when distributed).
     """
-    found = store.find_latest_good(Path(root))
+    def newest() -> tuple[str, tuple[str, ...]] | None:
+        found = store.find_latest_good(Path(root))
+        return None if found is None else (str(found.path), found.skipped)
+
+    found, error = _on_rank0(newest)
+    if error is not None:
+        raise ValueError(f"checkpoint.dir={str(root)!r}: {error}")
     if found is None:
         return None
-    for reason in found.skipped:
+    for reason in found[1]:
         log.warning(f"skipping a damaged checkpoint: {reason}")
-    return found.path
+    return Path(found[0])
 
 
 def save(engine: Any, step: int, client_state: dict[str, Any], *, root: str | Path, keep_last: int = 0) -> Path:
@@ -107,14 +131,18 @@ def read_client_state(path: str | Path) -> dict[str, Any]:
 
 
 def load(engine: Any, path: str | Path, *, plan_fingerprint: str | None = None, checksums: bool = True) -> dict[str, Any]:
-    """Load a checkpoint on every rank (any saved layout); return its client_state, restore RNG states.
+    """Load a checkpoint on every rank (collective; any saved layout); return its client_state, restore RNG states.
 
     Raises ValueError naming the file when the checkpoint is incomplete, truncated or corrupted, and
     naming the tensors when it belongs to a different model.
     """
     path = Path(path)
+    if checksums:  # rank 0 reads every file once; the other ranks check sizes below
+        _, error = _on_rank0(lambda: store.verify(path, checksums=True) and None)
+        if error is not None:
+            raise ValueError(f"checkpoint.resume={str(path)!r}: {error}")
     try:
-        manifest = store.verify(path, checksums=checksums)
+        manifest = store.verify(path, checksums=False)
     except store.CheckpointError as err:
         raise ValueError(f"checkpoint.resume={str(path)!r}: {err}") from err
     if not (path / CLIENT_STATE).is_file():
