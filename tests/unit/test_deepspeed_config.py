@@ -1,6 +1,8 @@
 """plan/deepspeed_config.py: the generated dict parses under DeepSpeed's own config models
 (DeepSpeedConfig with the batch-size arithmetic, DeepSpeedZeroConfig, DeepSpeedBF16Config), holds no
-"auto" anywhere, carries the plan's numbers, and unsupported combinations fail with the config key."""
+"auto" anywhere, carries the plan's numbers, and unsupported combinations fail with the config key.
+Also the DeepSpeed MoE conventions of engine/moe_bridge.py on real debug models: which parameters
+get the expert tags, and the optimizer param groups DeepSpeed receives (no processes)."""
 
 from __future__ import annotations
 
@@ -110,3 +112,44 @@ def test_bad_dtype_and_batch() -> None:
     bad.global_batch_size += 1
     with pytest.raises(ValueError, match=r"parallel.global_batch_size=13"):
         deepspeed_config(bad, dtype="fp32", device="cpu")
+
+
+def test_moe_conventions_on_a_real_model(compose_cfg) -> None:
+    """moe_bridge tags exactly the routed-expert weights (not shared experts or routers) when ep > 1,
+    and the optimizer groups put them in DeepSpeed 'moe' groups with decay on matrices only."""
+    from deepspeed.moe.utils import is_moe_param
+
+    from hpframe.engine.moe_bridge import expert_group_name, optimizer_param_groups, tag_expert_params
+    from hpframe.models import build_model
+    from hpframe.plan import make_plan
+
+    cfg = compose_cfg("recipe=deepseek_debug", "parallel.dp=2", "parallel.ep=2")
+    plan = make_plan(cfg, 2)
+    model = build_model(cfg.model, cfg.moe, routing_groups=plan.experts.routing_groups)
+    num_tagged = tag_expert_params(model, plan)
+    tagged = {n for n, p in model.named_parameters() if is_moe_param(p)}
+    expected = {n for n, _ in model.named_parameters() if ".mlp.experts." in n}
+    assert tagged == expected and num_tagged == len(expected) == 3 * len(plan.moe_layers)
+    assert all(p.group_name == expert_group_name(2) == "ep_size_2" for n, p in model.named_parameters() if n in tagged)
+    groups = optimizer_param_groups(model, 0.1)
+    by_name = {(g["name"], g.get("moe", False), g["weight_decay"]): len(g["params"]) for g in groups}
+    assert by_name == {
+        ("decay", False, 0.1): sum(1 for n, p in model.named_parameters() if p.ndim >= 2 and n not in tagged),
+        ("no_decay", False, 0.0): sum(1 for p in model.parameters() if p.ndim < 2),
+        ("ep_size_2", True, 0.1): len(tagged),
+    }
+
+
+def test_no_tags_without_expert_parallelism(compose_cfg) -> None:
+    from deepspeed.moe.utils import is_moe_param
+
+    from hpframe.engine.moe_bridge import optimizer_param_groups, tag_expert_params
+    from hpframe.models import build_model
+    from hpframe.plan import make_plan
+
+    cfg = compose_cfg("recipe=mixtral_debug", "parallel.dp=2")
+    plan = make_plan(cfg, 2)
+    model = build_model(cfg.model, cfg.moe)
+    assert tag_expert_params(model, plan) == 0
+    assert not any(is_moe_param(p) for p in model.parameters())
+    assert [g["name"] for g in optimizer_param_groups(model, 0.1)] == ["decay", "no_decay"]
