@@ -3,6 +3,7 @@
   1. tensor parallelism   (plan.tp > 1)        tensor.apply_tp
   2. expert parallelism   (plan.ep > 1, MoE)   expert.apply_ep
   3. activation ckpt      (recompute != none)  act_ckpt.apply_activation_checkpointing
+  4. torch.compile        (train.compile)      compile.apply_compile
 
 The input is a MATERIALIZED full single-device model, built and ``init_weights(seed)``-ed identically
 on every rank; each step slices weights in place (copies of this rank's shards, after which the full
@@ -23,6 +24,7 @@ from torch import nn
 
 from hpframe.config.schema import Recompute
 from hpframe.parallel.act_ckpt import apply_activation_checkpointing
+from hpframe.parallel.compile import apply_compile
 from hpframe.parallel.expert import apply_ep
 from hpframe.parallel.groups import ParallelGroups
 from hpframe.parallel.tensor import apply_tp
@@ -41,10 +43,12 @@ def parallelize(
     *,
     sequence_parallel: bool = False,
     recompute: Recompute | str = Recompute.none,
+    compile: bool = False,
 ) -> nn.Module:
     """Apply TP, then EP, then activation checkpointing to ``model`` (in place); return it.
 
-    ``sequence_parallel`` and ``recompute`` come from ``cfg.parallel`` (the plan carries degrees only).
+    ``sequence_parallel`` and ``recompute`` come from ``cfg.parallel``, ``compile`` from ``cfg.train``
+    (the plan carries degrees only).
     """
     _check_groups(plan, groups)
     if plan.tp > 1:
@@ -53,4 +57,6 @@ def parallelize(
         apply_ep(model, plan, groups)
     if Recompute(recompute) != Recompute.none:
         apply_activation_checkpointing(model, recompute)
+    if compile:
+        apply_compile(model, tp=plan.tp)
     return model
