@@ -186,7 +186,7 @@ def capture(engine: Any) -> RankPart:
             if t.rows is not None:
                 full_shape = (_num_global(engine), *full_shape[1:])
             for kind, v in values.items():
-                part.pieces.append(Piece(t.name, kind, v.detach().cpu().clone(), full_shape, t.rows))
+                part.pieces.append(Piece(t.name, kind, v.detach().to("cpu", copy=True), full_shape, t.rows))
             if t.is_param and adam_step is not None and "exp_avg" in values:
                 part.adam_step[t.name] = adam_step
     return part
