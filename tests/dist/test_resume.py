@@ -4,8 +4,9 @@ Compared: an uninterrupted run of N + M steps that saves at step N, and a second
 whose weights were initialized with ANOTHER seed, resumed from that step-N checkpoint. The resumed
 run's losses of steps N+1..N+M equal the uninterrupted run's bit for bit, and its final checkpoint
 (fp32 weights, Adam moments and steps, aux-loss-free router biases) equals the uninterrupted run's
-final checkpoint tensor for tensor, bit for bit. Layouts: one process (mixtral_debug), dp2 x ep2 with
-ZeRO-1 and asynchronous saves (deepseek_debug, bias balancing on), pp2 with ZeRO-1 (mixtral_debug).
+final checkpoint tensor for tensor, bit for bit. Layouts: one process (mixtral_debug); edp2 x ep2
+(4 processes) with ZeRO-1 and asynchronous saves (deepseek_debug, bias balancing on); pp2 with ZeRO-1
+(mixtral_debug); the dense gpt_debug with pp2 (tied embedding held by both stages) and dp2 with ZeRO-2.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conftest import compose_run_config  # noqa: E402
-from hpframe.checkpoint.portable import KINDS, PortableCheckpoint  # noqa: E402
+from hpframe.checkpoint.portable import PortableCheckpoint  # noqa: E402
 from hpframe.testing.distributed import run_distributed  # noqa: E402
 
 pytestmark = pytest.mark.dist
@@ -77,27 +78,36 @@ def assert_same_checkpoint(a: Path, b: Path) -> int:
     return len(ca.shapes)
 
 
-def check_exact_resume(tmp_path: Path, world_size: int, overrides: list[str]) -> None:
-    full, resumed = resume_pair(tmp_path, overrides)
-    results = run_distributed(_runs, world_size, ([full, resumed],), timeout=150)
-    ref, res = results[0]
-    assert len(ref) == N + M and len(res) == M
-    assert res == ref[N:], f"resumed losses {res} != uninterrupted {ref[N:]}"
+def check_exact_resume(tmp_path: Path, world_size: int, cases: list[list[str]]) -> None:
+    """One launch of ``world_size`` processes trains every case's uninterrupted and resumed runs."""
+    cfgs = []
+    for i, overrides in enumerate(cases):
+        cfgs.extend(resume_pair(tmp_path / f"case{i}", overrides))
+    results = run_distributed(_runs, world_size, (cfgs,), timeout=180)
     final = f"step_{N + M:08d}"
-    count = assert_same_checkpoint(tmp_path / "full" / "checkpoints" / final, tmp_path / "resumed" / "checkpoints" / final)
-    assert count >= 3 * 20  # params, both moments of every tensor
+    for i, overrides in enumerate(cases):
+        ref, res = results[0][2 * i], results[0][2 * i + 1]
+        assert len(ref) == N + M and len(res) == M
+        assert res == ref[N:], f"{overrides}: resumed losses {res} != uninterrupted {ref[N:]}"
+        d = tmp_path / f"case{i}"
+        count = assert_same_checkpoint(d / "full" / "checkpoints" / final, d / "resumed" / "checkpoints" / final)
+        assert count >= 3 * 10  # params and both moments of every tensor
 
 
 def test_exact_resume_single_process(tmp_path):
-    check_exact_resume(tmp_path, 1, ["recipe=mixtral_debug"])
+    check_exact_resume(tmp_path, 1, [["recipe=mixtral_debug"]])
 
 
 def test_exact_resume_dp2_ep2_async(tmp_path):
-    check_exact_resume(tmp_path, 4, ["recipe=deepseek_debug", "parallel.dp=4", "parallel.ep=2", "parallel.zero_stage=1",
-                                     "checkpoint.async_save=true"])
-    bias = PortableCheckpoint(tmp_path / "full" / "checkpoints" / f"step_{N + M:08d}").read("layers.1.mlp.router.expert_bias")
+    check_exact_resume(tmp_path, 4, [["recipe=deepseek_debug", "parallel.dp=4", "parallel.ep=2", "parallel.zero_stage=1",
+                                      "checkpoint.async_save=true"]])
+    bias = PortableCheckpoint(tmp_path / "case0" / "full" / "checkpoints" / f"step_{N + M:08d}").read("layers.1.mlp.router.expert_bias")
     assert bias.abs().sum() > 0  # the aux-loss-free biases moved and were carried through the resume
 
 
-def test_exact_resume_pp2(tmp_path):
-    check_exact_resume(tmp_path, 2, ["recipe=mixtral_debug", "parallel.pp=2", "parallel.dp=1", "parallel.zero_stage=1"])
+def test_exact_resume_pp2_and_dense_dp2(tmp_path):
+    check_exact_resume(tmp_path, 2, [
+        ["recipe=mixtral_debug", "parallel.pp=2", "parallel.dp=1", "parallel.zero_stage=1"],
+        ["recipe=gpt_debug", "parallel.pp=2", "parallel.dp=1", "parallel.zero_stage=0"],  # tied embedding on 2 stages
+        ["recipe=gpt_debug", "parallel.dp=2", "parallel.zero_stage=2"],
+    ])
