@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hpframe.models.moe import Router
+from hpframe.models import Block, MoE, Router
 from hpframe.parallel.tensor import vocab_parallel_cross_entropy
 
 
@@ -127,12 +127,11 @@ class Engine:
 
     def _routers(self) -> list[tuple[int, Router]]:
         """(block index, router) of the MoE layers this rank runs, in block order."""
-        out = []
-        for name, mod in self.ds.module.named_modules():
-            if isinstance(mod, Router):
-                idx = next((int(p) for p in name.split(".") if p.isdigit()), -1)
-                out.append((idx, mod))
-        return out
+        return [
+            (mod.index, mod.mlp.router)
+            for mod in self.ds.module.modules()
+            if isinstance(mod, Block) and isinstance(mod.mlp, MoE)
+        ]
 
     @torch.no_grad()
     def _update_router_bias(self) -> dict[str, float | list]:

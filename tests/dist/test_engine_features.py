@@ -3,7 +3,8 @@
     losses, grad norms and parameters (EP with ZeRO 0 and 1, where DeepSpeed's own model file holds
     only EP rank 0's experts; pipeline + MoE + router bias with ZeRO 1);
   * a non-finite loss on one rank skips the step on every rank: parameters, Adam state (moments and
-    step count) and router bias untouched; the next (finite) step equals the single-process reference's first step;
+    step count) and router bias untouched; the next (finite) step equals the single-process reference's
+    first step, and its moe_stats count every routed assignment of the global batch once;
   * the wiring DeepSpeed sees: has_moe_layers, hpframe's EP/EDP groups in DeepSpeed's registry with
     the plan's rank lists, DeepSpeed's own clipping off."""
 
@@ -130,7 +131,8 @@ def _skip_worker(rank: int, world_size: int, cfg) -> dict:
     good = engine.train_step(_mine(plan, rank, 0, cfg))
     release_expert_groups(plan)
     return {**wiring, "bad_skipped": bad.skipped, "unchanged": unchanged, "adam_changed": adam_changed,
-            "load_left": load_left, "good": (good.skipped, good.loss, good.grad_norm)}
+            "load_left": load_left, "good": (good.skipped, good.loss, good.grad_norm), "stats": good.moe_stats,
+            "moe_layers": list(plan.moe_layers), "assignments": plan.global_batch_size * cfg.data.seq_len * cfg.moe.top_k}
 
 
 def _skip_jobs(rank: int, world_size: int, cfgs: list) -> list[dict]:
@@ -150,3 +152,7 @@ def test_nonfinite_loss_skips_everywhere() -> None:
             skipped, loss, norm = r["good"]
             assert not skipped
             assert loss == pytest.approx(ref["loss"][0], rel=1e-5) and norm == pytest.approx(ref["norm"][0], rel=1e-5)
+            # moe_stats: global routed assignments per layer = tokens of the global batch x top_k
+            for layer in r["moe_layers"]:
+                assert sum(r["stats"][f"layer{layer}/tokens_per_expert"]) == r["assignments"]
+            assert r["stats"]["max_load_cv"] == max(r["stats"][f"layer{i}/load_cv"] for i in r["moe_layers"])
