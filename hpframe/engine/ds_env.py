@@ -12,7 +12,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-_DEFAULT_EXT_DIR = Path.home() / ".cache" / "hpframe" / "torch_extensions"
+def _default_extensions_dir() -> Path:
+    """The project's ``.cache/torch_extensions`` (git-ignored) in a source checkout, else ~/.cache/hpframe."""
+    repo = Path(__file__).resolve().parents[2]
+    if (repo / "pyproject.toml").exists() and os.access(repo, os.W_OK):
+        return repo / ".cache" / "torch_extensions"
+    return Path.home() / ".cache" / "hpframe" / "torch_extensions"
 
 
 def _no_shm_op() -> None:
@@ -30,7 +35,7 @@ def prepare_deepspeed(*, cuda: bool | None = None) -> None:
         cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_DEFAULT_EXT_DIR))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_default_extensions_dir()))
     import importlib
 
     # importlib, not "import deepspeed.comm.torch as m": deepspeed.comm re-exports the torch package

@@ -153,3 +153,20 @@ def test_no_tags_without_expert_parallelism(compose_cfg) -> None:
     assert tag_expert_params(model, plan) == 0
     assert not any(is_moe_param(p) for p in model.parameters())
     assert [g["name"] for g in optimizer_param_groups(model, 0.1)] == ["decay", "no_decay"]
+
+
+def test_prepare_deepspeed_skips_the_shm_op_build() -> None:
+    """On CPU: DS_ACCELERATOR=cpu, an extensions cache folder, and DeepSpeed's shm op builder returns None
+    (DeepSpeed's "op not available"), so no process start compiles it."""
+    import importlib
+    import os
+
+    import torch
+
+    from hpframe.engine.ds_env import prepare_deepspeed
+
+    prepare_deepspeed()
+    assert importlib.import_module("deepspeed.comm.torch").build_shm_op() is None
+    assert os.environ["TORCH_EXTENSIONS_DIR"]
+    if not torch.cuda.is_available():
+        assert os.environ["DS_ACCELERATOR"] == "cpu"
