@@ -257,7 +257,7 @@ def restore(engine: Any, ckpt: PortableCheckpoint) -> None:
             elif has_moments:
                 state = engine.optimizer.state[t.tensor]
                 for k in MOMENTS:
-                    state[k] = _local_slice(engine, t, ckpt.read(t.name, k, t.rows)).to(t.tensor.dtype).clone()
+                    state[k] = _local_slice(engine, t, ckpt.read(t.name, k, t.rows)).to(t.tensor.device, t.tensor.dtype, copy=True)
                 state["step"] = torch.tensor(float(step if step is not None else saved_step), dtype=torch.float32)
     if zo is not None:
         for gi, bufs in moments.items():
