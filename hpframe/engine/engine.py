@@ -116,9 +116,9 @@ class Engine:
     def _global_means(self, lm: list[torch.Tensor], aux: list[torch.Tensor]) -> tuple[float, float]:
         """Means over the global batch: average over micro-batches, dp ranks; from the last stage."""
         if lm:
-            v = torch.stack([torch.stack(lm).mean(), torch.stack(aux).mean()]).double().cpu()
+            v = torch.stack([torch.stack(lm).mean(), torch.stack(aux).mean()]).double().to(self.ds.device)
         else:
-            v = torch.zeros(2, dtype=torch.float64)
+            v = torch.zeros(2, dtype=torch.float64, device=self.ds.device)
         if self.plan.pp > 1:
             dist.broadcast(v, src=self._last_stage_rank, group=self.groups.pp)
         dist.all_reduce(v, group=self.groups.dp)
@@ -138,14 +138,15 @@ class Engine:
         routers = self._routers()
         if not routers:
             return {}
-        loads = torch.stack([r.load_accum.detach().float().cpu() for _, r in routers])  # [layers, E]
+        loads = torch.stack([r.load_accum.detach().float() for _, r in routers]).to(self.ds.device)  # [layers, E]
         dist.all_reduce(loads, group=self.groups.dp)
+        loads_host = loads.cpu()
         stats: dict[str, float | list] = {}
         worst = 0.0
-        for (idx, router), load in zip(routers, loads):
+        for (idx, router), load, host in zip(routers, loads, loads_host):
             router.update_bias(load.to(router.load_accum.device))
-            cv = float(load.std(correction=0) / load.mean().clamp_min(1e-10))
-            stats[f"layer{idx}/tokens_per_expert"] = load.tolist()
+            cv = float(host.std(correction=0) / host.mean().clamp_min(1e-10))
+            stats[f"layer{idx}/tokens_per_expert"] = host.tolist()
             stats[f"layer{idx}/load_cv"] = cv
             worst = max(worst, cv)
         stats["max_load_cv"] = worst
@@ -167,7 +168,7 @@ class Engine:
             for tokens, targets in micro_batches:
                 logits = self.ds(self._device_batch(tokens))
                 lm.append(vocab_parallel_cross_entropy(logits, self._device_batch(targets), self.groups.tp).float())
-            aux = [torch.zeros(()) for _ in lm]
+            aux = [torch.zeros_like(x) for x in lm]
         self.ds.train()
         lm_mean, _ = self._global_means(lm, aux)
         return lm_mean
