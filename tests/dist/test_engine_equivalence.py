@@ -76,6 +76,7 @@ WORLD4 = [
     (Case("pp2xdp2-gpt-tied", "gpt_debug", ["parallel.pp=2", "parallel.dp=2"]), [1]),
     (Case("tp2xpp2-mixtral", "mixtral_debug", ["parallel.tp=2", "parallel.pp=2", "parallel.dp=1"]), [1]),
     (Case("tp2xpp2-gpt-tied", "gpt_debug", ["parallel.tp=2", "parallel.pp=2", "parallel.dp=1"]), [0]),
+    (Case("pp2xep2-deepseek", "deepseek_debug", ["parallel.pp=2", "parallel.dp=2", "parallel.ep=2"]), [1]),
 ]
 
 WORLD8 = [
