@@ -156,3 +156,13 @@ def test_nonfinite_loss_skips_everywhere() -> None:
             for layer in r["moe_layers"]:
                 assert sum(r["stats"][f"layer{layer}/tokens_per_expert"]) == r["assignments"]
             assert r["stats"]["max_load_cv"] == max(r["stats"][f"layer{i}/load_cv"] for i in r["moe_layers"])
+
+
+def test_checkpoint_resume_pipeline_with_expert_parallelism(tmp_path) -> None:
+    """pp2 x dp2 x ep2, ZeRO 0: DeepSpeed's per-layer files come from one dp rank per layer."""
+    cases = [Case("pp2xep2-deepseek", "deepseek_debug", ["parallel.pp=2", "parallel.dp=2", "parallel.ep=2"]).cfg(0)]
+    results = run_distributed(_resume_worker, 4, (cases, str(tmp_path)), timeout=300)
+    for rank, (r,) in enumerate(results):
+        assert r["client"]["step"] == 1
+        assert r["first"] == r["second"], f"rank {rank}"
+        assert r["param_diff"] == 0.0, f"rank {rank}: {r['param_diff']}"
