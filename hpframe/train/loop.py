@@ -155,6 +155,7 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
         }
         stats = checkpointer.save(step, manager.json_client_state(client_state))
         result.checkpoints.append(stats.path)
+        writer.write({"step": step, "ckpt_stall_s": stats.stall_s}, prefix="checkpoint")  # metrics.jsonl + TensorBoard
         how = "writing in the background" if cfg.checkpoint.async_save else "saved"
         log.info(f"checkpoint {stats.path}: {how} (training stalled {stats.stall_s:.2f} s)")
 

@@ -1,6 +1,7 @@
 """Crash safety end to end: ``launch.py`` (and torchrun) as subprocesses on the Mixtral debug recipe, CPU.
 
-Compared with an uninterrupted run of the same configuration (6 steps, a checkpoint every 2):
+Compared with an uninterrupted run of the same configuration (6 steps, a checkpoint every 2), whose
+metrics.jsonl records the training stall ``ckpt_stall_s`` of each of its 3 saves:
   * killed mid-save: rank 0 SIGKILLs itself inside the save of step 4 (files staged, no manifest,
     no commit; HPFRAME_TEST_KILL_IN_SAVE). The staging directory is left, ``latest`` still names
     step 2, and ``checkpoint.resume=auto`` resumes from step 2: steps 3-6 equal the reference's.
@@ -60,6 +61,12 @@ def reference(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("reference")
     ok(launch(["checkpoint.resume=none"], run_dir))
     return run_dir
+
+
+def test_stall_of_every_save_in_metrics(reference):
+    stalls = [json.loads(x) for x in (reference / "metrics.jsonl").read_text().splitlines() if "ckpt_stall_s" in x]
+    assert [r["step"] for r in stalls] == [2, 4, 6]
+    assert all(r["ckpt_stall_s"] > 0 for r in stalls)
 
 
 def test_kill_during_save_leaves_the_previous_checkpoint(reference, tmp_path):
