@@ -14,7 +14,7 @@ FULL_SCALE = {
     "mixtral_8x22b": ("h200x64", 64, 140.6, 39.2),
     "deepseek_v3": ("h800x2048", 2048, 671.0, 37.6),
     "gpt3_175b": ("h100x1024", 1024, 174.6, 174.6),
-    "mixtral_h200": ("h200x1", 1, 3.58, 1.09),
+    "mixtral_h200": ("h200x1", 1, 3.6, 1.1),
 }
 DEBUG = ["mixtral_debug", "deepseek_debug", "gpt_debug"]
 
