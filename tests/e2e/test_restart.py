@@ -1,4 +1,5 @@
-"""Crash safety end to end: ``launch.py`` (and torchrun) as subprocesses on the Mixtral debug recipe, CPU.
+"""Crash safety end to end: ``launch.py`` (2 processes, dp2, ZeRO-1) and torchrun as subprocesses on the
+Mixtral debug recipe, CPU.
 
 Compared with an uninterrupted run of the same configuration (6 steps, a checkpoint every 2), whose
 metrics.jsonl records the training stall ``ckpt_stall_s`` of each of its 3 saves:
@@ -39,7 +40,8 @@ def run(cmd: list[str], run_dir: Path, env: dict | None = None, timeout: float =
 
 
 def launch(args: list[str], run_dir: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    return run([sys.executable, str(REPO / "launch.py"), *COMMON, *args], run_dir, env)
+    """launch.py with 2 local processes (dp2, ZeRO-1), started by its elastic launcher."""
+    return run([sys.executable, str(REPO / "launch.py"), *COMMON, "parallel.dp=2", "parallel.zero_stage=1", *args], run_dir, env)
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -71,7 +73,8 @@ def test_stall_of_every_save_in_metrics(reference):
 
 def test_kill_during_save_leaves_the_previous_checkpoint(reference, tmp_path):
     killed = launch(["checkpoint.resume=none"], tmp_path, env={KILL_IN_SAVE_ENV: "4"})
-    assert killed.returncode == -9, killed.stdout[-2000:] + killed.stderr[-2000:]
+    assert killed.returncode != 0
+    assert f"{KILL_IN_SAVE_ENV}=4: rank 0 kills itself in the middle of a save" in killed.stdout + killed.stderr
     ckpts = tmp_path / "checkpoints"
     assert (ckpts / ".staging-step_00000004" / "tensors" / "rank00000.safetensors").is_file()
     assert not (ckpts / "step_00000004").exists()
