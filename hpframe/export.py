@@ -14,6 +14,7 @@ against its checksum manifest first.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ import torch
 from hpframe.checkpoint import store
 from hpframe.checkpoint.portable import CLIENT_STATE, PortableCheckpoint
 from hpframe.config.convert import from_dict
-from hpframe.config.schema import RunConfig
+from hpframe.config.schema import MoEConfig, RunConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -51,6 +52,17 @@ def load_model_state(checkpoint: str | Path) -> tuple[RunConfig, dict[str, torch
     return cfg, {name: ckpt.read(name) for name in sorted(ckpt.names("param"))}
 
 
+def _trained_routing(cfg: RunConfig) -> MoEConfig:
+    """The MoE settings the model was trained with: node-limited routing used the plan's routing groups
+    (the nodes one EP group spans, when more than one), which may differ from moe.num_expert_groups."""
+    from hpframe.plan import make_plan
+
+    if cfg.moe.num_experts <= 0:
+        return cfg.moe
+    groups = make_plan(cfg).experts.routing_groups
+    return cfg.moe if groups == cfg.moe.num_expert_groups else dataclasses.replace(cfg.moe, num_expert_groups=groups)
+
+
 def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32") -> Path:
     """Write the transformers files of ``checkpoint`` into ``out``; returns ``out``."""
     from safetensors.torch import save_file
@@ -60,10 +72,11 @@ def export(checkpoint: str | Path, out: str | Path, *, dtype: str = "fp32") -> P
     if dtype not in DTYPES:
         raise ValueError(f"--dtype={dtype}: choose one of {sorted(DTYPES)}")
     cfg, state = load_model_state(checkpoint)
-    tensors = to_hf_state_dict(state, cfg.model, cfg.moe)
+    moe = _trained_routing(cfg)
+    tensors = to_hf_state_dict(state, cfg.model, moe)
     # DeepSeek's selection bias stays fp32 (transformers keeps e_score_correction_bias in fp32)
     tensors = {k: (v if k.endswith("e_score_correction_bias") else v.to(DTYPES[dtype])).contiguous() for k, v in tensors.items()}
-    hf_config = to_hf_config(cfg.model, cfg.moe) | {"dtype": "float32" if dtype == "fp32" else "bfloat16"}
+    hf_config = to_hf_config(cfg.model, moe) | {"dtype": "float32" if dtype == "fp32" else "bfloat16"}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
