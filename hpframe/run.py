@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -64,6 +65,16 @@ def main(cfg: RunConfig) -> int:
     return train_main(cfg, plan)
 
 
+def _log_peak_memory(plan: Any) -> None:
+    """On GPUs, this rank's peak allocated memory next to the planner's estimate (planner fidelity)."""
+    import torch
+
+    if torch.cuda.is_available():
+        peak = torch.cuda.max_memory_allocated()
+        est = plan.memory.total if plan.memory is not None else float("nan")
+        log.info(f"peak device memory {peak / 2**30:.2f} GiB (planner estimate {est / 2**30:.2f} GiB)", all_ranks=True)
+
+
 def train_main(cfg: RunConfig, plan: "object") -> int:
     """This process's part of the run: groups, model, engine, data, loop. Returns the exit code."""
     import torch.distributed as dist
@@ -95,6 +106,7 @@ def train_main(cfg: RunConfig, plan: "object") -> int:
         log.info(f"data: {data.description}")
         result = train(engine, data, plan, cfg)
         log.info(f"done: {result.steps_done} steps, metrics in {cfg.output_dir}/metrics.jsonl")
+        _log_peak_memory(plan)
         return 0
     except NonFiniteLossError as err:
         log.error(f"hpframe: stopping: {err}")
