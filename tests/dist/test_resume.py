@@ -6,7 +6,8 @@ run's losses of steps N+1..N+M equal the uninterrupted run's bit for bit, and it
 (fp32 weights, Adam moments and steps, aux-loss-free router biases) equals the uninterrupted run's
 final checkpoint tensor for tensor, bit for bit. Layouts: one process (mixtral_debug); edp2 x ep2
 (4 processes) with ZeRO-1 and asynchronous saves (deepseek_debug, bias balancing on); pp2 with ZeRO-1
-(mixtral_debug); the dense gpt_debug with pp2 (tied embedding held by both stages) and dp2 with ZeRO-2.
+(mixtral_debug); the dense gpt_debug with pp2 (tied embedding held by both stages) and dp2 with ZeRO-2;
+dp2 = ep2 with ZeRO-2 (mixtral_debug, 2 processes).
 """
 
 from __future__ import annotations
@@ -105,9 +106,10 @@ def test_exact_resume_dp2_ep2_async(tmp_path):
     assert bias.abs().sum() > 0  # the aux-loss-free biases moved and were carried through the resume
 
 
-def test_exact_resume_pp2_and_dense_dp2(tmp_path):
+def test_exact_resume_pp2_dense_and_ep2(tmp_path):
     check_exact_resume(tmp_path, 2, [
         ["recipe=mixtral_debug", "parallel.pp=2", "parallel.dp=1", "parallel.zero_stage=1"],
         ["recipe=gpt_debug", "parallel.pp=2", "parallel.dp=1", "parallel.zero_stage=0"],  # tied embedding on 2 stages
         ["recipe=gpt_debug", "parallel.dp=2", "parallel.zero_stage=2"],
+        ["recipe=mixtral_debug", "parallel.dp=2", "parallel.ep=2", "parallel.zero_stage=2"],  # dp2 = ep2, edp 1
     ])
