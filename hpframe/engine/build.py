@@ -53,7 +53,7 @@ def build_engine(model: nn.Module, plan: Any, groups: Any, cfg: Any) -> Any:
     init_deepspeed_comm()
     device = resolve_device(cfg)
     dtype = str(getattr(cfg.train.dtype, "value", cfg.train.dtype))
-    if dtype == "bf16" and device == "cuda" and plan.zero_stage == 0:
+    if dtype == "bf16" and plan.zero_stage == 0:
         raise ValueError(
             "train.dtype=bf16 with parallel.zero_stage=0: the gradient-norm guard reads ZeRO partitions or "
             "param.grad, not DeepSpeed's separate bf16 optimizer buffers; use parallel.zero_stage >= 1"

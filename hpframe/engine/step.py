@@ -54,9 +54,17 @@ def held_gradients(ds_engine: Any) -> tuple[list[tuple[nn.Parameter, torch.Tenso
     """(param, gradient tensor this rank holds for it) pairs, and whether they are ZeRO partitions.
 
     ZeRO 1/2 keep the reduced gradients of this rank's partition in ``averaged_gradients[group]``
-    (one tensor per parameter piece, in ``params_in_partition`` order); ZeRO 0 in ``param.grad``.
+    (one tensor per parameter piece, in ``params_in_partition`` order); ZeRO 0 in ``param.grad``;
+    bf16 with ZeRO 1 runs DeepSpeed's BF16_Optimizer, which holds full fp32 gradients per parameter.
     """
     opt = ds_engine.optimizer
+    if hasattr(opt, "fp32_groups_gradients"):
+        # DeepSpeed's BF16_Optimizer (bf16 with ZeRO 1): full fp32 gradients, already reduced over the
+        # (expert-)data-parallel groups, one per bf16 parameter; the update reads views of them.
+        pairs = []
+        for params, grads in zip(opt.bf16_groups, opt.fp32_groups_gradients):
+            pairs.extend(zip(params, grads))
+        return pairs, False
     if ds_engine.zero_optimization_stage() > 0:
         pairs = []
         for i, grads in opt.averaged_gradients.items():  # {param group index: [grad pieces]}

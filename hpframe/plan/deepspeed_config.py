@@ -8,7 +8,8 @@ Choices that are not simply copied from the plan:
   * ``gradient_clipping`` is 0: the engine computes the true global gradient norm itself (experts
     counted once across EP, TP shards and pipeline stages combined) and clips before the optimizer
     step; see hpframe/engine/step.py.
-  * bf16 only on CUDA with ``train.dtype=bf16``; CPU runs are fp32 (gloo, no bf16 kernels worth using).
+  * bf16 whenever ``train.dtype=bf16``, on CUDA and on CPU alike (CPU bf16 is slow but lets the CPU tests
+    cover DeepSpeed's bf16 optimizers); the debug recipes choose fp32.
   * ``zero_allow_untested_optimizer``: the optimizer is a client ``torch.optim.AdamW``.
   * ZeRO-2/3 with pipeline parallelism, and ZeRO-3 with experts, are refused: DeepSpeed's pipeline
     engine supports ZeRO 0-1 only, and its MoE support stops at ZeRO-2.
@@ -46,7 +47,7 @@ def deepspeed_config(plan: Any, *, dtype: str, device: str, steps_per_print: int
             f"parallel.global_batch_size={plan.global_batch_size} != micro_batch_size {plan.micro_batch_size} "
             f"x grad_accum {plan.grad_accum} x dp {plan.dp}"
         )
-    bf16 = dtype == "bf16" and device == "cuda"
+    bf16 = dtype == "bf16"
     cfg: dict[str, Any] = {
         "train_batch_size": plan.global_batch_size,
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
