@@ -25,7 +25,7 @@ run() {  # name, timeout, overrides...
 nvidia-smi -L
 CUDA_VISIBLE_DEVICES=0 run gpu1_compile 230
 run gpu2_ep2_compile 230 cluster.gpus_per_node=2 parallel.dp=2 parallel.ep=2
-CUDA_VISIBLE_DEVICES=0 run gpu1_eager 120 train.compile=false
+if [ "${EAGER:-1}" = 1 ]; then CUDA_VISIBLE_DEVICES=0 run gpu1_eager 120 train.compile=false; fi
 python3 - "$OUT" <<'PY'
 import json, statistics, sys, pathlib
 for f in sorted(pathlib.Path(sys.argv[1]).glob("*.metrics.jsonl")):
