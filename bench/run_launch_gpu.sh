@@ -29,7 +29,7 @@ if [ "${EAGER:-1}" = 1 ]; then CUDA_VISIBLE_DEVICES=0 run gpu1_eager 120 train.c
 python3 - "$OUT" <<'PY'
 import json, statistics, sys, pathlib
 for f in sorted(pathlib.Path(sys.argv[1]).glob("*.metrics.jsonl")):
-    rows = [json.loads(l) for l in f.read_text().splitlines()]
+    rows = [r for r in map(json.loads, f.read_text().splitlines()) if 'loss' in r]
     tail = rows[len(rows) // 3:]  # drop warm-up / compile steps
     if not tail: continue
     med = lambda k: statistics.median(r[k] for r in tail)

@@ -76,7 +76,8 @@ def build_engine(model: nn.Module, plan: Any, groups: Any, cfg: Any) -> Any:
         module, mpu, engine_cls = model, PlanMPU(plan, dist.get_rank(), groups), ExpertAwareEngine
     t = cfg.train
     optimizer = SkippableAdamW(
-        optimizer_param_groups(module, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay
+        optimizer_param_groups(module, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), weight_decay=t.weight_decay,
+        fused=device == "cuda",  # one fused kernel for the whole update on GPUs
     )
     ds = engine_cls(
         args=None,

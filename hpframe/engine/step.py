@@ -99,14 +99,23 @@ class StepGuard:
         # a sparse embedding gradient is off by ~3e-5 relative; one host sync at the end.
         dense = torch.zeros((), dtype=torch.float64, device=self.ds.device)
         expert = torch.zeros((), dtype=torch.float64, device=self.ds.device)
-        for p, g in pairs:
-            if p is dup or (self.tp_rank != 0 and not getattr(p, "tensor_model_parallel", False)):
-                continue
-            sq = g.detach().double().pow(2).sum().to(dense.device)
-            if is_moe_param(p):
-                expert += sq
-            else:
-                dense += sq
+        counted = [(p, g) for p, g in pairs
+                   if p is not dup and (self.tp_rank == 0 or getattr(p, "tensor_model_parallel", False))]
+        if counted and counted[0][1].is_cuda:
+            # GPU: one multi-tensor norm kernel per dtype (fp32 per-tensor partial sums are accurate
+            # there), squares summed in fp64; an fp64 copy of every gradient would cost 2x the memory
+            # traffic of the gradients themselves.
+            for is_expert, acc in ((False, dense), (True, expert)):
+                grads = [g.detach() for p, g in counted if is_moe_param(p) == is_expert]
+                if grads:
+                    acc += torch.stack(torch._foreach_norm(grads, 2)).double().pow(2).sum()
+        else:
+            for p, g in counted:
+                sq = g.detach().double().pow(2).sum().to(dense.device)
+                if is_moe_param(p):
+                    expert += sq
+                else:
+                    dense += sq
         if partitioned:
             total = dense + expert
             dist.all_reduce(total, group=self.groups.dp)
@@ -136,8 +145,7 @@ class StepGuard:
         elif self.grad_clip > 0:
             coef = self.grad_clip / (norm + 1e-6)
             if coef < 1.0:
-                for _, g in pairs:
-                    g.mul_(coef)
+                torch._foreach_mul_([g for _, g in pairs], coef)
         try:
             self._original(lr_kwargs)
         finally:
