@@ -19,7 +19,8 @@ STEP_KEYS = (
     "step", "loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "expert_load_cv",
     "dropped_token_frac", "skipped", "consumed_tokens", "step_time_s",
 )
-"""Keys of every line of metrics.jsonl (eval lines carry ``step`` and ``eval_loss`` instead)."""
+"""Keys of every step line of metrics.jsonl. Other lines: evaluation (``step``, ``eval_loss``) and
+checkpoint saves (``step``, ``ckpt_stall_s``: seconds training waited for the save)."""
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, world_size: int, peak_tflops: float) -> float:
