@@ -7,6 +7,11 @@ Assumptions (stated in docs/planner.md):
   Routed experts are split over the EP group.
 * bf16 training keeps bf16 weights and gradients plus an fp32 master copy and Adam m, v (12 bytes per
   parameter of optimizer state); fp32 training keeps fp32 weights and gradients and Adam m, v (8 bytes).
+* bf16 also accumulates gradients in fp32 (DeepSpeed's grad_accum_dtype, as hpframe configures it):
+  ZeRO-1 runs DeepSpeed's BF16_Optimizer, which holds a full fp32 copy of every local gradient
+  (4 bytes per parameter, not sharded); ZeRO-2 holds the fp32 gradients of its partition only.
+  Measured on one H200 (docs/performance.md, section 5): leaving this copy out under-estimated the
+  peak by 13% (76.5 vs 88.1 GiB).
 * ZeRO-1 shards optimizer state, ZeRO-2 also gradients, ZeRO-3 also weights: dense parameters over dp,
   expert parameters over edp (= dp / ep).
 * Activations are per token and block, in the train dtype, with fused attention (no seq x seq scores
@@ -122,9 +127,12 @@ def estimate_memory(cfg: RunConfig, plan: ParallelPlan) -> MemoryEstimate:
         exp_w = sp.expert / edp if z >= 3 else sp.expert
         exp_g = sp.expert / edp if z >= 2 else sp.expert
         exp_o = sp.expert / edp if z >= 1 else sp.expert
+        fp32_grads = 0.0
+        if cfg.train.dtype == DType.bf16:  # fp32 gradient accumulation buffers (see the module docstring)
+            fp32_grads = 4 * (sp.dense / dp + sp.expert / edp if z >= 2 else sp.dense + sp.expert)
         parts = (
             int(w * (dense_w + exp_w)),
-            int(g * (dense_g + exp_g)),
+            int(g * (dense_g + exp_g) + fp32_grads),
             int(opt * (dense_o + exp_o)),
             stage_activation_bytes(cfg, plan, st),
         )

@@ -36,9 +36,17 @@ def test_memory_bf16_zero1_with_experts(compose_cfg) -> None:
     experts = p.by_component["experts"]
     dense, local_experts = p.total - experts, experts // 2
     m = plan.memory
-    assert m.weights == m.gradients == 2 * (dense + local_experts)
+    assert m.weights == 2 * (dense + local_experts)
+    # bf16 gradients plus BF16_Optimizer's unsharded fp32 gradient copy (ZeRO-1)
+    assert m.gradients == (2 + 4) * (dense + local_experts)
     # ZeRO-1: fp32 master + m + v (12 bytes) sharded over dp=2 for dense, over edp=1 for experts
     assert m.optimizer == int(12 * (dense / 2 + local_experts))
+
+
+def test_memory_bf16_zero2_shards_the_fp32_gradients(compose_cfg) -> None:
+    cfg = compose_cfg("recipe=gpt_debug", "parallel.dp=4", "parallel.zero_stage=2", "train.dtype=bf16")
+    m = make_plan(cfg).memory
+    assert m.gradients == int(2 * GPT_N / 4 + 4 * GPT_N / 4)
 
 
 def test_zero_stages_shard_progressively(compose_cfg) -> None:
