@@ -31,10 +31,11 @@ def _no_shm_op() -> None:
     return None
 
 
-def prepare_deepspeed(*, cuda: bool | None = None) -> None:
-    """Set DS_ACCELERATOR=cpu without CUDA, default TORCH_EXTENSIONS_DIR, and skip the shm op build.
+def set_environment(*, cuda: bool | None = None) -> None:
+    """DS_ACCELERATOR=cpu without CUDA and a default TORCH_EXTENSIONS_DIR; imports no DeepSpeed.
 
-    Idempotent. ``cuda`` defaults to ``torch.cuda.is_available()``.
+    Called before DeepSpeed is first imported (hpframe.engine's __init__), so its accelerator
+    detection reads the variable instead of guessing and warning on every process.
     """
     import torch
 
@@ -43,6 +44,14 @@ def prepare_deepspeed(*, cuda: bool | None = None) -> None:
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(_default_extensions_dir()))
+
+
+def prepare_deepspeed(*, cuda: bool | None = None) -> None:
+    """Set DS_ACCELERATOR=cpu without CUDA, default TORCH_EXTENSIONS_DIR, and skip the shm op build.
+
+    Idempotent. ``cuda`` defaults to ``torch.cuda.is_available()``.
+    """
+    set_environment(cuda=cuda)
     import importlib
 
     # importlib, not "import deepspeed.comm.torch as m": deepspeed.comm re-exports the torch package
