@@ -65,6 +65,20 @@ def main(cfg: RunConfig) -> int:
     return train_main(cfg, plan)
 
 
+def _save_traceback(run_dir: str) -> str | None:
+    """Write the current exception's traceback to RUN_DIR/error_rank<R>.txt; return the path (None if unwritable)."""
+    import traceback
+    from pathlib import Path
+
+    path = Path(run_dir) / f"error_rank{os.environ.get('RANK', '0')}.txt"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(traceback.format_exc())
+    except OSError:
+        return None
+    return str(path)
+
+
 def _log_peak_memory(plan: Any) -> None:
     """On GPUs, this rank's peak allocated memory next to the planner's estimate (planner fidelity)."""
     import torch
@@ -112,7 +126,10 @@ def train_main(cfg: RunConfig, plan: "object") -> int:
         log.error(f"hpframe: stopping: {err}")
         return EXIT_NONFINITE
     except ValueError as err:
-        log.error(f"hpframe: invalid configuration: {err}")
+        # one clear line for the user; the traceback goes to a file, so an internal error that
+        # happens to be a ValueError is not lost
+        where = _save_traceback(cfg.output_dir)
+        log.error(f"hpframe: invalid configuration: {err}" + (f" (traceback in {where})" if where else ""))
         return EXIT_USER_ERROR
     finally:
         if dist.is_initialized():
