@@ -187,7 +187,9 @@ class Router(nn.Module):
         if self.norm_topk_prob:
             weight = weight / (weight.sum(-1, keepdim=True) + 1e-20)
         weight = weight * self.route_scale
-        if self.training:
+        # Count once per token: not again when activation checkpointing recomputes this forward
+        # inside the backward pass (graph task id -1 = not running under autograd's backward).
+        if self.training and torch._C._current_graph_task_id() == -1:
             with torch.no_grad():
                 self.load_accum += moe_gpu.expert_counts(topk_idx.reshape(-1), self.num_experts).float()
         return Routing(logits, scores, topk_idx, topk_score, weight)

@@ -12,9 +12,8 @@
                under EP the all-to-alls stay outside the checkpointed region.
 
 Checkpointing replaces the ``forward`` of a module INSTANCE (non-reentrant ``torch.utils.checkpoint``),
-so parameter names and state dicts are unchanged. Known side effect: the router's ``load_accum``
-counts each MoE layer twice under ``full`` (forward and recompute); the aux-loss-free bias update uses
-only the sign of (mean load - load), which a uniform factor does not change.
+so parameter names and state dicts are unchanged. The router's ``load_accum`` counts tokens only
+outside the backward pass, so a recomputed forward does not count them twice.
 """
 
 from __future__ import annotations

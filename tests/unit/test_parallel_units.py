@@ -112,6 +112,10 @@ def test_recompute_keeps_loss_and_gradients(recipe: str, mode: str) -> None:
     assert calls == {"ref": 1, "model": 2}
     for (name, p), q in zip(ref.named_parameters(), model.parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=name)
+    # the router's load counters (aux-loss-free bias update, load stats) count each token once,
+    # not again when the recompute re-runs the router inside backward
+    for r_ref, r_model in zip(ref.moe_modules(), model.moe_modules()):
+        assert float(r_model.router.load_accum.sum()) == float(r_ref.router.load_accum.sum()) > 0
 
 
 def test_init_distributed_single_process_without_launcher() -> None:
