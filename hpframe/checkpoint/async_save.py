@@ -96,8 +96,17 @@ class Checkpointer:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
-        if self._error is not None:
-            err, self._error = self._error, None
+        err, self._error = self._error, None
+        if self.async_save and dist.is_initialized() and self.world_size > 1:
+            # a background write can fail on one rank only: agree, so that every rank raises here
+            # together instead of the others waiting in the next save's collectives forever
+            reports: list[str | None] = [None] * self.world_size
+            dist.all_gather_object(reports, None if err is None else f"{type(err).__name__}: {err}")
+            failed = [(r, msg) for r, msg in enumerate(reports) if msg is not None]
+            if err is None and failed:
+                r, msg = failed[0]
+                raise store.CheckpointError(f"asynchronous checkpoint save failed on rank {r}: {msg}")
+        if err is not None:
             raise err
 
     def close(self) -> None:
@@ -109,8 +118,14 @@ class Checkpointer:
         try:
             self._persist(*args, sync=False)
         except BaseException as err:  # surfaced by the next wait() on the training thread
-            log.error(f"asynchronous checkpoint save failed: {err}")
+            log.error(f"asynchronous checkpoint save failed: {err}", all_ranks=True)
             self._error = err
+            try:  # tell rank 0, which polls for every rank's part before committing, not to wait
+                marker = Path(args[2]) / "failed" / f"rank{self.rank}.txt"
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(f"{type(err).__name__}: {err}\n")
+            except OSError:
+                pass
 
     def _persist(self, step: int, tag: str, staging: Path, part: RankPart, rng: dict, client_state: dict,
                  *, sync: bool) -> None:
@@ -139,6 +154,11 @@ class Checkpointer:
         want = set(range(self.world_size))
         deadline = time.monotonic() + self.commit_timeout_s
         while (missing := want - parts_written(staging)):
+            failed = sorted((staging / "failed").glob("rank*.txt")) if (staging / "failed").is_dir() else []
+            if failed:
+                raise store.CheckpointError(
+                    f"{staging}: {failed[0].stem} could not write its part ({failed[0].read_text().strip()}); not committed"
+                )
             if time.monotonic() > deadline:
                 raise store.CheckpointError(
                     f"{staging}: ranks {sorted(missing)} did not finish writing within {self.commit_timeout_s:.0f} s; not committed"

@@ -5,7 +5,8 @@ with those of a synchronous save of the same state (bit for bit: the snapshot is
 ``save`` returns); the committed directories at fixed points (when the second asynchronous save
 returns, the first is committed: at most one save in flight; after ``close`` the second is, and
 ``latest`` names it); a failing background write raises from the next ``wait``/``close`` on every rank
-with the error of the file system, and nothing is committed.
+with the error of the file system, and nothing is committed; a write failing on one rank only makes
+every rank raise at close (rank 0 stops waiting for the missing part), and nothing is committed.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conftest import compose_run_config  # noqa: E402
+from hpframe.checkpoint import store  # noqa: E402
 from hpframe.checkpoint.portable import PortableCheckpoint  # noqa: E402
 from hpframe.testing.distributed import run_distributed  # noqa: E402
 
@@ -64,6 +66,18 @@ def _worker(rank: int, world_size: int, cfg, root: str) -> dict:
         broken.close()
     except OSError as err:
         out["error"] = f"{type(err).__name__}: {err}"
+
+    # a write that fails on rank 1 only: both ranks raise at close (no rank left waiting), nothing committed
+    one = Checkpointer(engine, Path(root) / "one", async_save=True)
+    if rank == 1:
+        def failing(*args, **kwargs):
+            raise OSError("disk full (injected on rank 1)")
+        one._persist = failing
+    one.save(4, {"step": 4})
+    try:
+        one.close()
+    except (OSError, store.CheckpointError) as err:
+        out["one_error"] = f"{type(err).__name__}: {err}"
     return out
 
 
@@ -76,6 +90,8 @@ def test_async_save_snapshot_order_and_errors(tmp_path):
         assert r["latest"] == "step_00000002"
         assert all(x >= 0 for x in r["stall"])
         assert "blocked" in r["error"] and ("NotADirectoryError" in r["error"] or "FileExistsError" in r["error"])
+        assert "injected on rank 1" in r["one_error"] or "rank1 could not write" in r["one_error"], r["one_error"]
+    assert store.committed(tmp_path / "one") == []
     a = PortableCheckpoint(tmp_path / "async" / "step_00000001")
     s = PortableCheckpoint(tmp_path / "sync" / "step_00000001")
     assert set(a.shapes) == set(s.shapes) and len(a.shapes) > 20
