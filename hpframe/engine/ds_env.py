@@ -1,7 +1,7 @@
 """Process-level DeepSpeed setup: accelerator choice, extension cache, and no shared-memory op build.
 
 DeepSpeed's CPU communication backend JIT-compiles a shared-memory all-reduce op with gcc the first
-time a process starts (28-50 s on our CPU machines, see /work/shared/ENVIRONMENT.md). That op only
+time a process starts (28-50 s on our 2-core CPU machines). That op only
 serves inference-style all-reduce; training collectives go through torch.distributed (gloo), so
 ``prepare_deepspeed`` replaces the builder with one that returns None, which DeepSpeed already
 treats as "op not available". Call it before ``deepspeed.comm.init_distributed``.
