@@ -48,6 +48,12 @@ class Engine:
         pp_group = plan.ranks.group("pp", self.rank)
         self._last_stage_rank = pp_group[-1]  # the pp group is ordered by stage
         self.is_last_stage = self.rank == self._last_stage_rank
+        # capacity drops of every MoE forward of a step (sum of per-layer fractions, count), over
+        # all micro-batches, layers and ranks: the step's dropped_token_frac
+        self._dropped = [0.0, 0]
+        for mod in self.ds.module.modules():
+            if isinstance(mod, MoE):
+                mod.register_forward_hook(self._count_dropped)
 
     @property
     def module(self) -> torch.nn.Module:
@@ -57,6 +63,19 @@ class Engine:
         """Learning rate of every param group for the next steps (the loop owns the schedule)."""
         for g in self.optimizer.param_groups:
             g["lr"] = lr
+
+    def _count_dropped(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        # training forwards only, and not the recompute of activation checkpointing inside backward
+        if module.training and torch._C._current_graph_task_id() == -1 and "dropped_frac" in module.stats:
+            self._dropped[0] += float(module.stats["dropped_frac"])
+            self._dropped[1] += 1
+
+    def _global_dropped_frac(self) -> float:
+        """Mean dropped fraction over every MoE forward of the step on every rank (collective)."""
+        v = torch.tensor([self._dropped[0], float(self._dropped[1])], dtype=torch.float64, device=self.ds.device)
+        self._dropped = [0.0, 0]
+        dist.all_reduce(v)  # TP ranks repeat the same MoE computation: equal weights, same mean
+        return float(v[0] / v[1]) if v[1] > 0 else 0.0
 
     # ---- training -----------------------------------------------------------------------------
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
@@ -76,6 +95,8 @@ class Engine:
                 router.load_accum.zero_()  # the skipped step's routing must not steer the next update
         else:
             stats = self._update_router_bias()
+        if self.plan.experts is not None:  # every rank joins, also pipeline stages without MoE layers
+            stats["dropped_token_frac"] = self._global_dropped_frac()
         return StepResult(
             loss=lm_mean + aux_mean,
             lm_loss=lm_mean,

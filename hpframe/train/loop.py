@@ -96,6 +96,13 @@ def _resume(engine: Any, data: Data, cfg: RunConfig, root: Path, fingerprint: st
     return step, consumed, path
 
 
+def _dropped(moe_stats: Any, from_layers: float, module: Any) -> float:
+    """The engine's global figure (all ranks, micro-batches and layers of the step) when it reports one."""
+    if isinstance(moe_stats, dict) and "dropped_token_frac" in moe_stats:
+        return float(moe_stats["dropped_token_frac"])
+    return from_layers or dropped_frac(module)
+
+
 def step_record(out: Any, *, step: int, lr: float, elapsed: float, tokens: int, consumed: int, module: Any,
                 plan: "ParallelPlan", cfg: RunConfig) -> dict[str, Any]:
     """The metrics.jsonl line of one step from the engine's StepResult (keys: metrics.STEP_KEYS)."""
@@ -108,7 +115,7 @@ def step_record(out: Any, *, step: int, lr: float, elapsed: float, tokens: int, 
         "step": step, "loss": loss, "lm_loss": float(out.lm_loss), "aux_loss": float(out.aux_loss), "lr": lr,
         "grad_norm": float(out.grad_norm), "tokens_per_s": tps,
         "mfu": mfu(tps, plan.flops_per_token, plan.world_size, cfg.cluster.peak_tflops),
-        "expert_load_cv": cv, "dropped_token_frac": dropped or dropped_frac(module), "skipped": bad,
+        "expert_load_cv": cv, "dropped_token_frac": _dropped(out.moe_stats, dropped, module), "skipped": bad,
         "consumed_tokens": consumed, "step_time_s": elapsed,
     }
 
