@@ -38,9 +38,12 @@ def strip_local_rank(argv: list[str]) -> list[str]:
 
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    from hpframe.launcher import exit_worker, under_launcher
     from hpframe.run import main_from_hydra
 
     code = main_from_hydra(cfg)
+    if under_launcher():  # a torchrun / DeepSpeed-launcher worker: no interpreter teardown (see exit_worker)
+        exit_worker(code)
     if code:
         sys.exit(code)
 
