@@ -35,6 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from hpframe.checkpoint.store import fsync_path
+
 FORMAT_VERSION = 1
 KINDS = ("param", "exp_avg", "exp_avg_sq")
 CLIENT_STATE = "client_state.json"
@@ -78,14 +80,6 @@ class RankPart:
     coords: dict[str, int] = field(default_factory=dict)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_part(directory: Path, part: RankPart) -> list[Path]:
     """Write ``part``'s safetensors file, then its layout JSON (the completion mark); returns both paths."""
     from safetensors.torch import save_file
@@ -96,7 +90,7 @@ def write_part(directory: Path, part: RankPart) -> list[Path]:
     lpath.parent.mkdir(parents=True, exist_ok=True)
     tensors = {p.key: p.tensor.contiguous() for p in part.pieces}
     save_file(tensors, str(tpath), metadata={"format": "hpframe-portable", "version": str(FORMAT_VERSION)})
-    _fsync(tpath)
+    fsync_path(tpath)
     layout = {
         "version": FORMAT_VERSION,
         "rank": part.rank,
@@ -112,7 +106,7 @@ def write_part(directory: Path, part: RankPart) -> list[Path]:
     }
     tmp = lpath.with_suffix(".tmp")
     tmp.write_text(json.dumps(layout, indent=1, sort_keys=True))
-    _fsync(tmp)
+    fsync_path(tmp)
     os.replace(tmp, lpath)
     return [tpath, lpath]
 
@@ -248,7 +242,7 @@ def write_json(path: Path, doc: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=1, sort_keys=True, default=str))
-    _fsync(tmp)
+    fsync_path(tmp)
     os.replace(tmp, path)
 
 

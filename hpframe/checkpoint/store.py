@@ -58,7 +58,8 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or directory (a directory: its entries, e.g. after a rename)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -75,15 +76,15 @@ def write_manifest(directory: Path, step: int, extra: dict | None = None) -> dic
     directory = Path(directory)
     files = {}
     for p in _files(directory):
-        _fsync_path(p)
+        fsync_path(p)
         files[p.relative_to(directory).as_posix()] = {"bytes": p.stat().st_size, "sha256": _sha256(p)}
     manifest = {"version": 1, "step": step, "files": files, **(extra or {})}
     tmp = directory / (MANIFEST + ".tmp")
     tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    _fsync_path(tmp)
+    fsync_path(tmp)
     os.replace(tmp, directory / MANIFEST)
     for d in sorted({p.parent for p in _files(directory)} | {directory}):
-        _fsync_path(d)
+        fsync_path(d)
     return manifest
 
 
@@ -118,12 +119,12 @@ def commit(root: Path, tag: str) -> Path:
     if dst.exists():  # a previous run saved the same step; the new save replaces it
         shutil.rmtree(dst)
     os.replace(src, dst)
-    _fsync_path(root)
+    fsync_path(root)
     tmp = root / (LATEST + ".tmp")
     tmp.write_text(tag + "\n")
-    _fsync_path(tmp)
+    fsync_path(tmp)
     os.replace(tmp, root / LATEST)
-    _fsync_path(root)
+    fsync_path(root)
     return dst
 
 
