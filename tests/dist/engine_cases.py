@@ -48,6 +48,28 @@ def global_batches(cfg, dp: int, step: int) -> list[tuple[torch.Tensor, torch.Te
     return [(seq[i, :, :-1].contiguous(), seq[i, :, 1:].contiguous()) for i in range(n)]
 
 
+def build_rank_engine(cfg, groups=None):
+    """(engine, plan, groups) of this rank for ``cfg`` through run.py's path: plan, groups, model
+    initialized from ``cfg.train.seed``, parallelize, build_engine. Pass ``groups`` to reuse the process
+    groups of an earlier build with the same layout (DeepSpeed registers expert groups once)."""
+    from hpframe.engine import build_engine
+    from hpframe.models import build_model
+    from hpframe.parallel import init_distributed, parallelize
+    from hpframe.plan import make_plan
+
+    plan = make_plan(cfg)
+    groups = groups or init_distributed(plan)
+    model = build_model(cfg.model, cfg.moe, routing_groups=plan.experts.routing_groups if plan.experts else None)
+    model.init_weights(cfg.train.seed)
+    return build_engine(parallelize(model, plan, groups), plan, groups, cfg), plan, groups
+
+
+def rank_batches(cfg, plan, rank: int, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This rank's share (by its dp coordinate) of ``global_batches`` of ``step``."""
+    d = plan.ranks.coords(rank)["dp"]
+    return global_batches(cfg, plan.dp, step)[d * plan.grad_accum:(d + 1) * plan.grad_accum]
+
+
 def routing_groups(cfg) -> int:
     return cfg.moe.num_expert_groups
 

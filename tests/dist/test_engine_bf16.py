@@ -23,12 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 def _worker(rank: int, world: int, runs: list[tuple[int, str]]) -> dict:
     from conftest import compose_run_config
-    from engine_cases import global_batches
-
-    from hpframe.engine import build_engine
-    from hpframe.models import build_model
-    from hpframe.parallel import init_distributed, parallelize
-    from hpframe.plan import make_plan
+    from engine_cases import build_rank_engine, rank_batches
 
     out = {}
     groups = None  # one set of process groups for every run (same layout; DeepSpeed registers them once)
@@ -36,17 +31,10 @@ def _worker(rank: int, world: int, runs: list[tuple[int, str]]) -> dict:
         cfg = compose_run_config("recipe=mixtral_debug", "parallel.dp=2", "parallel.ep=2", f"parallel.zero_stage={zero}",
                                  f"train.dtype={dtype}", "parallel.micro_batch_size=2", "parallel.grad_accum=2",
                                  "data.seq_len=16", "train.grad_clip=0.5")
-        plan = make_plan(cfg)
-        groups = groups or init_distributed(plan)
-        model = build_model(cfg.model, cfg.moe, routing_groups=plan.experts.routing_groups)
-        model.init_weights(cfg.train.seed)
-        engine = build_engine(parallelize(model, plan, groups), plan, groups, cfg)
-        dp_rank = plan.ranks.coords(rank)["dp"]
+        engine, plan, groups = build_rank_engine(cfg, groups)
         rows = []
         for step in range(3):
-            batches = global_batches(cfg, plan.dp, step)
-            mine = batches[dp_rank * plan.grad_accum:(dp_rank + 1) * plan.grad_accum]
-            res = engine.train_step(mine)
+            res = engine.train_step(rank_batches(cfg, plan, rank, step))
             rows.append((res.loss, res.grad_norm, res.skipped))
         out[(zero, dtype)] = {"optimizer": type(engine.ds.optimizer).__name__, "rows": rows}
     return out

@@ -25,26 +25,11 @@ OVERRIDES = ["recipe=mixtral_debug", "parallel.dp=2", "parallel.ep=2", "parallel
 
 def _worker(rank: int, world: int) -> list[float]:
     from conftest import compose_run_config
-    from engine_cases import global_batches
-
-    from hpframe.engine import build_engine
-    from hpframe.models import build_model
-    from hpframe.parallel import init_distributed, parallelize
-    from hpframe.plan import make_plan
+    from engine_cases import build_rank_engine, rank_batches
 
     cfg = compose_run_config(*OVERRIDES)
-    plan = make_plan(cfg)
-    groups = init_distributed(plan)
-    model = build_model(cfg.model, cfg.moe, routing_groups=plan.experts.routing_groups)
-    model.init_weights(cfg.train.seed)
-    engine = build_engine(parallelize(model, plan, groups), plan, groups, cfg)
-    dp_rank = plan.ranks.coords(rank)["dp"]
-    out = []
-    for step in range(2):
-        batches = global_batches(cfg, plan.dp, step)
-        res = engine.train_step(batches[dp_rank * plan.grad_accum:(dp_rank + 1) * plan.grad_accum])
-        out.append(res.moe_stats["dropped_token_frac"])
-    return out
+    engine, plan, _ = build_rank_engine(cfg)
+    return [engine.train_step(rank_batches(cfg, plan, rank, step)).moe_stats["dropped_token_frac"] for step in range(2)]
 
 
 def _reference() -> float:
