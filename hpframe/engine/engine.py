@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from hpframe.models import Block, MoE, Router
+from hpframe.models.moe import in_backward
 from hpframe.parallel.tensor import vocab_parallel_cross_entropy
 
 
@@ -66,7 +67,7 @@ class Engine:
 
     def _count_dropped(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         # training forwards only, and not the recompute of activation checkpointing inside backward
-        if module.training and torch._C._current_graph_task_id() == -1 and "dropped_frac" in module.stats:
+        if module.training and not in_backward() and "dropped_frac" in module.stats:
             self._dropped[0] += float(module.stats["dropped_frac"])
             self._dropped[1] += 1
 

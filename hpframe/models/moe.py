@@ -128,6 +128,11 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=-1).pow(2).mean()
 
 
+def in_backward() -> bool:
+    """True while autograd's backward runs this code (an activation-checkpointing recompute)."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class Router(nn.Module):
     """Linear scores -> softmax/sigmoid -> (+bias, group limit) top-k -> combine weights.
 
@@ -188,8 +193,7 @@ class Router(nn.Module):
             weight = weight / (weight.sum(-1, keepdim=True) + 1e-20)
         weight = weight * self.route_scale
         # Count once per token: not again when activation checkpointing recomputes this forward
-        # inside the backward pass (graph task id -1 = not running under autograd's backward).
-        if self.training and torch._C._current_graph_task_id() == -1:
+        if self.training and not in_backward():
             with torch.no_grad():
                 self.load_accum += moe_gpu.expert_counts(topk_idx.reshape(-1), self.num_experts).float()
         return Routing(logits, scores, topk_idx, topk_score, weight)

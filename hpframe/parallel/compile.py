@@ -15,8 +15,6 @@ took a 3.58 B Mixtral-like model from 45% to 54% MFU.
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
 from hpframe.logging import get_logger
@@ -49,5 +47,3 @@ def compiled_modules(model: nn.Module) -> list[str]:
     """Names of modules that ``apply_compile`` compiled (for logs and tests)."""
     return [n for n, m in model.named_modules() if getattr(m, "_compiled_call_impl", None) is not None]
 
-
-__all__: list[Any] = ["apply_compile", "compiled_modules"]
