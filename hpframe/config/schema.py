@@ -221,6 +221,11 @@ class TrainConfig:
     seed: int = 1234
     dtype: DType = DType.fp32
     """Parameter/compute dtype (bf16 on GPUs, fp32 on CPUs)."""
+    master_dtype: DType = DType.fp32
+    """With dtype=bf16: dtype of the optimizer's master weights, gradient accumulation and Adam moments.
+    fp32 (default) keeps fp32 copies (DeepSpeed's BF16_Optimizer under ZeRO-1); bf16 updates the bf16
+    weights directly with bf16 moments (ZeRO 1/2 only): 8 bytes less per parameter and no copies, but
+    updates smaller than a bf16 step of a weight are lost."""
     device: Device = Device.auto
     log_interval: int = 1
     """Steps between log lines."""
@@ -236,6 +241,10 @@ class TrainConfig:
     """Write TensorBoard event files in the run directory."""
     compile: bool = False
     """torch.compile the transformer blocks."""
+    profile_from_step: int = 0
+    """Trace ``profile_num_steps`` steps from this one with torch.profiler, into RUN_DIR/profile/; 0 = off."""
+    profile_num_steps: int = 3
+    """Steps traced when ``profile_from_step`` > 0."""
     fail_at_step: int = 0
     """Testing aid for restart tests: rank 1 (rank 0 alone) SIGKILLs itself after this step, in the first
     attempt of a torchrun job only (TORCHELASTIC_RESTART_COUNT=0); 0 = off. Never set it in real runs."""

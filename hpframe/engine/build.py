@@ -58,7 +58,8 @@ def build_engine(model: nn.Module, plan: Any, groups: Any, cfg: Any) -> Any:
             "train.dtype=bf16 with parallel.zero_stage=0: the gradient-norm guard reads ZeRO partitions or "
             "param.grad, not DeepSpeed's separate bf16 optimizer buffers; use parallel.zero_stage >= 1"
         )
-    ds_cfg = deepspeed_config(plan, dtype=dtype, device=device)
+    master = str(getattr(cfg.train.master_dtype, "value", cfg.train.master_dtype))
+    ds_cfg = deepspeed_config(plan, dtype=dtype, device=device, master_dtype=master)
     tag_expert_params(model, plan)
     register_expert_groups(plan, groups)
     loss_fn = None

@@ -24,6 +24,7 @@ import torch.distributed as dist
 from hpframe.models import Block, MoE, Router
 from hpframe.models.moe import in_backward
 from hpframe.parallel.tensor import vocab_parallel_cross_entropy
+from hpframe.train.profile import phase
 
 
 @dataclass
@@ -89,7 +90,8 @@ class Engine:
             lm, aux = self._train_pipeline(micro_batches)
         else:
             lm, aux = self._train_flat(micro_batches)
-        lm_mean, aux_mean = self._global_means(lm, aux)
+        with phase("step_stats"):
+            lm_mean, aux_mean = self._global_means(lm, aux)
         if self.guard.skipped:
             stats: dict[str, float | list] = {}
             for _, router in self._routers():
@@ -113,15 +115,18 @@ class Engine:
     def _train_flat(self, micro_batches: list) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         lms, auxs = [], []
         for tokens, targets in micro_batches:
-            logits = self.ds(self._device_batch(tokens))  # [B,S,V/tp]
-            lm = vocab_parallel_cross_entropy(logits, self._device_batch(targets), self.groups.tp)
-            aux = self.ds.module.aux_loss.float()
-            loss = lm + aux
+            with phase("forward"):
+                logits = self.ds(self._device_batch(tokens))  # [B,S,V/tp]
+                lm = vocab_parallel_cross_entropy(logits, self._device_batch(targets), self.groups.tp)
+                aux = self.ds.module.aux_loss.float()
+                loss = lm + aux
             lms.append(lm.detach().float())
             auxs.append(aux.detach())
             self.guard.local_losses.append(loss.detach())
-            self.ds.backward(loss)  # DeepSpeed scales by 1/grad_accum
-            self.ds.step()  # applies the update (through StepGuard) on the last micro-batch only
+            with phase("backward"):
+                self.ds.backward(loss)  # DeepSpeed scales by 1/grad_accum
+            with phase("step"):
+                self.ds.step()  # applies the update (through StepGuard) on the last micro-batch only
         return lms, auxs
 
     def _train_pipeline(self, micro_batches: list) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -130,7 +135,8 @@ class Engine:
         # recorded by then, so its non-finite check sees them.
         self.loss_fn.on_record = self.guard.local_losses.append
         try:
-            self.ds.train_batch(iter(batches))
+            with phase("pipeline_schedule"):
+                self.ds.train_batch(iter(batches))
         finally:
             self.loss_fn.on_record = None
         return self.loss_fn.pop() if self.is_last_stage else ([], [])

@@ -35,6 +35,8 @@ import torch.distributed as dist
 from deepspeed.moe.utils import is_moe_param
 from torch import nn
 
+from hpframe.train.profile import phase
+
 
 class SkippableAdamW(torch.optim.AdamW):
     """AdamW whose next ``step`` can be turned into a no-op (a step skipped for a non-finite gradient)."""
@@ -47,7 +49,8 @@ class SkippableAdamW(torch.optim.AdamW):
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
         if self.skip_next_step:
             return None
-        return super().step(closure)
+        with phase("adamw"):
+            return super().step(closure)
 
 
 def held_gradients(ds_engine: Any) -> tuple[list[tuple[nn.Parameter, torch.Tensor]], bool]:
@@ -108,7 +111,7 @@ class StepGuard:
             for is_expert, acc in ((False, dense), (True, expert)):
                 grads = [g.detach() for p, g in counted if is_moe_param(p) == is_expert]
                 if grads:
-                    acc += torch.stack(torch._foreach_norm(grads, 2)).double().pow(2).sum()
+                    acc += torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).double().pow(2).sum()
         else:
             for p, g in counted:
                 sq = g.detach().double().pow(2).sum().to(dense.device)
@@ -134,8 +137,9 @@ class StepGuard:
 
     @torch.no_grad()
     def _take_model_step(self, lr_kwargs: Any = None) -> None:
-        norm = self.global_norm()
-        self.skipped = self._any_rank_bad(norm)
+        with phase("grad_norm"):
+            norm = self.global_norm()
+            self.skipped = self._any_rank_bad(norm)
         self.grad_norm = norm
         pairs, _ = held_gradients(self.ds)
         if self.skipped:
@@ -145,8 +149,10 @@ class StepGuard:
         elif self.grad_clip > 0:
             coef = self.grad_clip / (norm + 1e-6)
             if coef < 1.0:
-                torch._foreach_mul_([g for _, g in pairs], coef)
+                with phase("clip"):
+                    torch._foreach_mul_([g for _, g in pairs], coef)
         try:
-            self._original(lr_kwargs)
+            with phase("optimizer"):
+                self._original(lr_kwargs)
         finally:
             self.optimizer.skip_next_step = False

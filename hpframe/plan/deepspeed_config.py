@@ -23,11 +23,13 @@ BUCKET_ELEMENTS = 500_000_000
 """ZeRO reduce / all-gather bucket size in elements (DeepSpeed's own default, written out)."""
 
 
-def deepspeed_config(plan: Any, *, dtype: str, device: str, steps_per_print: int = 1_000_000_000) -> dict[str, Any]:
+def deepspeed_config(plan: Any, *, dtype: str, device: str, master_dtype: str = "fp32",
+                     steps_per_print: int = 1_000_000_000) -> dict[str, Any]:
     """The DeepSpeed config of ``plan``.
 
-    ``dtype`` is ``train.dtype`` ("fp32" or "bf16"); ``device`` is the resolved device ("cpu" or
-    "cuda"). Raises ValueError for combinations DeepSpeed does not support.
+    ``dtype`` is ``train.dtype`` ("fp32" or "bf16"), ``master_dtype`` is ``train.master_dtype``;
+    ``device`` is the resolved device ("cpu" or "cuda"). Raises ValueError for combinations DeepSpeed
+    does not support.
     """
     if plan.zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"parallel.zero_stage={plan.zero_stage} must be 0, 1, 2 or 3")
@@ -40,6 +42,15 @@ def deepspeed_config(plan: Any, *, dtype: str, device: str, steps_per_print: int
         raise ValueError("parallel.zero_stage=3 with a Mixture-of-Experts model: DeepSpeed's MoE support stops at ZeRO-2")
     if dtype not in ("fp32", "bf16"):
         raise ValueError(f"train.dtype={dtype!r} must be fp32 or bf16")
+    if master_dtype not in ("fp32", "bf16"):
+        raise ValueError(f"train.master_dtype={master_dtype!r} must be fp32 or bf16")
+    if master_dtype == "bf16" and dtype != "bf16":
+        raise ValueError(f"train.master_dtype=bf16 needs train.dtype=bf16 (got train.dtype={dtype})")
+    if master_dtype == "bf16" and plan.zero_stage not in (1, 2):
+        raise ValueError(
+            f"train.master_dtype=bf16 with parallel.zero_stage={plan.zero_stage}: DeepSpeed keeps bf16 master "
+            "weights in its ZeRO stage 1/2 optimizer only"
+        )
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device {device!r} must be cpu or cuda")
     if plan.micro_batch_size * plan.grad_accum * plan.dp != plan.global_batch_size:
@@ -58,7 +69,8 @@ def deepspeed_config(plan: Any, *, dtype: str, device: str, steps_per_print: int
         "prescale_gradients": False,
         "gradient_predivide_factor": 1.0,
         "zero_allow_untested_optimizer": True,
-        "bf16": {"enabled": bf16},
+        # check_grad_overflow off: the engine's guard checks the global norm and the losses itself
+        "bf16": {"enabled": bf16, "check_grad_overflow": False},
         "fp16": {"enabled": False},
         "zero_optimization": {
             "stage": plan.zero_stage,
@@ -70,7 +82,11 @@ def deepspeed_config(plan: Any, *, dtype: str, device: str, steps_per_print: int
             "round_robin_gradients": False,
         },
     }
-    if bf16:
+    if bf16 and master_dtype == "bf16":
+        # bf16 everywhere: DeepSpeed's ZeRO optimizer with bf16 master weights, gradients and moments
+        cfg["bf16"].update(bf16_master_weights_and_grads=True, bf16_optimizer_states=True)
+        cfg["data_types"] = {"grad_accum_dtype": "bf16"}
+    elif bf16:
         # Accumulate gradients across micro-batches in fp32, not in the bf16 parameter dtype.
         cfg["data_types"] = {"grad_accum_dtype": "fp32"}
     if plan.pp > 1:

@@ -12,6 +12,9 @@ Assumptions (stated in docs/planner.md):
   (4 bytes per parameter, not sharded); ZeRO-2 holds the fp32 gradients of its partition only.
   Measured on one H200 (docs/performance.md, section 5): leaving this copy out under-estimated the
   peak by 13% (76.5 vs 88.1 GiB).
+* ``train.master_dtype=bf16`` (ZeRO 1/2 only): DeepSpeed's ZeRO optimizer keeps a bf16 master
+  partition and bf16 Adam m, v (6 bytes per parameter of optimizer state) and the reduced bf16
+  gradients of its partition (2 bytes per partition parameter).
 * ZeRO-1 shards optimizer state, ZeRO-2 also gradients, ZeRO-3 also weights: dense parameters over dp,
   expert parameters over edp (= dp / ep).
 * Activations are per token and block, in the train dtype, with fused attention (no seq x seq scores
@@ -116,7 +119,9 @@ def stage_activation_bytes(cfg: RunConfig, plan: ParallelPlan, stage: StagePlan)
 def estimate_memory(cfg: RunConfig, plan: ParallelPlan) -> MemoryEstimate:
     """Memory of every stage; the worst stage's parts are reported."""
     w = g = dtype_bytes(cfg)
-    opt = 12 if cfg.train.dtype == DType.bf16 else 8
+    bf16 = cfg.train.dtype == DType.bf16
+    bf16_master = bf16 and cfg.train.master_dtype == DType.bf16
+    opt = 6 if bf16_master else 12 if bf16 else 8
     z, dp, edp = plan.zero_stage, plan.dp, plan.edp
     rows = []
     for st in plan.pipeline.stages:
@@ -127,12 +132,14 @@ def estimate_memory(cfg: RunConfig, plan: ParallelPlan) -> MemoryEstimate:
         exp_w = sp.expert / edp if z >= 3 else sp.expert
         exp_g = sp.expert / edp if z >= 2 else sp.expert
         exp_o = sp.expert / edp if z >= 1 else sp.expert
-        fp32_grads = 0.0
-        if cfg.train.dtype == DType.bf16:  # fp32 gradient accumulation buffers (see the module docstring)
-            fp32_grads = 4 * (sp.dense / dp + sp.expert / edp if z >= 2 else sp.dense + sp.expert)
+        accum = 0.0  # the optimizer's own gradient buffers (see the module docstring)
+        if bf16_master:
+            accum = 2 * (sp.dense / dp + sp.expert / edp)
+        elif bf16:
+            accum = 4 * (sp.dense / dp + sp.expert / edp if z >= 2 else sp.dense + sp.expert)
         parts = (
             int(w * (dense_w + exp_w)),
-            int(g * (dense_g + exp_g) + fp32_grads),
+            int(g * (dense_g + exp_g) + accum),
             int(opt * (dense_o + exp_o)),
             stage_activation_bytes(cfg, plan, st),
         )

@@ -23,6 +23,7 @@ from hpframe.config.schema import RunConfig
 from hpframe.data import Data
 from hpframe.logging import current_rank, get_logger
 from hpframe.train.metrics import MetricsWriter, dropped_frac, mfu, summarize_moe
+from hpframe.train.profile import StepProfiler
 from hpframe.train.progress import Progress
 from hpframe.train.schedule import lr_at
 
@@ -133,6 +134,12 @@ def _check_nonfinite(record: dict[str, Any], in_a_row: int, limit: int) -> None:
         )
 
 
+def engine_on_cuda(engine: Any) -> bool:
+    """Whether the engine's parameters live on a CUDA device."""
+    p = next(iter(engine.module.parameters()), None)
+    return p is not None and p.is_cuda
+
+
 def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> TrainResult:
     """Run ``train.steps`` optimizer steps (resuming if asked); returns the metrics written."""
     run_dir = Path(cfg.output_dir)
@@ -152,6 +159,8 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
     rank0 = current_rank() == 0
     writer = MetricsWriter(run_dir, enabled=rank0, tensorboard=cfg.train.tensorboard)
     progress = Progress(total=cfg.train.steps, start=start, enabled=rank0 and cfg.train.progress)
+    profiler = StepProfiler(run_dir, first=cfg.train.profile_from_step, count=cfg.train.profile_num_steps,
+                            rank=current_rank(), cuda=torch.cuda.is_available() and engine_on_cuda(engine))
 
     def save(step: int) -> None:
         assert checkpointer is not None
@@ -178,9 +187,11 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
         for step in range(start + 1, t.steps + 1):
             lr = lr_at(step - 1, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, total_steps=t.steps)
             engine.set_lr(lr)
+            profiler.before_step(step)
             t0 = time.perf_counter()
             out = engine.train_step(as_pairs(data.train.next_step()))
             elapsed = time.perf_counter() - t0
+            profiler.after_step(step)
             consumed += tokens_per_step
             record = step_record(out, step=step, lr=lr, elapsed=elapsed, tokens=tokens_per_step, consumed=consumed,
                                  module=engine.module, plan=plan, cfg=cfg)
@@ -203,6 +214,7 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
         if checkpointer is not None and last_saved != result.steps_done:
             save(result.steps_done)
     finally:
+        profiler.close()
         if checkpointer is not None:
             checkpointer.close()  # the last asynchronous save is committed before the process ends
         progress.close()

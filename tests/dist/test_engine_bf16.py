@@ -21,36 +21,43 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def _worker(rank: int, world: int, runs: list[tuple[int, str]]) -> dict:
+def _worker(rank: int, world: int, runs: list[tuple[int, str, str]]) -> dict:
     from conftest import compose_run_config
     from engine_cases import build_rank_engine, rank_batches
 
     out = {}
     groups = None  # one set of process groups for every run (same layout; DeepSpeed registers them once)
-    for zero, dtype in runs:
+    for zero, dtype, master in runs:
         cfg = compose_run_config("recipe=mixtral_debug", "parallel.dp=2", "parallel.ep=2", f"parallel.zero_stage={zero}",
-                                 f"train.dtype={dtype}", "parallel.micro_batch_size=2", "parallel.grad_accum=2",
+                                 f"train.dtype={dtype}", f"train.master_dtype={master}", "parallel.micro_batch_size=2", "parallel.grad_accum=2",
                                  "data.seq_len=16", "train.grad_clip=0.5")
         engine, plan, groups = build_rank_engine(cfg, groups)
         rows = []
         for step in range(3):
             res = engine.train_step(rank_batches(cfg, plan, rank, step))
             rows.append((res.loss, res.grad_norm, res.skipped))
-        out[(zero, dtype)] = {"optimizer": type(engine.ds.optimizer).__name__, "rows": rows}
+        opt = engine.ds.optimizer
+        moments = {str(v.dtype) for st in opt.optimizer.state.values() for k, v in st.items() if k == "exp_avg"}
+        out[(zero, dtype, master)] = {"optimizer": type(opt).__name__, "rows": rows, "moments": moments}
     return out
 
 
 @pytest.mark.dist
 @pytest.mark.timeout(300)
 def test_bf16_optimizers_agree_and_track_fp32() -> None:
-    runs = [(1, "bf16"), (2, "bf16"), (1, "fp32")]
-    results = run_distributed(_worker, 2, (runs,), timeout=280)
+    z1, z2, fp32, pure = (1, "bf16", "fp32"), (2, "bf16", "fp32"), (1, "fp32", "fp32"), (1, "bf16", "bf16")
+    results = run_distributed(_worker, 2, ([z1, z2, fp32, pure],), timeout=280)
     r = results[0]
-    assert r[(1, "bf16")]["optimizer"] == "BF16_Optimizer"
-    assert r[(2, "bf16")]["optimizer"] == "DeepSpeedZeroOptimizer"
-    for (l1, n1, s1), (l2, n2, s2), (lf, nf, sf) in zip(r[(1, "bf16")]["rows"], r[(2, "bf16")]["rows"], r[(1, "fp32")]["rows"]):
-        assert not (s1 or s2 or sf)
-        assert n1 > 0.5  # the clip (0.5) is active, so the three runs follow the same clipped path
+    assert r[z1]["optimizer"] == "BF16_Optimizer"
+    assert r[z2]["optimizer"] == "DeepSpeedZeroOptimizer"
+    assert r[pure]["optimizer"] == "DeepSpeedZeroOptimizer"
+    assert r[z1]["moments"] == {"torch.float32"} and r[pure]["moments"] == {"torch.bfloat16"}
+    for (l1, n1, s1), (l2, n2, s2), (lf, nf, sf), (lp, np_, sp) in zip(*(r[k]["rows"] for k in (z1, z2, fp32, pure))):
+        assert not (s1 or s2 or sf or sp)
+        assert n1 > 0.5  # the clip (0.5) is active, so the runs follow the same clipped path
         assert l1 == pytest.approx(l2, rel=1e-3) and n1 == pytest.approx(n2, rel=1e-3)
         assert l1 == pytest.approx(lf, rel=2e-2) and n1 == pytest.approx(nf, rel=2e-2)
+        assert lp == pytest.approx(lf, rel=2e-2) and np_ == pytest.approx(nf, rel=2e-2)
+    # first step: same weights, so the pure-bf16 run's loss is the BF16_Optimizer run's
+    assert r[pure]["rows"][0][0] == pytest.approx(r[z1]["rows"][0][0], rel=1e-3)
     assert results[1] == results[0]  # every rank reports the same global numbers

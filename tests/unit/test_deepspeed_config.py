@@ -88,6 +88,31 @@ def test_sub_models_parse_strictly() -> None:
     assert cfg["data_types"] == {"grad_accum_dtype": "fp32"}
 
 
+@pytest.mark.parametrize("zero", [1, 2])
+def test_bf16_master_weights_parse(one_process_group, zero: int) -> None:
+    """train.master_dtype=bf16: DeepSpeed's own models read bf16 master weights, moments and accumulation."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    plan = _plan(dp=4, zero=zero, mbs=2, ga=3)
+    parsed = DeepSpeedConfig(deepspeed_config(plan, dtype="bf16", device="cuda", master_dtype="bf16"),
+                             mpu=_DataParallelSize(plan.dp))
+    assert parsed.bfloat16_config.bf16_master_weights_and_grads and parsed.bfloat16_config.bf16_optimizer_states
+    assert parsed.bfloat16_config.check_grad_overflow is False
+    assert parsed.grad_accum_dtype == "bf16"
+
+
+@pytest.mark.parametrize(
+    ("zero", "dtype", "match"),
+    [
+        (0, "bf16", r"train.master_dtype=bf16 with parallel.zero_stage=0"),
+        (1, "fp32", r"train.master_dtype=bf16 needs train.dtype=bf16 \(got train.dtype=fp32\)"),
+    ],
+)
+def test_bf16_master_refusals(zero: int, dtype: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        deepspeed_config(_plan(zero=zero), dtype=dtype, device="cuda", master_dtype="bf16")
+
+
 def test_find_auto_reports_paths() -> None:
     assert find_auto({"a": {"b": "auto"}, "c": [1, "AUTO"], "d": "x"}) == ["a.b", "c[1]"]
 
