@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
 # End-to-end training through hpframe's real path (launch.py: planner, parallelize, DeepSpeed engine,
-# data loader, loop) on H200s, from the repository root of a 2-GPU machine:
-#   bash bench/run_launch_gpu.sh
-# 1) mixtral_h200 on one GPU (bf16, ZeRO-1, compile on), 2) the same per-GPU batch with dp2 x ep2 on two
-# GPUs, 3) one GPU without compile. Copies each run's metrics.jsonl and log to $OUT.
+# data loader, loop) on H200s, from the repository root of the GPU machine:
+#   bash bench/run_launch_gpu.sh [SET]
+# SET (default "ep"):
+#   ep       1) mixtral_h200 on one GPU (bf16, ZeRO-1, compile on), 2) the same per-GPU batch with
+#            dp2 x ep2 on two GPUs, 3) one GPU without compile (EAGER=0 skips it)
+#   profile  one GPU: fp32 master weights (ZeRO-1 and ZeRO-2) and bf16 master weights, each with a
+#            torch.profiler capture of steps 7-9 (train.profile_from_step)
+#   final    one GPU fp32 and bf16 master, two GPUs dp2 x ep2 with both, and (4 GPUs) the hybrid layouts
+#            tp2 x ep2, pp2 x ep2 (dp2) and tp2 x pp2, plus the planner's layout suggestion for 4 GPUs
+# Copies each run's metrics.jsonl, log and profile tables to $OUT and prints a summary.
 set -u -o pipefail
+SET=${1:-ep}
 OUT=${OUT:-bench/results/local}
 mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -12,7 +19,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site:$PWD
 fi
-STEPS=${STEPS:-15}
+STEPS=${STEPS:-12}
 common="recipe=mixtral_h200 train.steps=$STEPS train.progress=false train.tensorboard=false train.eval_interval=0 train.eval_steps=1"
 run() {  # name, timeout, overrides...
   local name=$1 t=$2; shift 2
@@ -21,11 +28,40 @@ run() {  # name, timeout, overrides...
   echo "exit $?"
   grep -E "peak device memory|step +$STEPS/|Error|error" "$OUT/$name.log" | tail -6
   cp /tmp/hp_$name/metrics.jsonl "$OUT/$name.metrics.jsonl" 2>/dev/null
+  if [ -d /tmp/hp_$name/profile ]; then
+    for f in /tmp/hp_$name/profile/rank0_*.txt; do cp "$f" "$OUT/${name}_$(basename "$f")"; done
+  fi
 }
 nvidia-smi -L
-CUDA_VISIBLE_DEVICES=0 run gpu1_compile 230
-run gpu2_ep2_compile 230 cluster.gpus_per_node=2 parallel.dp=2 parallel.ep=2
-if [ "${EAGER:-1}" = 1 ]; then CUDA_VISIBLE_DEVICES=0 run gpu1_eager 120 train.compile=false; fi
+NGPU=$(nvidia-smi -L | wc -l)
+prof="train.profile_from_step=7 train.profile_num_steps=3"
+case $SET in
+  ep)
+    CUDA_VISIBLE_DEVICES=0 run gpu1_compile 230
+    run gpu2_ep2_compile 230 cluster.gpus_per_node=2 parallel.dp=2 parallel.ep=2
+    if [ "${EAGER:-1}" = 1 ]; then CUDA_VISIBLE_DEVICES=0 run gpu1_eager 120 train.compile=false; fi
+    ;;
+  profile)
+    CUDA_VISIBLE_DEVICES=0 run gpu1_fp32master 200 $prof
+    CUDA_VISIBLE_DEVICES=0 run gpu1_bf16master 200 $prof train.master_dtype=bf16
+    CUDA_VISIBLE_DEVICES=0 run gpu1_zero2 200 $prof parallel.zero_stage=2
+    ;;
+  final)
+    CUDA_VISIBLE_DEVICES=0 run gpu1_fp32master 200
+    CUDA_VISIBLE_DEVICES=0 run gpu1_bf16master 200 train.master_dtype=bf16
+    CUDA_VISIBLE_DEVICES=0,1 run gpu2_ep2_fp32master 230 cluster.gpus_per_node=2 parallel.dp=2 parallel.ep=2
+    CUDA_VISIBLE_DEVICES=0,1 run gpu2_ep2_bf16master 230 cluster.gpus_per_node=2 parallel.dp=2 parallel.ep=2 train.master_dtype=bf16
+    if [ "$NGPU" -ge 4 ]; then
+      g4="cluster.gpus_per_node=4"
+      run gpu4_dp4_ep4 260 $g4 parallel.dp=4 parallel.ep=4
+      run gpu4_tp2_ep2 260 $g4 parallel.tp=2 parallel.dp=2 parallel.ep=2
+      run gpu4_pp2_ep2 260 $g4 parallel.pp=2 parallel.dp=2 parallel.ep=2 parallel.grad_accum=4 parallel.micro_batch_size=1
+      run gpu4_tp2_pp2 260 $g4 parallel.tp=2 parallel.pp=2 parallel.grad_accum=4 parallel.micro_batch_size=1
+      python3 launch.py recipe=mixtral_h200 $g4 plan.dry_run=true plan.suggest=true > "$OUT/gpu4_suggest.txt" 2>&1
+    fi
+    ;;
+  *) echo "unknown set $SET"; exit 2 ;;
+esac
 python3 - "$OUT" <<'PY'
 import json, statistics, sys, pathlib
 for f in sorted(pathlib.Path(sys.argv[1]).glob("*.metrics.jsonl")):
@@ -33,5 +69,5 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob("*.metrics.jsonl")):
     tail = rows[len(rows) // 3:]  # drop warm-up / compile steps
     if not tail: continue
     med = lambda k: statistics.median(r[k] for r in tail)
-    print(f"{f.name}: steps {len(rows)}, loss {rows[0]['loss']:.3f} -> {rows[-1]['loss']:.3f}, median tokens/s {med('tokens_per_s'):,.0f}, MFU {med('mfu'):.3f}, step {med('step_time_s')*1e3:.0f} ms")
+    print(f"{f.name}: steps {len(rows)}, losses {' '.join(f'{r['loss']:.3f}' for r in rows[:4])} ... {rows[-1]['loss']:.3f}, median tokens/s {med('tokens_per_s'):,.0f}, MFU {med('mfu'):.3f}, step {med('step_time_s')*1e3:.0f} ms")
 PY
