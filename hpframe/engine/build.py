@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from hpframe.engine import bf16_grads
 from hpframe.engine.ds_env import init_deepspeed_comm
 from hpframe.plan.deepspeed_config import deepspeed_config
 
@@ -93,6 +94,7 @@ def build_engine(model: nn.Module, plan: Any, groups: Any, cfg: Any) -> Any:
         config=ds_cfg,
         config_class=DeepSpeedConfig(ds_cfg, mpu),
     )
+    bf16_grads.install(ds.optimizer)
     coords = plan.ranks.coords(dist.get_rank())
     guard = StepGuard(ds, optimizer, groups, grad_clip=t.grad_clip, tp_rank=coords["tp"])
     return Engine(ds=ds, plan=plan, groups=groups, optimizer=optimizer, guard=guard, loss_fn=loss_fn)

@@ -336,6 +336,7 @@ class MoE(nn.Module):
         self.shared = MLP(hidden, cfg.num_shared_experts * inner, activation) if cfg.num_shared_experts > 0 else None
         self.aux_loss: torch.Tensor = torch.zeros(())
         self.stats: dict[str, torch.Tensor] = {}
+        self.dropped_frac = 0.0  # fraction of (token, expert) assignments dropped by the last forward
 
     def capacity(self, num_tokens: int) -> int | None:
         """Per-expert capacity for a call with num_tokens tokens; None when dropless."""
@@ -380,6 +381,8 @@ class MoE(nn.Module):
             total = total + v
         self.aux_loss = total
         load = routed.float()
+        # the same figure as a Python float: ``kept`` is a host-side count, so reading it needs no sync
+        self.dropped_frac = 1.0 - kept / max(r.topk_idx.numel(), 1)
         self.stats = {
             "tokens_per_expert": routed.detach(),
             "load_cv": (load.std(correction=0) / load.mean().clamp_min(1e-10)).detach(),
