@@ -112,7 +112,7 @@ def train_main(cfg: RunConfig, plan: "object") -> int:
         model = build_model(cfg.model, cfg.moe, routing_groups=plan.experts.routing_groups if plan.experts else None)
         model.init_weights(cfg.train.seed)
         model = parallelize(model, plan, groups, sequence_parallel=cfg.parallel.sequence_parallel, recompute=cfg.parallel.recompute,
-                            compile=cfg.train.compile)
+                            compile=cfg.train.compile, ep_overlap=cfg.parallel.ep_overlap)
         log.info(f"model: {cfg.model.name}, {sum(p.numel() for p in model.parameters()):,} parameters on this rank")
         engine = build_engine(model, plan, groups, cfg)
         log.info(f"engine: {type(engine).__name__}, ZeRO stage {plan.zero_stage}, {cfg.train.dtype.value}")

@@ -195,6 +195,8 @@ class ParallelConfig:
     """Micro-batches per step per rank (also the pipeline's micro-batch count); -1 = derived."""
     recompute: Recompute = Recompute.none
     """Activation recomputation policy."""
+    ep_overlap: bool = True
+    """With ep > 1 and shared experts: compute the shared experts while the dispatch all-to-all is in flight."""
     axis_order: str = "pp-dp-tp"
     """Rank layout, outermost axis first. EP is always the inner part of dp (dp = edp x ep)."""
     pipeline_layout: list[int] = field(default_factory=list)

@@ -355,13 +355,28 @@ class MoE(nn.Module):
             r.topk_idx, r.topk_score, self.num_experts, self.capacity(b * s), self.cfg.drop_policy
         )
         token = order // self.top_k  # [N] source token of each kept assignment
-        y_sorted = self.experts(xf[token], counts)  # [N,H]
+        y_sorted, shared = self.run_experts(xf[token], counts, xf)  # [N,H], [T,H] or None
         w = r.topk_weight.reshape(-1)[order].to(y_sorted.dtype)
         y = torch.zeros_like(xf).index_add(0, token, y_sorted * w[:, None])  # unpermute + combine
-        if self.shared is not None:
-            y = y + self.shared(xf)
+        if shared is not None:
+            y = y + shared
         self._losses_and_stats(r, b, s, routed, order.numel())
         return y.view(b, s, h)
+
+    def run_experts(
+        self, x_sorted: torch.Tensor, counts: torch.Tensor, xf: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Routed experts on the sorted rows and the shared experts on all tokens: (y_sorted, shared or None).
+
+        An experts module with ``forward_with_side`` (the expert-parallel wrapper) runs the shared
+        experts while its dispatch all-to-all is in flight; otherwise they run one after the other.
+        """
+        side = getattr(self.experts, "forward_with_side", None)
+        if self.shared is not None and side is not None:
+            shared = self.shared
+            return side(x_sorted, counts, lambda: shared(xf))
+        y_sorted = self.experts(x_sorted, counts)
+        return y_sorted, (self.shared(xf) if self.shared is not None else None)
 
     def _losses_and_stats(self, r: Routing, b: int, s: int, routed: torch.Tensor, kept: int) -> None:
         c = self.cfg

@@ -278,10 +278,11 @@ def moe_forward(moe: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     # exact type: an expert-parallel subclass must run its own forward (the all-to-all exchange)
     if type(ex) is GroupedExperts and grouped_mm_ok(x_sorted, ex.hidden, ex.inner):
         y_sorted = grouped_mlp(x_sorted, counts, ex.w1, ex.w3, ex.w2)
+        shared = moe.shared(xf) if moe.shared is not None else None
     else:
-        y_sorted = ex(x_sorted, counts)
+        y_sorted, shared = moe.run_experts(x_sorted, counts, xf)
     y = combine(y_sorted, r.topk_weight, inv)  # fp32 weights: the kernels accumulate in fp32
-    if moe.shared is not None:
-        y = y + moe.shared(xf)
+    if shared is not None:
+        y = y + shared
     moe._losses_and_stats(r, b, s, counts, order.numel())
     return y.view(b, s, h)

@@ -16,7 +16,9 @@ engine see ``layers.i.mlp.experts.w1`` with the local shape [L, Fe, H]. One forw
   5. undo the re-sort and send the rows back with the reverse all-to-all -> y_sorted[N,H]
 
 Every all-to-all is an autograd Function whose backward is the reverse exchange, so gradients flow
-back to the senders. Capacity is applied by the MoE layer before step 1 (dropped assignments are
+back to the senders. With shared experts (``forward_with_side``), step 3 only starts the exchange,
+the shared experts run on the compute stream meanwhile, and the layer waits for the rows before step
+4 (``parallel.ep_overlap``). Capacity is applied by the MoE layer before step 1 (dropped assignments are
 never sent), so the same module serves dropless and capacity-limited routing.
 
 A rank that receives no rows still takes part in every exchange, forward and backward, and its
@@ -29,6 +31,7 @@ edp); dense weights are a sum over dp divided by dp.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -64,6 +67,42 @@ def all_to_all_rows(x: torch.Tensor, out_splits: list[int], in_splits: list[int]
     return _AllToAllSingle.apply(x, out_splits, in_splits, group)
 
 
+class _Pending:
+    """The in-flight exchange of ``_AllToAllStart``: ``wait()`` before anything reads its output."""
+
+    def __init__(self) -> None:
+        self.work: Any = None
+        self.send: torch.Tensor | None = None
+
+    def wait(self) -> None:
+        if self.work is not None:
+            self.work.wait()  # NCCL: the current stream waits (the host does not); gloo: the host waits
+        self.work = self.send = None
+
+
+class _AllToAllStart(Function):
+    """``_AllToAllSingle`` whose forward only starts the exchange (``pending.wait()`` completes it).
+
+    The returned tensor is being written by the collective: the caller may launch work that does not
+    read it, then must call ``pending.wait()``. The backward is the ordinary (blocking) reverse exchange.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any,
+                pending: _Pending) -> torch.Tensor:
+        ctx.out_splits, ctx.in_splits, ctx.group = out_splits, in_splits, group
+        out = x.new_empty((sum(out_splits), *x.shape[1:]))
+        pending.send = x.contiguous()  # alive until the exchange is done
+        pending.work = dist.all_to_all_single(out, pending.send, out_splits, in_splits, group=group, async_op=True)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
+        gx = g.new_empty((sum(ctx.in_splits), *g.shape[1:]))
+        dist.all_to_all_single(gx, g.contiguous(), ctx.in_splits, ctx.out_splits, group=ctx.group)
+        return gx, None, None, None, None
+
+
 class _KeepInGraph(Function):
     """Return y unchanged; give zero gradients to ``inputs`` (keeps them in the graph with 0 rows)."""
 
@@ -80,7 +119,8 @@ class _KeepInGraph(Function):
 class ExpertParallelExperts(GroupedExperts):
     """The local slice of a GroupedExperts plus the all-to-all exchange with the other EP ranks."""
 
-    def __init__(self, experts: GroupedExperts, *, global_expert_ids: range, ep_group: Any, ep_size: int) -> None:
+    def __init__(self, experts: GroupedExperts, *, global_expert_ids: range, ep_group: Any, ep_size: int,
+                 overlap: bool = True) -> None:
         num_global = experts.num_experts
         if num_global % ep_size:
             raise ValueError(f"moe.num_experts={num_global} is not divisible by parallel.ep={ep_size}")
@@ -104,9 +144,17 @@ class ExpertParallelExperts(GroupedExperts):
         self.first_expert = lo  # Transformer.init_weights seeds expert i of this slice by global id lo + i
         self.checkpoint_compute = False  # set by selective activation checkpointing
         self.ep_group, self.ep_size = ep_group, ep_size
+        self.overlap = overlap  # shared experts run during the dispatch exchange (forward_with_side)
         self.stats: dict[str, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_side(x, num_tokens_per_expert, None)[0]
+
+    def forward_with_side(
+        self, x: torch.Tensor, num_tokens_per_expert: torch.Tensor, side: Callable[[], torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``forward``, plus ``side()`` (the shared experts) computed while the dispatch exchange is in
+        flight when ``overlap`` is on (after it otherwise); returns (y_sorted, side() or None)."""
         p, e_local = self.ep_size, self.num_experts
         if num_tokens_per_expert.numel() != self.num_global_experts:
             raise ValueError(
@@ -120,7 +168,15 @@ class ExpertParallelExperts(GroupedExperts):
         splits = torch.stack([counts_send.sum(1), counts_recv.sum(1)]).cpu()
         in_splits, out_splits = splits[0].tolist(), splits[1].tolist()
         # 2-3. x is grouped by expert, so the first in_splits[0] rows go to rank 0, and so on.
-        x_recv = all_to_all_rows(x, out_splits, in_splits, self.ep_group)  # [M,H] (source, local expert)
+        side_out = None
+        if side is not None and self.overlap:
+            pending = _Pending()
+            x_recv = _AllToAllStart.apply(x, out_splits, in_splits, self.ep_group, pending)  # [M,H]
+            side_out = side()  # reads nothing the exchange writes
+            pending.wait()
+        else:
+            x_recv = all_to_all_rows(x, out_splits, in_splits, self.ep_group)  # [M,H] (source, local expert)
+            side_out = side() if side is not None else None
         # 4. stable sort by local expert: rows of expert j from source 0, then 1, ...
         recv_expert = torch.repeat_interleave(  # [M] local expert of each received row; no host sync
             torch.arange(e_local, device=x.device).repeat(p),
@@ -145,21 +201,24 @@ class ExpertParallelExperts(GroupedExperts):
         y_recv = torch.empty_like(y_local).index_copy(0, perm, y_local) if y_local.shape[0] else y_local
         y = all_to_all_rows(y_recv, in_splits, out_splits, self.ep_group)  # [N,H]
         self.stats = {"rows_sent_per_rank": splits[0], "rows_received_per_rank": splits[1]}
-        return y
+        return y, side_out
 
     def extra_repr(self) -> str:
         ids = self.global_expert_ids
         return f"global experts [{ids.start}, {ids.stop}) of {self.num_global_experts}, ep={self.ep_size}"
 
 
-def apply_ep(model: nn.Module, plan: Any, groups: Any) -> nn.Module:
-    """Replace the experts of every MoE layer by this EP rank's ExpertParallelExperts (in place)."""
+def apply_ep(model: nn.Module, plan: Any, groups: Any, *, overlap: bool = True) -> nn.Module:
+    """Replace the experts of every MoE layer by this EP rank's ExpertParallelExperts (in place).
+
+    ``overlap`` (``parallel.ep_overlap``): compute the shared experts while the dispatch all-to-all is
+    in flight."""
     if plan.experts is None:
         raise ValueError(f"parallel.ep={plan.ep} needs a model with experts (moe.num_experts > 0)")
     ep_rank = groups.ep_rank
     ids = plan.experts.local_experts(ep_rank)
     for moe in model.moe_modules():
         moe.experts = ExpertParallelExperts(
-            moe.experts, global_expert_ids=ids, ep_group=groups.ep, ep_size=groups.ep_size
+            moe.experts, global_expert_ids=ids, ep_group=groups.ep, ep_size=groups.ep_size, overlap=overlap
         )
     return model

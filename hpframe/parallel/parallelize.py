@@ -44,17 +44,18 @@ def parallelize(
     sequence_parallel: bool = False,
     recompute: Recompute | str = Recompute.none,
     compile: bool = False,
+    ep_overlap: bool = True,
 ) -> nn.Module:
     """Apply TP, then EP, then activation checkpointing to ``model`` (in place); return it.
 
-    ``sequence_parallel`` and ``recompute`` come from ``cfg.parallel``, ``compile`` from ``cfg.train``
+    ``sequence_parallel``, ``recompute`` and ``ep_overlap`` come from ``cfg.parallel``, ``compile`` from ``cfg.train``
     (the plan carries degrees only).
     """
     _check_groups(plan, groups)
     if plan.tp > 1:
         apply_tp(model, groups.tp, sequence_parallel=sequence_parallel)
     if plan.ep > 1 and plan.experts is not None:  # ep > 1 on a dense model: the planner warned, nothing to split
-        apply_ep(model, plan, groups)
+        apply_ep(model, plan, groups, overlap=ep_overlap)
     if Recompute(recompute) != Recompute.none:
         apply_activation_checkpointing(model, recompute)
     if compile:

@@ -94,7 +94,8 @@ def run_case(c: Case, rank: int) -> dict[str, Any]:
     batches = [(data[d * mb : (d + 1) * mb, :-1], data[d * mb : (d + 1) * mb, 1:]) for d in range(plan.dp)]
     ref_loss, ref_logits = _reference(ref, batches)
 
-    parallelize(model, plan, groups, sequence_parallel=c.sequence_parallel, recompute=c.recompute)
+    parallelize(model, plan, groups, sequence_parallel=c.sequence_parallel, recompute=c.recompute,
+                ep_overlap=c.cfg.parallel.ep_overlap)
     routed: list[torch.Tensor] = []
     for m in model.moe_modules():
         m.router.register_forward_hook(lambda mod, args, out: routed.append(out.topk_idx.detach()))

@@ -34,7 +34,8 @@ def test_ep2_matches_single_process() -> None:
         case("mixtral_starved_rank", "mixtral_debug", 2, EP2, starve=(1, 4, 5, 6, 7)),
         case("mixtral_starved_capacity", "mixtral_debug", 2, [*EP2, *CAPACITY], starve=(1, 4, 5, 6, 7)),
         case("mixtral_starved_rank_full_recompute", "mixtral_debug", 2, EP2, starve=(4, 5, 6, 7), recompute="full"),
-        case("deepseek", "deepseek_debug", 2, EP2),
+        case("deepseek", "deepseek_debug", 2, EP2),  # shared expert overlapped with the dispatch (default)
+        case("deepseek_no_overlap", "deepseek_debug", 2, [*EP2, "parallel.ep_overlap=false"]),
         case("deepseek_capacity_uneven", "deepseek_debug", 2, [*EP2, *CAPACITY], starve=(2, 3, 9)),
         case("deepseek_selective", "deepseek_debug", 2, EP2, recompute="selective"),
     ]
