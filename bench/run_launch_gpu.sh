@@ -7,8 +7,10 @@
 #            dp2 x ep2 on two GPUs, 3) one GPU without compile (EAGER=0 skips it)
 #   profile  one GPU: fp32 master weights (ZeRO-1 and ZeRO-2) and bf16 master weights, each with a
 #            torch.profiler capture of steps 7-9 (train.profile_from_step)
-#   final    one GPU fp32 and bf16 master, two GPUs dp2 x ep2 with both, and (4 GPUs) the hybrid layouts
-#            tp2 x ep2, pp2 x ep2 (dp2) and tp2 x pp2, plus the planner's layout suggestion for 4 GPUs
+#   engine   (2 GPUs) one GPU with fp32 and bf16 master weights, dp2 x ep2, and deepseek_h200 at
+#            dp2 x ep2 with and without the shared-expert / all-to-all overlap (profiled)
+#   layouts4 (4 GPUs) mixtral_h200 at dp4 x ep4, tp2 x ep2, pp2 x ep2 and tp2 x pp2 with the global batch
+#            of the 2-GPU dp2 x ep2 reference (8 x 4096), plus the planner's layout suggestion
 # Copies each run's metrics.jsonl, log and profile tables to $OUT and prints a summary.
 set -u -o pipefail
 SET=${1:-ep}
@@ -46,19 +48,22 @@ case $SET in
     CUDA_VISIBLE_DEVICES=0 run gpu1_bf16master 200 $prof train.master_dtype=bf16
     CUDA_VISIBLE_DEVICES=0 run gpu1_zero2 200 $prof parallel.zero_stage=2
     ;;
-  final)
+  engine)  # 2 GPUs
     CUDA_VISIBLE_DEVICES=0 run gpu1_fp32master 200
     CUDA_VISIBLE_DEVICES=0 run gpu1_bf16master 200 train.master_dtype=bf16
-    CUDA_VISIBLE_DEVICES=0,1 run gpu2_ep2_fp32master 230 cluster.gpus_per_node=2 parallel.dp=2 parallel.ep=2
-    CUDA_VISIBLE_DEVICES=0,1 run gpu2_ep2_bf16master 230 cluster.gpus_per_node=2 parallel.dp=2 parallel.ep=2 train.master_dtype=bf16
-    if [ "$NGPU" -ge 4 ]; then
-      g4="cluster.gpus_per_node=4"
-      run gpu4_dp4_ep4 260 $g4 parallel.dp=4 parallel.ep=4
-      run gpu4_tp2_ep2 260 $g4 parallel.tp=2 parallel.dp=2 parallel.ep=2
-      run gpu4_pp2_ep2 260 $g4 parallel.pp=2 parallel.dp=2 parallel.ep=2 parallel.grad_accum=4 parallel.micro_batch_size=1
-      run gpu4_tp2_pp2 260 $g4 parallel.tp=2 parallel.pp=2 parallel.grad_accum=4 parallel.micro_batch_size=1
-      python3 launch.py recipe=mixtral_h200 $g4 plan.dry_run=true plan.suggest=true > "$OUT/gpu4_suggest.txt" 2>&1
-    fi
+    run gpu2_ep2_fp32master 230 cluster.gpus_per_node=2 parallel.dp=2 parallel.ep=2
+    ds="recipe=deepseek_h200 cluster.gpus_per_node=2 parallel.dp=2 parallel.ep=2 $prof"
+    run gpu2_ds_ep2_overlap 260 $ds parallel.ep_overlap=true
+    run gpu2_ds_ep2_no_overlap 260 $ds parallel.ep_overlap=false
+    ;;
+  layouts4)  # 4 GPUs, global batch 8 x 4096 everywhere; the 2-GPU dp2 x ep2 run is the reference
+    g4="cluster.gpus_per_node=4"
+    CUDA_VISIBLE_DEVICES=0,1 run gpu2_ep2_ref 230 cluster.gpus_per_node=2 parallel.dp=2 parallel.ep=2
+    run gpu4_dp4_ep4 260 $g4 parallel.dp=4 parallel.ep=4 parallel.micro_batch_size=2
+    run gpu4_tp2_ep2 260 $g4 parallel.tp=2 parallel.dp=2 parallel.ep=2
+    run gpu4_pp2_ep2 260 $g4 parallel.pp=2 parallel.dp=2 parallel.ep=2 parallel.grad_accum=4 parallel.micro_batch_size=1
+    run gpu4_tp2_pp2 260 $g4 parallel.tp=2 parallel.pp=2 parallel.grad_accum=4 parallel.micro_batch_size=2
+    python3 launch.py recipe=mixtral_h200 $g4 plan.dry_run=true plan.suggest=true > "$OUT/gpu4_suggest.txt" 2>&1
     ;;
   *) echo "unknown set $SET"; exit 2 ;;
 esac
@@ -69,5 +74,5 @@ for f in sorted(pathlib.Path(sys.argv[1]).glob("*.metrics.jsonl")):
     tail = rows[len(rows) // 3:]  # drop warm-up / compile steps
     if not tail: continue
     med = lambda k: statistics.median(r[k] for r in tail)
-    print(f"{f.name}: steps {len(rows)}, losses {' '.join(f'{r['loss']:.3f}' for r in rows[:4])} ... {rows[-1]['loss']:.3f}, median tokens/s {med('tokens_per_s'):,.0f}, MFU {med('mfu'):.3f}, step {med('step_time_s')*1e3:.0f} ms")
+    print(f"{f.name}: steps {len(rows)}, lm losses {' '.join(f'{r['lm_loss']:.4f}' for r in rows[:4])} ... {rows[-1]['lm_loss']:.3f}, median tokens/s {med('tokens_per_s'):,.0f}, MFU {med('mfu'):.3f}, step {med('step_time_s')*1e3:.0f} ms")
 PY
