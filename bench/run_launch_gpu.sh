@@ -58,11 +58,11 @@ case $SET in
     ;;
   layouts4)  # 4 GPUs, global batch 8 x 4096 everywhere; the 2-GPU dp2 x ep2 run is the reference
     g4="cluster.gpus_per_node=4"
-    CUDA_VISIBLE_DEVICES=0,1 run gpu2_ep2_ref 230 cluster.gpus_per_node=2 parallel.dp=2 parallel.ep=2
-    run gpu4_dp4_ep4 260 $g4 parallel.dp=4 parallel.ep=4 parallel.micro_batch_size=2
-    run gpu4_tp2_ep2 260 $g4 parallel.tp=2 parallel.dp=2 parallel.ep=2
-    run gpu4_pp2_ep2 260 $g4 parallel.pp=2 parallel.dp=2 parallel.ep=2 parallel.grad_accum=4 parallel.micro_batch_size=1
-    run gpu4_tp2_pp2 260 $g4 parallel.tp=2 parallel.pp=2 parallel.grad_accum=4 parallel.micro_batch_size=2
+    CUDA_VISIBLE_DEVICES=0,1 run gpu2_ep2_ref 150 cluster.gpus_per_node=2 parallel.dp=2 parallel.ep=2
+    run gpu4_dp4_ep4 170 $g4 parallel.dp=4 parallel.ep=4 parallel.micro_batch_size=2
+    run gpu4_tp2_ep2 170 $g4 parallel.tp=2 parallel.dp=2 parallel.ep=2
+    run gpu4_pp2_ep2 170 $g4 parallel.pp=2 parallel.dp=2 parallel.ep=2 parallel.grad_accum=4 parallel.micro_batch_size=1
+    run gpu4_tp2_pp2 170 $g4 parallel.tp=2 parallel.pp=2 parallel.grad_accum=4 parallel.micro_batch_size=2
     python3 launch.py recipe=mixtral_h200 $g4 plan.dry_run=true plan.suggest=true > "$OUT/gpu4_suggest.txt" 2>&1
     ;;
   *) echo "unknown set $SET"; exit 2 ;;
