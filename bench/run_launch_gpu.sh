@@ -9,6 +9,9 @@
 #            torch.profiler capture of steps 7-9 (train.profile_from_step)
 #   engine   (2 GPUs) one GPU with fp32 and bf16 master weights, dp2 x ep2, and deepseek_h200 at
 #            dp2 x ep2 with and without the shared-expert / all-to-all overlap (profiled)
+#   after    (2 GPUs) bench/grad_copy.py, then one GPU, dp2 x ep2 and the deepseek_h200 overlap pair again
+#   layouts2 (2 GPUs) mixtral_h200 at tp2 and pp2 with the one-GPU global batch, dp2 x ep2 profiled, and
+#            the planner's layout suggestion for 2 GPUs
 #   layouts4 (4 GPUs) mixtral_h200 at dp4 x ep4, tp2 x ep2, pp2 x ep2 and tp2 x pp2 with the global batch
 #            of the 2-GPU dp2 x ep2 reference (8 x 4096), plus the planner's layout suggestion
 # Copies each run's metrics.jsonl, log and profile tables to $OUT and prints a summary.
@@ -55,6 +58,21 @@ case $SET in
     ds="recipe=deepseek_h200 cluster.gpus_per_node=2 parallel.dp=2 parallel.ep=2 $prof"
     run gpu2_ds_ep2_overlap 260 $ds parallel.ep_overlap=true
     run gpu2_ds_ep2_no_overlap 260 $ds parallel.ep_overlap=false
+    ;;
+  after)  # 2 GPUs: the engine and EP changes after the first profiles
+    python3 bench/grad_copy.py --out "$OUT/grad_copy.json"
+    CUDA_VISIBLE_DEVICES=0 run gpu1_fp32master 200
+    run gpu2_ep2_fp32master 230 cluster.gpus_per_node=2 parallel.dp=2 parallel.ep=2
+    ds="recipe=deepseek_h200 cluster.gpus_per_node=2 parallel.dp=2 parallel.ep=2"
+    run gpu2_ds_ep2_overlap 260 $ds parallel.ep_overlap=true
+    run gpu2_ds_ep2_no_overlap 260 $ds parallel.ep_overlap=false
+    ;;
+  layouts2)  # 2 GPUs, global batch 4 x 4096: the one-GPU run of set "engine" is the reference
+    g2="cluster.gpus_per_node=2"
+    run gpu2_tp2 200 $g2 parallel.tp=2
+    run gpu2_pp2 200 $g2 parallel.pp=2 parallel.grad_accum=2 parallel.micro_batch_size=2
+    run gpu2_ep2_profile 200 $g2 parallel.dp=2 parallel.ep=2 $prof
+    python3 launch.py recipe=mixtral_h200 $g2 plan.dry_run=true plan.suggest=true > "$OUT/gpu2_suggest.txt" 2>&1
     ;;
   layouts4)  # 4 GPUs, global batch 8 x 4096 everywhere; the 2-GPU dp2 x ep2 run is the reference
     g4="cluster.gpus_per_node=4"

@@ -4,9 +4,9 @@ After each backward, BF16_Optimizer adds every bf16 gradient into its fp32 gradi
 ``hp.add_(lp.grad.to(float32))``: a conversion copy (an fp32 temporary the size of the gradient) and
 then the add. On one H200 with 3.58 B parameters the two took 38 ms of a 319 ms step
 (docs/performance.md, section 6). ``install(optimizer)`` replaces the instance's
-``update_hp_grads`` by one that converts inside a single kernel: ``hp.copy_(lp.grad)`` for the first
+``update_hp_grads`` by one that converts as it copies: ``hp.copy_(lp.grad)`` for the first
 micro-batch of a step (the buffer holds no gradient yet) and ``hp.add_(lp.grad)`` (mixed-dtype add,
-fp32 accumulation) for the next ones. What it stores is what DeepSpeed's method stores; the
+fp32 accumulation) for the next ones, each as one multi-tensor call over all parameters. What it stores is what DeepSpeed's method stores; the
 bookkeeping (``_hp_grad``, ``fp32_groups_has_gradients``) is kept the same.
 
 Only the delayed path is replaced: with ``immediate_grad_update`` DeepSpeed does the hand-over in
@@ -31,21 +31,25 @@ def install(optimizer: Any) -> bool:
 
     @torch.no_grad()
     def update_hp_grads(clear_lp_grads: bool = False) -> None:
+        copy_dst, copy_src, add_dst, add_src = [], [], [], []
         for i, group in enumerate(optimizer.bf16_groups):
             has = optimizer.fp32_groups_has_gradients[i]
             for j, lp in enumerate(group):
                 if lp.grad is None:
                     continue
                 hp = optimizer.fp32_groups_gradients[i][j]
-                grad = lp.grad.view(hp.shape)
-                if has[j]:
-                    hp.add_(grad)
-                else:
-                    hp.copy_(grad)
+                dst, src = (add_dst, add_src) if has[j] else (copy_dst, copy_src)
+                dst.append(hp)
+                src.append(lp.grad.view(hp.shape))
                 lp._hp_grad = hp
                 has[j] = True
-                if clear_lp_grads:
-                    lp.grad.zero_()
+        # multi-tensor kernels where torch has them for this dtype pair, one kernel per tensor otherwise
+        if copy_dst:
+            torch._foreach_copy_(copy_dst, copy_src)
+        if add_dst:
+            torch._foreach_add_(add_dst, add_src)
+        if clear_lp_grads and (copy_src or add_src):
+            torch._foreach_zero_(copy_src + add_src)
 
     optimizer.update_hp_grads = update_hp_grads
     return True

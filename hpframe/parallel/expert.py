@@ -103,6 +103,22 @@ class _AllToAllStart(Function):
         return gx, None, None, None, None
 
 
+class _PermuteRows(Function):
+    """``x[perm]`` for a permutation ``perm`` (with ``inv`` its inverse): the backward is the gather
+    ``g[inv]``, not the scatter-add ``index_select`` would use (bf16 atomics: 2 ms per call on the
+    H200 EP benchmark's 16k x 2048 rows)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, perm: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inv)
+        return x.index_select(0, perm)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (inv,) = ctx.saved_tensors
+        return g.index_select(0, inv), None, None
+
+
 class _KeepInGraph(Function):
     """Return y unchanged; give zero gradients to ``inputs`` (keeps them in the graph with 0 rows)."""
 
@@ -184,7 +200,9 @@ class ExpertParallelExperts(GroupedExperts):
             output_size=sum(out_splits),
         )
         perm = torch.argsort(recv_expert, stable=True)
-        x_local = x_recv.index_select(0, perm)
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(perm.numel(), device=perm.device)
+        x_local = _PermuteRows.apply(x_recv, perm, inv)
         local_counts = counts_recv.sum(0)
         if x_local.shape[0] == 0:
             # Nothing arrived: no kernel runs, but the weights and the received rows stay in the graph,
@@ -198,7 +216,7 @@ class ExpertParallelExperts(GroupedExperts):
         else:
             y_local = super().forward(x_local, local_counts)  # [M,H]
         # 5. undo the sort, send the rows back to their sources.
-        y_recv = torch.empty_like(y_local).index_copy(0, perm, y_local) if y_local.shape[0] else y_local
+        y_recv = _PermuteRows.apply(y_local, inv, perm) if y_local.shape[0] else y_local
         y = all_to_all_rows(y_recv, in_splits, out_splits, self.ep_group)  # [N,H]
         self.stats = {"rows_sent_per_rank": splits[0], "rows_received_per_rank": splits[1]}
         return y, side_out
