@@ -13,8 +13,9 @@ Assumptions (stated in docs/planner.md):
   Measured on one H200 (docs/performance.md, section 5): leaving this copy out under-estimated the
   peak by 13% (76.5 vs 88.1 GiB).
 * ``train.master_dtype=bf16`` (ZeRO 1/2 only): DeepSpeed's ZeRO optimizer keeps a bf16 master
-  partition and bf16 Adam m, v (6 bytes per parameter of optimizer state) and the reduced bf16
-  gradients of its partition (2 bytes per partition parameter).
+  partition and bf16 Adam m, v (6 bytes per parameter of optimizer state) and no gradient buffer of
+  its own. Measured on one H200 (docs/performance.md, section 6): 54.7 GiB peak, 10 bytes per
+  parameter plus activations; counting a separate 2-byte gradient partition over-estimated by 15%.
 * ZeRO-1 shards optimizer state, ZeRO-2 also gradients, ZeRO-3 also weights: dense parameters over dp,
   expert parameters over edp (= dp / ep).
 * Activations are per token and block, in the train dtype, with fused attention (no seq x seq scores
@@ -133,9 +134,7 @@ def estimate_memory(cfg: RunConfig, plan: ParallelPlan) -> MemoryEstimate:
         exp_g = sp.expert / edp if z >= 2 else sp.expert
         exp_o = sp.expert / edp if z >= 1 else sp.expert
         accum = 0.0  # the optimizer's own gradient buffers (see the module docstring)
-        if bf16_master:
-            accum = 2 * (sp.dense / dp + sp.expert / edp)
-        elif bf16:
+        if bf16 and not bf16_master:
             accum = 4 * (sp.dense / dp + sp.expert / edp if z >= 2 else sp.dense + sp.expert)
         parts = (
             int(w * (dense_w + exp_w)),

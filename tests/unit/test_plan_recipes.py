@@ -15,6 +15,7 @@ FULL_SCALE = {
     "deepseek_v3": ("h800x2048", 2048, 671.0, 37.6),
     "gpt3_175b": ("h100x1024", 1024, 174.6, 174.6),
     "mixtral_h200": ("h200x1", 1, 3.6, 1.1),
+    "deepseek_h200": ("h200x1", 1, 4.3, 0.8),
 }
 DEBUG = ["mixtral_debug", "deepseek_debug", "gpt_debug"]
 
