@@ -54,13 +54,19 @@ def build_engine(model: nn.Module, plan: Any, groups: Any, cfg: Any) -> Any:
     init_deepspeed_comm()
     device = resolve_device(cfg)
     dtype = str(getattr(cfg.train.dtype, "value", cfg.train.dtype))
-    if dtype == "bf16" and plan.zero_stage == 0:
+    master = str(getattr(cfg.train.master_dtype, "value", cfg.train.master_dtype))
+    if dtype == "bf16" and master == "fp32" and plan.zero_stage == 0:
         raise ValueError(
             "train.dtype=bf16 with parallel.zero_stage=0: the gradient-norm guard reads ZeRO partitions or "
-            "param.grad, not DeepSpeed's separate bf16 optimizer buffers; use parallel.zero_stage >= 1"
+            "param.grad, not DeepSpeed's separate fp32 gradient buffers; use parallel.zero_stage >= 1, or "
+            "train.master_dtype=bf16 for the plain bf16 update"
         )
-    master = str(getattr(cfg.train.master_dtype, "value", cfg.train.master_dtype))
     ds_cfg = deepspeed_config(plan, dtype=dtype, device=device, master_dtype=master)
+    if dtype == "bf16" and not ds_cfg["bf16"]["enabled"]:
+        # pure bf16 under ZeRO 0 (see deepspeed_config): the parameters become bf16 here, buffers
+        # (rotary tables, router bias and load counts) stay fp32 as DeepSpeed's own cast keeps them
+        for p in model.parameters():
+            p.data = p.data.to(torch.bfloat16)
     tag_expert_params(model, plan)
     register_expert_groups(plan, groups)
     loss_fn = None

@@ -8,8 +8,12 @@ Choices that are not simply copied from the plan:
   * ``gradient_clipping`` is 0: the engine computes the true global gradient norm itself (experts
     counted once across EP, TP shards and pipeline stages combined) and clips before the optimizer
     step; see hpframe/engine/step.py.
-  * bf16 whenever ``train.dtype=bf16``, on CUDA and on CPU alike (CPU bf16 is slow but lets the CPU tests
+  * bf16 whenever ``train.dtype=bf16`` (except the pure-bf16 ZeRO-0 case below), on CUDA and on CPU alike (CPU bf16 is slow but lets the CPU tests
     cover DeepSpeed's bf16 optimizers); the debug recipes choose fp32.
+  * ``train.master_dtype=bf16``: ZeRO 1/2 get DeepSpeed's bf16 master weights and moments; ZeRO 0 gets
+    DeepSpeed's bf16 switched off (the weights are bf16 already, cast by hpframe), which leaves the
+    client fused AdamW alone on the bf16 weights: no fp32 copies and no extra passes (measured on one
+    H200 in docs/performance.md, section 6).
   * ``zero_allow_untested_optimizer``: the optimizer is a client ``torch.optim.AdamW``.
   * ZeRO-2/3 with pipeline parallelism, and ZeRO-3 with experts, are refused: DeepSpeed's pipeline
     engine supports ZeRO 0-1 only, and its MoE support stops at ZeRO-2.
@@ -46,10 +50,16 @@ def deepspeed_config(plan: Any, *, dtype: str, device: str, master_dtype: str = 
         raise ValueError(f"train.master_dtype={master_dtype!r} must be fp32 or bf16")
     if master_dtype == "bf16" and dtype != "bf16":
         raise ValueError(f"train.master_dtype=bf16 needs train.dtype=bf16 (got train.dtype={dtype})")
-    if master_dtype == "bf16" and plan.zero_stage not in (1, 2):
+    if master_dtype == "bf16" and plan.zero_stage == 3:
         raise ValueError(
-            f"train.master_dtype=bf16 with parallel.zero_stage={plan.zero_stage}: DeepSpeed keeps bf16 master "
-            "weights in its ZeRO stage 1/2 optimizer only"
+            "train.master_dtype=bf16 with parallel.zero_stage=3: bf16 master weights are supported with ZeRO "
+            "stage 0 (hpframe's plain bf16 update) and stages 1/2 (DeepSpeed's ZeRO optimizer)"
+        )
+    pure_bf16 = dtype == "bf16" and master_dtype == "bf16" and plan.zero_stage == 0
+    if pure_bf16 and plan.pp > 1:
+        raise ValueError(
+            f"train.master_dtype=bf16 with parallel.zero_stage=0 and parallel.pp={plan.pp}: the plain bf16 update "
+            "runs without pipeline parallelism; use parallel.zero_stage=1"
         )
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device {device!r} must be cpu or cuda")
@@ -58,7 +68,9 @@ def deepspeed_config(plan: Any, *, dtype: str, device: str, master_dtype: str = 
             f"parallel.global_batch_size={plan.global_batch_size} != micro_batch_size {plan.micro_batch_size} "
             f"x grad_accum {plan.grad_accum} x dp {plan.dp}"
         )
-    bf16 = dtype == "bf16"
+    # Pure bf16 under ZeRO 0: hpframe casts the weights itself and DeepSpeed runs as in fp32 (no
+    # precision wrapper), so the client AdamW updates the bf16 weights in place, bf16 moments and all.
+    bf16 = dtype == "bf16" and not pure_bf16
     cfg: dict[str, Any] = {
         "train_batch_size": plan.global_batch_size,
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,

@@ -16,6 +16,7 @@ Assumptions (stated in docs/planner.md):
   partition and bf16 Adam m, v (6 bytes per parameter of optimizer state) and no gradient buffer of
   its own. Measured on one H200 (docs/performance.md, section 6): 54.7 GiB peak, 10 bytes per
   parameter plus activations; counting a separate 2-byte gradient partition over-estimated by 15%.
+  Under ZeRO 0 it is the plain update of the bf16 weights: Adam m, v in bf16 only (4 bytes).
 * ZeRO-1 shards optimizer state, ZeRO-2 also gradients, ZeRO-3 also weights: dense parameters over dp,
   expert parameters over edp (= dp / ep).
 * Activations are per token and block, in the train dtype, with fused attention (no seq x seq scores
@@ -122,8 +123,9 @@ def estimate_memory(cfg: RunConfig, plan: ParallelPlan) -> MemoryEstimate:
     w = g = dtype_bytes(cfg)
     bf16 = cfg.train.dtype == DType.bf16
     bf16_master = bf16 and cfg.train.master_dtype == DType.bf16
-    opt = 6 if bf16_master else 12 if bf16 else 8
-    z, dp, edp = plan.zero_stage, plan.dp, plan.edp
+    z = plan.zero_stage
+    opt = (4 if z == 0 else 6) if bf16_master else 12 if bf16 else 8  # ZeRO 0 bf16: m, v only
+    dp, edp = plan.dp, plan.edp
     rows = []
     for st in plan.pipeline.stages:
         sp = stage_params(cfg, plan, st)

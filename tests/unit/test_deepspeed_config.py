@@ -101,16 +101,27 @@ def test_bf16_master_weights_parse(one_process_group, zero: int) -> None:
     assert parsed.grad_accum_dtype == "bf16"
 
 
+def test_pure_bf16_under_zero0_runs_deepspeed_in_fp32_mode(one_process_group) -> None:
+    """ZeRO 0 + bf16 master: DeepSpeed's bf16 is off (no wrapper optimizer); hpframe casts the weights."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    plan = _plan(dp=4, zero=0, mbs=2, ga=3)
+    cfg = deepspeed_config(plan, dtype="bf16", device="cuda", master_dtype="bf16")
+    parsed = DeepSpeedConfig(copy.deepcopy(cfg), mpu=_DataParallelSize(plan.dp))
+    assert not parsed.bfloat16_config.enabled and "data_types" not in cfg
+
+
 @pytest.mark.parametrize(
-    ("zero", "dtype", "match"),
+    ("kwargs", "dtype", "match"),
     [
-        (0, "bf16", r"train.master_dtype=bf16 with parallel.zero_stage=0"),
-        (1, "fp32", r"train.master_dtype=bf16 needs train.dtype=bf16 \(got train.dtype=fp32\)"),
+        ({"zero": 3}, "bf16", r"train.master_dtype=bf16 with parallel.zero_stage=3"),
+        ({"zero": 0, "pp": 2}, "bf16", r"train.master_dtype=bf16 with parallel.zero_stage=0 and parallel.pp=2"),
+        ({"zero": 1}, "fp32", r"train.master_dtype=bf16 needs train.dtype=bf16 \(got train.dtype=fp32\)"),
     ],
 )
-def test_bf16_master_refusals(zero: int, dtype: str, match: str) -> None:
+def test_bf16_master_refusals(kwargs: dict, dtype: str, match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        deepspeed_config(_plan(zero=zero), dtype=dtype, device="cuda", master_dtype="bf16")
+        deepspeed_config(_plan(**kwargs), dtype=dtype, device="cuda", master_dtype="bf16")
 
 
 def test_find_auto_reports_paths() -> None:
