@@ -10,6 +10,7 @@
 #   engine   (2 GPUs) one GPU with fp32 and bf16 master weights, dp2 x ep2, and deepseek_h200 at
 #            dp2 x ep2 with and without the shared-expert / all-to-all overlap (profiled)
 #   after    (2 GPUs) bench/grad_copy.py, then one GPU, dp2 x ep2 and the deepseek_h200 overlap pair again
+#   pure     (2 GPUs) train.master_dtype=bf16 with ZeRO 0 on one GPU and at dp2 x ep2
 #   layouts2 (2 GPUs) mixtral_h200 at tp2 and pp2 with the one-GPU global batch, dp2 x ep2 profiled, and
 #            the planner's layout suggestion for 2 GPUs
 #   layouts4 (4 GPUs) mixtral_h200 at dp4 x ep4, tp2 x ep2, pp2 x ep2 and tp2 x pp2 with the global batch
@@ -66,6 +67,11 @@ case $SET in
     ds="recipe=deepseek_h200 cluster.gpus_per_node=2 parallel.dp=2 parallel.ep=2"
     run gpu2_ds_ep2_overlap 260 $ds parallel.ep_overlap=true
     run gpu2_ds_ep2_no_overlap 260 $ds parallel.ep_overlap=false
+    ;;
+  pure)  # 2 GPUs: the plain bf16 update (ZeRO 0, bf16 master weights) on one GPU and at dp2 x ep2
+    pure="train.master_dtype=bf16 parallel.zero_stage=0"
+    CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16 200 $pure
+    run gpu2_ep2_pure_bf16 230 cluster.gpus_per_node=2 parallel.dp=2 parallel.ep=2 $pure
     ;;
   layouts2)  # 2 GPUs, global batch 4 x 4096: the one-GPU run of set "engine" is the reference
     g2="cluster.gpus_per_node=2"
