@@ -103,7 +103,8 @@ def build_engine(model: nn.Module, plan: Any, groups: Any, cfg: Any) -> Any:
     bf16_grads.install(ds.optimizer)
     coords = plan.ranks.coords(dist.get_rank())
     guard = StepGuard(ds, optimizer, groups, grad_clip=t.grad_clip, tp_rank=coords["tp"])
-    return Engine(ds=ds, plan=plan, groups=groups, optimizer=optimizer, guard=guard, loss_fn=loss_fn)
+    return Engine(ds=ds, plan=plan, groups=groups, optimizer=optimizer, guard=guard, loss_fn=loss_fn,
+                  compile_loss=bool(t.compile))
 
 
 def _check_grid(plan: Any, grid: Any) -> None:

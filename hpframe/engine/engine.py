@@ -43,9 +43,15 @@ class StepResult:
 class Engine:
     """Built by ``build_engine``; ``ds`` is the DeepSpeed engine, ``module`` the local model or stage."""
 
-    def __init__(self, *, ds: Any, plan: Any, groups: Any, optimizer: Any, guard: Any, loss_fn: Any | None) -> None:
+    def __init__(self, *, ds: Any, plan: Any, groups: Any, optimizer: Any, guard: Any, loss_fn: Any | None,
+                 compile_loss: bool = False) -> None:
         self.ds, self.plan, self.groups = ds, plan, groups
         self.optimizer, self.guard, self.loss_fn = optimizer, guard, loss_fn
+        self._compiled_ce = None
+        if compile_loss and plan.tp == 1 and plan.pp == 1:  # train.compile; vocab-parallel CE stays eager
+            from hpframe.parallel.compile import compiled_cross_entropy
+
+            self._compiled_ce = compiled_cross_entropy()
         self.rank = dist.get_rank()
         pp_group = plan.ranks.group("pp", self.rank)
         self._last_stage_rank = pp_group[-1]  # the pp group is ordered by stage
@@ -78,6 +84,12 @@ class Engine:
         self._dropped = [0.0, 0]
         dist.all_reduce(v)  # TP ranks repeat the same MoE computation: equal weights, same mean
         return float(v[0] / v[1]) if v[1] > 0 else 0.0
+
+    def _lm_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean token cross-entropy (fp32) of this rank's micro-batch; identical on the TP ranks."""
+        if self._compiled_ce is not None:
+            return self._compiled_ce(logits, targets)
+        return vocab_parallel_cross_entropy(logits, targets, self.groups.tp)
 
     # ---- training -----------------------------------------------------------------------------
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
@@ -117,7 +129,7 @@ class Engine:
         for tokens, targets in micro_batches:
             with phase("forward"):
                 logits = self.ds(self._device_batch(tokens))  # [B,S,V/tp]
-                lm = vocab_parallel_cross_entropy(logits, self._device_batch(targets), self.groups.tp)
+                lm = self._lm_loss(logits, self._device_batch(targets))
                 aux = self.ds.module.aux_loss.float()
                 loss = lm + aux
             lms.append(lm.detach().float())
@@ -195,7 +207,7 @@ class Engine:
             lm = []
             for tokens, targets in micro_batches:
                 logits = self.ds(self._device_batch(tokens))
-                lm.append(vocab_parallel_cross_entropy(logits, self._device_batch(targets), self.groups.tp).float())
+                lm.append(self._lm_loss(logits, self._device_batch(targets)).float())
             aux = [torch.zeros_like(x) for x in lm]
         self.ds.train()
         lm_mean, _ = self._global_means(lm, aux)

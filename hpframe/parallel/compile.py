@@ -1,9 +1,9 @@
 """``train.compile``: torch.compile the parts of each block whose shapes never change.
 
-Compiled: every RMSNorm, the attention modules (GQA or MLA: projections, rotary, SDPA) and the dense
-MLPs. Left eager: the MoE layers, whose token counts per expert change every step (data-dependent
-shapes recompile or graph-break; their GPU path is already a grouped GEMM with fused kernels), and the
-loss. ``nn.Module.compile`` compiles in place, so parameter names, state dicts, DeepSpeed's view of
+Compiled: every RMSNorm, the attention modules (GQA or MLA: projections, rotary, SDPA), the dense
+MLPs and, with tp = 1, the cross-entropy loss (``compiled_cross_entropy``, used by the engine). Left
+eager: the MoE layers, whose token counts per expert change every step (data-dependent shapes
+recompile or graph-break; their GPU path is already a grouped GEMM with fused kernels). ``nn.Module.compile`` compiles in place, so parameter names, state dicts, DeepSpeed's view of
 the parameters and checkpoints are unchanged.
 
 With tp > 1 the attention modules carry TP communication in their hooks; they stay eager there and
@@ -15,6 +15,10 @@ took a 3.58 B Mixtral-like model from 45% to 54% MFU.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hpframe.logging import get_logger
@@ -41,6 +45,19 @@ def apply_compile(model: nn.Module, *, tp: int) -> list[str]:
         log.warning("train.compile with parallel.tp>1: attention stays eager (its TP hooks communicate); "
                     "norms and dense MLPs are compiled")
     return compiled
+
+
+def _cross_entropy_mean(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """Mean fp32 token cross-entropy of full-vocabulary logits [..., V] (``vocab_parallel_cross_entropy``
+    with tp = 1); compiled, the fp32 upcast and the log-softmax fuse instead of materializing [..., V] fp32."""
+    total = F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=ignore_index,
+                            reduction="sum")
+    return total / (targets != ignore_index).sum().clamp_min(1)
+
+
+def compiled_cross_entropy() -> Callable[..., torch.Tensor]:
+    """The training loss for tp = 1 under ``train.compile`` (the engine calls it instead of the eager one)."""
+    return torch.compile(_cross_entropy_mean)
 
 
 def compiled_modules(model: nn.Module) -> list[str]:
