@@ -46,6 +46,23 @@ def test_meta_build_then_init_equals_direct_build(recipe: str) -> None:
     assert not torch.equal(other.embed.weight, direct.embed.weight)
 
 
+@pytest.mark.parametrize("recipe", ["mixtral_debug", "deepseek_debug"])
+def test_threaded_init_equals_sequential(recipe: str) -> None:
+    """Large models draw their tensors on a thread pool: same values as drawing them one by one."""
+    cfg = compose_run(f"recipe={recipe}")
+    one, many = build_model(cfg.model, cfg.moe), build_model(cfg.model, cfg.moe)
+    one._init_weights(3, workers=1)
+    import hpframe.models.transformer as tr
+
+    old, tr.PARALLEL_INIT_MIN_ELEMENTS = tr.PARALLEL_INIT_MIN_ELEMENTS, 0  # force the pool on a debug model
+    try:
+        many._init_weights(3, workers=4)
+    finally:
+        tr.PARALLEL_INIT_MIN_ELEMENTS = old
+    for (k, a), (_, b) in zip(one.state_dict().items(), many.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_forward_backward_and_layer_kinds(recipe: str) -> None:
     cfg = compose_run(f"recipe={recipe}")
