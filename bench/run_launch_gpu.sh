@@ -12,6 +12,7 @@
 #   after    (2 GPUs) bench/grad_copy.py, then one GPU, dp2 x ep2 and the deepseek_h200 overlap pair again
 #   pure     (2 GPUs) train.master_dtype=bf16 with ZeRO 0 on one GPU and at dp2 x ep2
 #   final1   (1 GPU) the plain bf16 update (profiled at the end) and fp32 master weights, loss compiled
+#   final2   (2 GPUs) the plain bf16 update on one GPU and at dp2 x ep2, everything in
 #   layouts2 (2 GPUs) mixtral_h200 at tp2 and pp2 with the one-GPU global batch, dp2 x ep2 profiled, and
 #            the planner's layout suggestion for 2 GPUs
 #   layouts4 (4 GPUs) mixtral_h200 at dp4 x ep4, tp2 x ep2, pp2 x ep2 and tp2 x pp2 with the global batch
@@ -78,6 +79,11 @@ case $SET in
     CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16 200 train.master_dtype=bf16 parallel.zero_stage=0 \
       train.profile_from_step=$((STEPS - 2)) train.profile_num_steps=3
     CUDA_VISIBLE_DEVICES=0 run gpu1_fp32master 200
+    ;;
+  final2)  # 2 GPUs: plain bf16 update on one GPU and at dp2 x ep2 with every change in (start-up time in the logs)
+    pure="train.master_dtype=bf16 parallel.zero_stage=0"
+    CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16 200 $pure
+    run gpu2_ep2_pure_bf16 230 cluster.gpus_per_node=2 parallel.dp=2 parallel.ep=2 $pure
     ;;
   layouts2)  # 2 GPUs, global batch 4 x 4096: the one-GPU run of set "engine" is the reference
     g2="cluster.gpus_per_node=2"
