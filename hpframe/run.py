@@ -91,6 +91,7 @@ def _log_peak_memory(plan: Any) -> None:
 
 def train_main(cfg: RunConfig, plan: "object") -> int:
     """This process's part of the run: groups, model, engine, data, loop. Returns the exit code."""
+    import torch
     import torch.distributed as dist
 
     from hpframe.data import build_data
@@ -108,12 +109,13 @@ def train_main(cfg: RunConfig, plan: "object") -> int:
                  f"({plan.micro_batch_size} per micro-batch x {plan.grad_accum} accumulation x {plan.dp} dp); run dir {cfg.output_dir}")
         log.info("groups: " + ", ".join(f"{axis} {groups.size(axis)}" for axis in ("tp", "pp", "dp", "ep", "edp"))
                  + f"; rank 0 coordinates {plan.ranks.coords(0)}")
-        # every rank builds and initializes the full model identically; parallelize keeps this rank's shards
-        model = build_model(cfg.model, cfg.moe, routing_groups=plan.experts.routing_groups if plan.experts else None)
-        model.init_weights(cfg.train.seed)
+        # built on meta; parallelize materializes, initializes and shards this rank's parts block by block
+        with torch.device("meta"):
+            model = build_model(cfg.model, cfg.moe, routing_groups=plan.experts.routing_groups if plan.experts else None)
         model = parallelize(model, plan, groups, sequence_parallel=cfg.parallel.sequence_parallel, recompute=cfg.parallel.recompute,
-                            compile=cfg.train.compile, ep_overlap=cfg.parallel.ep_overlap)
-        log.info(f"model: {cfg.model.name}, {sum(p.numel() for p in model.parameters()):,} parameters on this rank")
+                            compile=cfg.train.compile, ep_overlap=cfg.parallel.ep_overlap, init_seed=cfg.train.seed)
+        log.info(f"model: {cfg.model.name}, {sum(p.numel() for p in model.parameters() if not p.is_meta):,} "
+                 "parameters on this rank")
         engine = build_engine(model, plan, groups, cfg)
         log.info(f"engine: {type(engine).__name__}, ZeRO stage {plan.zero_stage}, {cfg.train.dtype.value}")
         data = build_data(cfg, plan, dist.get_rank())

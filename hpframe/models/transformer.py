@@ -133,10 +133,18 @@ class Transformer(nn.Module):
         self._init_weights(seed, workers=None)
 
     @torch.no_grad()
-    def _init_weights(self, seed: int, *, workers: int | None) -> None:
+    def init_parts(self, seed: int, parts: list[str]) -> None:
+        """``init_weights`` restricted to the submodules named in ``parts`` (e.g. ``["embed",
+        "layers.3"]``): the values those tensors get from ``init_weights(seed)``."""
+        self._init_weights(seed, workers=None, parts=parts)
+
+    @torch.no_grad()
+    def _init_weights(self, seed: int, *, workers: int | None, parts: list[str] | None = None) -> None:
         std = self.model_cfg.init_std
         jobs: list[tuple[torch.Tensor, float, int]] = []  # (tensor, std, seed) of every random tensor
         for mod_name, mod in self.named_modules():
+            if parts is not None and not any(mod_name == p or mod_name.startswith(p + ".") for p in parts):
+                continue
             prefix = f"{mod_name}." if mod_name else ""
             if isinstance(mod, RMSNorm):
                 mod.weight.fill_(1.0)

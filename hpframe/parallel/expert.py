@@ -231,12 +231,16 @@ def apply_ep(model: nn.Module, plan: Any, groups: Any, *, overlap: bool = True) 
 
     ``overlap`` (``parallel.ep_overlap``): compute the shared experts while the dispatch all-to-all is
     in flight."""
+    for moe in model.moe_modules():
+        apply_ep_moe(moe, plan, groups, overlap=overlap)
+    return model
+
+
+def apply_ep_moe(moe: nn.Module, plan: Any, groups: Any, *, overlap: bool = True) -> None:
+    """Replace the experts of one MoE layer by this EP rank's ExpertParallelExperts (in place)."""
     if plan.experts is None:
         raise ValueError(f"parallel.ep={plan.ep} needs a model with experts (moe.num_experts > 0)")
-    ep_rank = groups.ep_rank
-    ids = plan.experts.local_experts(ep_rank)
-    for moe in model.moe_modules():
-        moe.experts = ExpertParallelExperts(
-            moe.experts, global_expert_ids=ids, ep_group=groups.ep, ep_size=groups.ep_size, overlap=overlap
-        )
-    return model
+    ids = plan.experts.local_experts(groups.ep_rank)
+    moe.experts = ExpertParallelExperts(
+        moe.experts, global_expert_ids=ids, ep_group=groups.ep, ep_size=groups.ep_size, overlap=overlap
+    )

@@ -5,12 +5,19 @@
   3. activation ckpt      (recompute != none)  act_ckpt.apply_activation_checkpointing
   4. torch.compile        (train.compile)      compile.apply_compile
 
-The input is a MATERIALIZED full single-device model, built and ``init_weights(seed)``-ed identically
-on every rank; each step slices weights in place (copies of this rank's shards, after which the full
-tensors are freed). The sharded model therefore equals the single-device model exactly, which the
-equivalence tests check. Do not call ``init_weights`` afterwards: TP shards are not nn.Linear and
-keep their values. Building huge models on the meta device and initializing only the local shards is
-a follow-up (the models' per-name, per-expert seeding already allows it).
+The input is either
+  * a MATERIALIZED full single-device model, built and ``init_weights(seed)``-ed identically on every
+    rank; each step slices weights in place (copies of this rank's shards, after which the full
+    tensors are freed); or
+  * a model on the META device, with ``init_seed``: the parts this rank runs (its pipeline stage's
+    blocks, the embedding on the first stage and with tied embeddings the last, the final norm and
+    head on the last) are materialized and initialized ONE BLOCK AT A TIME, each sharded (TP, EP)
+    before the next is built. No rank ever holds the full model: peak host memory is this rank's
+    shards plus one full block, where the first form needs the whole model on every rank (187 GB
+    in fp32 for Mixtral 8x7B, times the ranks of a node). Blocks of other stages stay on meta.
+Both give identical shards (per-name, per-expert seeding; ``tests/dist/test_streamed_init.py``), so
+the sharded model equals the single-device model exactly, which the equivalence tests check. Do not
+call ``init_weights`` afterwards: TP shards are not nn.Linear and keep their values.
 
 Pipeline parallelism (keeping only this stage's blocks) and ZeRO belong to the engine, which calls
 this function first.
@@ -25,9 +32,9 @@ from torch import nn
 from hpframe.config.schema import Recompute
 from hpframe.parallel.act_ckpt import apply_activation_checkpointing
 from hpframe.parallel.compile import apply_compile
-from hpframe.parallel.expert import apply_ep
+from hpframe.parallel.expert import apply_ep, apply_ep_moe
 from hpframe.parallel.groups import ParallelGroups
-from hpframe.parallel.tensor import apply_tp
+from hpframe.parallel.tensor import apply_tp, apply_tp_block, apply_tp_outer
 
 
 def _check_groups(plan: Any, groups: ParallelGroups) -> None:
@@ -45,6 +52,8 @@ def parallelize(
     recompute: Recompute | str = Recompute.none,
     compile: bool = False,
     ep_overlap: bool = True,
+    init_seed: int | None = None,
+    device: str = "cpu",
 ) -> nn.Module:
     """Apply TP, then EP, then activation checkpointing to ``model`` (in place); return it.
 
@@ -52,12 +61,59 @@ def parallelize(
     (the plan carries degrees only).
     """
     _check_groups(plan, groups)
-    if plan.tp > 1:
-        apply_tp(model, groups.tp, sequence_parallel=sequence_parallel)
-    if plan.ep > 1 and plan.experts is not None:  # ep > 1 on a dense model: the planner warned, nothing to split
-        apply_ep(model, plan, groups, overlap=ep_overlap)
+    if any(p.is_meta for p in model.parameters()):
+        if init_seed is None:
+            raise ValueError("parallelize: a model on the meta device needs init_seed (train.seed) to be initialized")
+        _stream_shards(model, plan, groups, seed=init_seed, device=device, sequence_parallel=sequence_parallel,
+                       ep_overlap=ep_overlap)
+    else:
+        if plan.tp > 1:
+            apply_tp(model, groups.tp, sequence_parallel=sequence_parallel)
+        if plan.ep > 1 and plan.experts is not None:  # ep > 1 on a dense model: the planner warned, nothing to split
+            apply_ep(model, plan, groups, overlap=ep_overlap)
     if Recompute(recompute) != Recompute.none:
         apply_activation_checkpointing(model, recompute)
     if compile:
         apply_compile(model, tp=plan.tp)
     return model
+
+
+def owned_parts(model: nn.Module, plan: Any, stage: int) -> tuple[list[str], list[int]]:
+    """(outer parts, block indices) that pipeline stage ``stage`` runs: the embedding on the first
+    stage (and on the last with tied embeddings), the final norm and head on the last, its blocks."""
+    last = stage == plan.pp - 1
+    tied = model.head is None
+    outer = []
+    if stage == 0 or (tied and last):
+        outer.append("embed")
+    if last:
+        outer.append("norm")
+        if not tied:
+            outer.append("head")
+    return outer, list(plan.pipeline.stages[stage].layers)
+
+
+def _stream_shards(model: nn.Module, plan: Any, groups: ParallelGroups, *, seed: int, device: str,
+                   sequence_parallel: bool, ep_overlap: bool) -> None:
+    """Materialize, initialize and shard this rank's parts of a meta model, one block at a time."""
+    import torch.distributed as dist
+
+    from hpframe.models import MoE
+
+    stage = plan.ranks.coords(dist.get_rank())["pp"]
+    outer, blocks = owned_parts(model, plan, stage)
+    for name in outer:
+        getattr(model, name).to_empty(device=device)
+    model.init_parts(seed, outer)
+    if plan.tp > 1:
+        apply_tp_outer(model, groups.tp, sequence_parallel=sequence_parallel, embed="embed" in outer,
+                       head="head" in outer)
+    split_experts = plan.ep > 1 and plan.experts is not None
+    for i in blocks:
+        block = model.layers[i]
+        block.to_empty(device=device)
+        model.init_parts(seed, [f"layers.{i}"])
+        if plan.tp > 1:
+            apply_tp_block(block, groups.tp, sequence_parallel=sequence_parallel)
+        if split_experts and isinstance(block.mlp, MoE):
+            apply_ep_moe(block.mlp, plan, groups, overlap=ep_overlap)

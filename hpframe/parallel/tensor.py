@@ -456,47 +456,62 @@ def apply_tp(model: nn.Module, group: Any, *, sequence_parallel: bool = False) -
     and shared experts see the same tokens on every TP rank, and their gradients are identical.
     With ``sequence_parallel`` the residual stream is [B,S/t,H] between blocks.
     """
+    if _size(group) == 1:
+        return model
+    apply_tp_outer(model, group, sequence_parallel=sequence_parallel)
+    for block in model.layers:
+        apply_tp_block(block, group, sequence_parallel=sequence_parallel)
+    return model
+
+
+def apply_tp_outer(model: nn.Module, group: Any, *, sequence_parallel: bool = False,
+                   embed: bool = True, head: bool = True) -> None:
+    """The embedding (``embed``), the LM head (``head``) and the final norm's hooks of ``apply_tp``.
+
+    ``embed``/``head`` False leave that part alone (a pipeline stage that never runs it)."""
+    t, sp = _size(group), sequence_parallel
+    _divisible("model.vocab_size", model.embed.num_embeddings, t)
+    if embed:
+        model.embed = VocabParallelEmbedding(model.embed, group, sequence_parallel=sp)
+    if head and model.head is not None:
+        model.head = ColumnParallelLinear.from_linear(model.head, group, what="head")
+    # The LM head is column-parallel: its input enters the TP region after the final norm.
+    enter_head = (lambda y: gather_from_sp_region(y, group)) if sp else (lambda y: copy_to_tp_region(y, group))
+    model.norm.register_forward_hook(_output_hook(enter_head))
+    if sp:
+        _sp_norm(model.norm, group)
+
+
+def apply_tp_block(block: nn.Module, group: Any, *, sequence_parallel: bool = False) -> None:
+    """Shard one transformer block over the TP ``group`` (the per-block part of ``apply_tp``)."""
     from hpframe.models.layers import MLP, Attention
     from hpframe.models.mla import MLAttention
     from hpframe.models.moe import MoE
 
     t, sp = _size(group), sequence_parallel
-    if t == 1:
-        return model
-    _divisible("model.vocab_size", model.embed.num_embeddings, t)
-    model.embed = VocabParallelEmbedding(model.embed, group, sequence_parallel=sp)
-    if model.head is not None:
-        model.head = ColumnParallelLinear.from_linear(model.head, group, what="head")
-    # The LM head is column-parallel: its input enters the TP region after the final norm.
-    enter_head = (lambda y: gather_from_sp_region(y, group)) if sp else (lambda y: copy_to_tp_region(y, group))
-    model.norm.register_forward_hook(_output_hook(enter_head))
-    for block in model.layers:
-        attn, mlp = block.attn, block.mlp
-        if isinstance(attn, Attention):
-            _shard_gqa(attn, group, t)
-            attn.register_forward_pre_hook(_enter_hook(group, sp, replicated=False))
-        elif isinstance(attn, MLAttention):
-            _shard_mla(attn, group, t)
-            attn.register_forward_pre_hook(_enter_hook(group, sp, replicated=True))
-        else:
-            raise ValueError(f"tensor parallelism does not know attention module {type(attn).__name__}")
-        attn.register_forward_hook(_exit_hook(group, sp, partial=True))
-        if isinstance(mlp, MoE):
-            if sp:
-                mlp.register_forward_pre_hook(_enter_hook(group, sp, replicated=True))
-                mlp.register_forward_hook(_exit_hook(group, sp, partial=False))
-        elif isinstance(mlp, MLP):
-            mlp.w1 = ColumnParallelLinear.from_linear(mlp.w1, group, what="mlp.w1")
-            if mlp.w3 is not None:
-                mlp.w3 = ColumnParallelLinear.from_linear(mlp.w3, group, what="mlp.w3")
-            mlp.w2 = RowParallelLinear.from_linear(mlp.w2, group, what="mlp.w2", reduce="none")
-            mlp.register_forward_pre_hook(_enter_hook(group, sp, replicated=False))
-            mlp.register_forward_hook(_exit_hook(group, sp, partial=True))
-        else:
-            raise ValueError(f"tensor parallelism does not know MLP module {type(mlp).__name__}")
+    attn, mlp = block.attn, block.mlp
+    if isinstance(attn, Attention):
+        _shard_gqa(attn, group, t)
+        attn.register_forward_pre_hook(_enter_hook(group, sp, replicated=False))
+    elif isinstance(attn, MLAttention):
+        _shard_mla(attn, group, t)
+        attn.register_forward_pre_hook(_enter_hook(group, sp, replicated=True))
+    else:
+        raise ValueError(f"tensor parallelism does not know attention module {type(attn).__name__}")
+    attn.register_forward_hook(_exit_hook(group, sp, partial=True))
+    if isinstance(mlp, MoE):
         if sp:
-            _sp_norm(block.attn_norm, group)
-            _sp_norm(block.mlp_norm, group)
+            mlp.register_forward_pre_hook(_enter_hook(group, sp, replicated=True))
+            mlp.register_forward_hook(_exit_hook(group, sp, partial=False))
+    elif isinstance(mlp, MLP):
+        mlp.w1 = ColumnParallelLinear.from_linear(mlp.w1, group, what="mlp.w1")
+        if mlp.w3 is not None:
+            mlp.w3 = ColumnParallelLinear.from_linear(mlp.w3, group, what="mlp.w3")
+        mlp.w2 = RowParallelLinear.from_linear(mlp.w2, group, what="mlp.w2", reduce="none")
+        mlp.register_forward_pre_hook(_enter_hook(group, sp, replicated=False))
+        mlp.register_forward_hook(_exit_hook(group, sp, partial=True))
+    else:
+        raise ValueError(f"tensor parallelism does not know MLP module {type(mlp).__name__}")
     if sp:
-        _sp_norm(model.norm, group)
-    return model
+        _sp_norm(block.attn_norm, group)
+        _sp_norm(block.mlp_norm, group)
