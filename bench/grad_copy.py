@@ -4,16 +4,22 @@
 
 The tensors mimic the mixtral_h200 model of docs/performance.md (embedding, head, 12 blocks of attention
 and 8 stacked experts of 5632 x 2048): 3.58 B elements. For each variant: median ms of 10 CUDA-event
-timed repetitions after 2 warm-ups, and the achieved bandwidth (bytes read + written / time).
+timed repetitions after 2 warm-ups (bench/common.py), and the achieved bandwidth (bytes read + written
+/ time). Needs a CUDA GPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import sys
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import common  # noqa: E402
 
 
 def shapes() -> list[tuple[int, ...]]:
@@ -22,20 +28,6 @@ def shapes() -> list[tuple[int, ...]]:
     for _ in range(12):
         out += [(h, h), (kv, h), (kv, h), (h, h), (h,), (h,), (e, h), (e, f, h), (e, f, h), (e, h, f)]
     return out
-
-
-def timed(fn, reps: int = 10) -> float:
-    for _ in range(2):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -61,7 +53,7 @@ def main() -> None:
     }
     rows = {}
     for name, (fn, bytes_per) in variants.items():
-        ms = timed(fn)
+        ms = common.time_cuda(fn, warmup=2, min_reps=10, max_reps=10)["median_ms"]
         rows[name] = {"ms": ms, "GBps": n * bytes_per / ms / 1e6}
         print(f"{name:<42} {ms:8.2f} ms  {rows[name]['GBps']:8.0f} GB/s")
     if args.out:
