@@ -3,7 +3,8 @@
 ``capture(engine)`` (collective over the engine's groups, every rank calls it in the same order):
 for each local parameter, in module order,
   1. the full fp32 master value and Adam moments of this rank's local tensor:
-       ZeRO 1/2  the fragments of ZeRO's flat fp32 partitions (DeepSpeed's lp->hp fragment map),
+       ZeRO 1/2  the fragments of the flat master partitions of DeepSpeed's ZeRO optimizer or, for bf16
+                 with fp32 master weights under ZeRO 1, its BF16_Optimizer (the lp->hp fragment map),
                  all-reduced over the parameter's data-parallel group (dp for dense weights, edp for
                  experts), as DeepSpeed's ``safe_get_full_fp32_param`` does (see ``_full_hp``)
        ZeRO 0    the parameter itself and the client AdamW's ``state[param]``
@@ -95,13 +96,26 @@ def _num_layers(engine: Any) -> int:
 
 
 def _zero_optimizer(engine: Any) -> Any | None:
-    """DeepSpeed's ZeRO-1/2 optimizer wrapper, or None under ZeRO 0."""
+    """DeepSpeed's partitioned optimizer wrapper (ZeRO-1/2, or BF16_Optimizer under bf16 ZeRO-1), or
+    None under ZeRO 0 (the client AdamW holds the state of the parameters themselves)."""
     if engine.ds.zero_optimization_stage() == 0:
         return None
     zo = engine.ds.optimizer
-    if not hasattr(zo, "single_partition_of_fp32_groups"):
-        raise ValueError(f"checkpointing supports ZeRO stages 0-2 with DeepSpeed's ZeRO optimizer, got {type(zo).__name__}")
+    if _flat_partitions(zo) is None:
+        raise ValueError(f"checkpointing supports ZeRO stages 0-2 with DeepSpeed's ZeRO or BF16 optimizer, "
+                         f"got {type(zo).__name__}")
     return zo
+
+
+def _flat_partitions(zo: Any) -> list[torch.Tensor] | None:
+    """The flat master partitions (one per param group) the inner optimizer steps on: ZeRO's
+    ``single_partition_of_fp32_groups`` (fp32, or bf16 with bf16 master weights), BF16_Optimizer's
+    ``fp32_groups_flat_partition``. Both map parameters to fragments through ``_hp_mapping``."""
+    for attr in ("single_partition_of_fp32_groups", "fp32_groups_flat_partition"):
+        flats = getattr(zo, attr, None)
+        if flats is not None:
+            return flats
+    return None
 
 
 def _has_adam_state(engine: Any) -> bool:
@@ -134,7 +148,7 @@ def _full_hp(zo: Any, p: torch.Tensor, key: str | None) -> torch.Tensor:
     buf = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)  # [numel] of the local tensor
     mapping = getattr(p, "_hp_mapping", None)
     if mapping is not None:
-        flat = zo.single_partition_of_fp32_groups[mapping.param_group_index]
+        flat = _flat_partitions(zo)[mapping.param_group_index]
         src = flat if key is None else zo.optimizer.state.get(flat, {}).get(key)
         if src is not None:
             hp, lp = mapping.hp_fragment_address, mapping.lp_fragment_address
@@ -235,7 +249,7 @@ def restore(engine: Any, ckpt: PortableCheckpoint) -> None:
     saved_step = max(ckpt.adam_step.values(), default=None)
     moments: dict[int, dict[str, torch.Tensor]] = {}
     if zo is not None and saved_step is not None:
-        moments = {gi: {k: torch.zeros_like(flat) for k in MOMENTS} for gi, flat in enumerate(zo.single_partition_of_fp32_groups)}
+        moments = {gi: {k: torch.zeros_like(flat) for k in MOMENTS} for gi, flat in enumerate(_flat_partitions(zo))}
     with torch.no_grad():
         for t in local_tensors(engine):
             value = _local_slice(engine, t, ckpt.read(t.name, "param", t.rows))
@@ -261,7 +275,7 @@ def restore(engine: Any, ckpt: PortableCheckpoint) -> None:
                 state["step"] = torch.tensor(float(step if step is not None else saved_step), dtype=torch.float32)
     if zo is not None:
         for gi, bufs in moments.items():
-            flat = zo.single_partition_of_fp32_groups[gi]
+            flat = _flat_partitions(zo)[gi]
             zo.optimizer.state[flat] = {"step": torch.tensor(float(saved_step), dtype=torch.float32), **bufs}
         zo._hp_optimizer_states_linked = False  # re-point the per-parameter fragments at the new buffers
         if moments:

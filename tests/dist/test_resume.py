@@ -7,7 +7,8 @@ run's losses of steps N+1..N+M equal the uninterrupted run's bit for bit, and it
 final checkpoint tensor for tensor, bit for bit. Layouts: one process (mixtral_debug); edp2 x ep2
 (4 processes) with ZeRO-1 and asynchronous saves (deepseek_debug, bias balancing on); pp2 with ZeRO-1
 (mixtral_debug); the dense gpt_debug with pp2 (tied embedding held by both stages) and dp2 with ZeRO-2;
-dp2 = ep2 with ZeRO-2 (mixtral_debug, 2 processes).
+dp2 = ep2 with ZeRO-2 (mixtral_debug, 2 processes); and bf16 at dp2 = ep2 through each optimizer path
+(BF16_Optimizer, ZeRO-2, bf16 master weights under ZeRO-1 and ZeRO-0).
 """
 
 from __future__ import annotations
@@ -112,4 +113,16 @@ def test_exact_resume_pp2_dense_and_ep2(tmp_path):
         ["recipe=gpt_debug", "parallel.pp=2", "parallel.dp=1", "parallel.zero_stage=0"],  # tied embedding on 2 stages
         ["recipe=gpt_debug", "parallel.dp=2", "parallel.zero_stage=2"],
         ["recipe=mixtral_debug", "parallel.dp=2", "parallel.ep=2", "parallel.zero_stage=2"],  # dp2 = ep2, edp 1
+    ])
+
+
+def test_exact_resume_bf16_paths(tmp_path):
+    """bf16 on CPU, dp2 = ep2: DeepSpeed's BF16_Optimizer (fp32 master, ZeRO-1), ZeRO-2, bf16 master weights
+    through DeepSpeed's ZeRO-1 optimizer, and the plain bf16 update (ZeRO 0) all resume bit for bit."""
+    bf16 = ["recipe=mixtral_debug", "parallel.dp=2", "parallel.ep=2", "train.dtype=bf16"]
+    check_exact_resume(tmp_path, 2, [
+        [*bf16, "parallel.zero_stage=1"],
+        [*bf16, "parallel.zero_stage=2"],
+        [*bf16, "parallel.zero_stage=1", "train.master_dtype=bf16"],
+        [*bf16, "parallel.zero_stage=0", "train.master_dtype=bf16"],
     ])
