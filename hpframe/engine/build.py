@@ -55,12 +55,7 @@ def build_engine(model: nn.Module, plan: Any, groups: Any, cfg: Any) -> Any:
     device = resolve_device(cfg)
     dtype = str(getattr(cfg.train.dtype, "value", cfg.train.dtype))
     master = str(getattr(cfg.train.master_dtype, "value", cfg.train.master_dtype))
-    if dtype == "bf16" and master == "fp32" and plan.zero_stage == 0:
-        raise ValueError(
-            "train.dtype=bf16 with parallel.zero_stage=0: the gradient-norm guard reads ZeRO partitions or "
-            "param.grad, not DeepSpeed's separate fp32 gradient buffers; use parallel.zero_stage >= 1, or "
-            "train.master_dtype=bf16 for the plain bf16 update"
-        )
+    # (bf16 with fp32 master weights under ZeRO 0 is refused by the planner: plan/validate.py)
     ds_cfg = deepspeed_config(plan, dtype=dtype, device=device, master_dtype=master)
     if dtype == "bf16" and not ds_cfg["bf16"]["enabled"]:
         # pure bf16 under ZeRO 0 (see deepspeed_config): the parameters become bf16 here, buffers

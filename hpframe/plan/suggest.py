@@ -48,13 +48,15 @@ def suggest_layouts(cfg: RunConfig, plan: ParallelPlan, limit: int = 10) -> list
     base.parallel.pipeline_layout = []
     experts = cfg.moe.num_experts
     out: list[Suggestion] = []
+    # bf16 with fp32 master weights runs through DeepSpeed's BF16/ZeRO optimizers: ZeRO 1 also at dp = 1
+    needs_optimizer_wrapper = base.train.dtype.value == "bf16" and base.train.master_dtype.value == "fp32"
     for tp in (d for d in _divisors(world) if d <= gpn):
         for pp in (d for d in _divisors(world // tp) if d <= cfg.model.num_layers):
             dp = world // (tp * pp)
             eps = [e for e in _divisors(dp) if experts and experts % e == 0] or [1]
             for ep in eps:
                 for zero in (0, 1, 2):
-                    if (pp > 1 and zero > 1) or (zero > 0 and dp == 1):
+                    if (pp > 1 and zero > 1) or (zero > 0 and dp == 1 and not needs_optimizer_wrapper):
                         continue
                     for rc in (Recompute.none, Recompute.selective, Recompute.full):
                         c = copy.deepcopy(base)

@@ -6,7 +6,7 @@ reported as warnings in the plan.
 
 from __future__ import annotations
 
-from hpframe.config.schema import Attention, RunConfig
+from hpframe.config.schema import Attention, DType, RunConfig
 from hpframe.plan.errors import PlanError
 from hpframe.plan.mesh import Degrees
 from hpframe.plan.params import moe_layers, num_kv_heads
@@ -104,7 +104,32 @@ def validate_parallel(cfg: RunConfig, d: Degrees, warnings: list[str]) -> None:
             key="parallel.pp, parallel.zero_stage",
             values={"parallel.pp": d.pp, "parallel.zero_stage": d.zero_stage},
         )
-    if d.zero_stage > 0 and d.dp == 1:
+    validate_precision(cfg, d)
+    fp32_master_bf16 = cfg.train.dtype == DType.bf16 and cfg.train.master_dtype == DType.fp32
+    if d.zero_stage > 0 and d.dp == 1 and not (fp32_master_bf16 and d.zero_stage == 1):
         warnings.append(f"parallel.zero_stage={d.zero_stage} has no effect with dp=1 (nothing to shard over)")
     if p.pipeline_layout and d.pp == 1 and list(p.pipeline_layout) == [m.num_layers]:
         warnings.append("parallel.pipeline_layout has no effect with parallel.pp=1")
+
+
+def validate_precision(cfg: RunConfig, d: Degrees) -> None:
+    """train.dtype / train.master_dtype against the ZeRO stage and pipeline (what the engine can run)."""
+    t = cfg.train
+    dtype, master = t.dtype.value, t.master_dtype.value
+    if t.master_dtype == DType.bf16 and t.dtype != DType.bf16:
+        raise PlanError(f"train.master_dtype=bf16 needs train.dtype=bf16 (got train.dtype={dtype})",
+                        key="train.master_dtype, train.dtype", values={"train.master_dtype": master, "train.dtype": dtype})
+    if t.dtype == DType.bf16 and t.master_dtype == DType.fp32 and d.zero_stage == 0:
+        raise PlanError(
+            "train.dtype=bf16 with train.master_dtype=fp32 and parallel.zero_stage=0: fp32 master weights live in "
+            "DeepSpeed's BF16/ZeRO optimizers; use parallel.zero_stage=1 (also at dp=1) or train.master_dtype=bf16",
+            key="train.master_dtype, parallel.zero_stage", values={"train.master_dtype": master, "parallel.zero_stage": 0})
+    if t.master_dtype == DType.bf16 and d.zero_stage == 3:
+        raise PlanError(
+            "train.master_dtype=bf16 with parallel.zero_stage=3: bf16 master weights run with ZeRO stages 0-2",
+            key="train.master_dtype, parallel.zero_stage", values={"train.master_dtype": master, "parallel.zero_stage": 3})
+    if t.master_dtype == DType.bf16 and d.zero_stage == 0 and d.pp > 1:
+        raise PlanError(
+            f"train.master_dtype=bf16 with parallel.zero_stage=0 and parallel.pp={d.pp}: the plain bf16 update runs "
+            "without pipeline parallelism; use parallel.zero_stage=1",
+            key="train.master_dtype, parallel.pp", values={"train.master_dtype": master, "parallel.pp": d.pp})

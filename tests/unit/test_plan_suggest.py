@@ -30,3 +30,14 @@ def test_json_carries_suggestions(compose_cfg) -> None:
     cfg = compose_cfg("recipe=gpt_debug", "parallel.dp=2", "plan.suggest=true")
     doc = json.loads(render_json(make_plan(cfg), cfg))
     assert {(s["tp"], s["pp"], s["dp"]) for s in doc["suggestions"]} == {(1, 1, 2), (2, 1, 1), (1, 2, 1)}
+
+
+def test_bf16_suggestions_respect_the_precision_path(compose_cfg) -> None:
+    """bf16 with fp32 master weights needs ZeRO >= 1 (also at dp = 1): no suggestion may use ZeRO 0, and
+    the tp2 / pp2 layouts (dp = 1) are still offered, with ZeRO 1. With bf16 master weights ZeRO 0 is fine."""
+    cfg = compose_cfg("recipe=mixtral_h200", "cluster.gpus_per_node=2")
+    out = suggest_layouts(cfg, make_plan(cfg), limit=50)
+    assert out and all(s.zero_stage >= 1 for s in out)
+    assert {(s.tp, s.pp) for s in out} >= {(2, 1), (1, 2)}
+    pure = compose_cfg("recipe=mixtral_h200", "cluster.gpus_per_node=2", "train.master_dtype=bf16")
+    assert any(s.zero_stage == 0 for s in suggest_layouts(pure, make_plan(pure), limit=50))
