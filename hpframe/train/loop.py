@@ -22,7 +22,7 @@ from hpframe.config.convert import to_dict
 from hpframe.config.schema import RunConfig
 from hpframe.data import Data
 from hpframe.logging import current_rank, get_logger
-from hpframe.train.metrics import MetricsWriter, dropped_frac, mfu, summarize_moe
+from hpframe.train.metrics import MetricsWriter, dropped_frac, mfu, summarize_ep_imbalance, summarize_moe
 from hpframe.train.profile import StepProfiler
 from hpframe.train.progress import Progress
 from hpframe.train.schedule import lr_at
@@ -116,7 +116,9 @@ def step_record(out: Any, *, step: int, lr: float, elapsed: float, tokens: int, 
         "step": step, "loss": loss, "lm_loss": float(out.lm_loss), "aux_loss": float(out.aux_loss), "lr": lr,
         "grad_norm": float(out.grad_norm), "tokens_per_s": tps,
         "mfu": mfu(tps, plan.flops_per_token, plan.world_size, cfg.cluster.peak_tflops),
-        "expert_load_cv": cv, "dropped_token_frac": _dropped(out.moe_stats, dropped, module), "skipped": bad,
+        "expert_load_cv": cv, "dropped_token_frac": _dropped(out.moe_stats, dropped, module),
+        "ep_load_imbalance": summarize_ep_imbalance(out.moe_stats, plan.ep if plan.experts is not None else 1),
+        "skipped": bad,
         "consumed_tokens": consumed, "step_time_s": elapsed,
     }
 

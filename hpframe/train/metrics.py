@@ -17,7 +17,7 @@ import torch
 
 STEP_KEYS = (
     "step", "loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "expert_load_cv",
-    "dropped_token_frac", "skipped", "consumed_tokens", "step_time_s",
+    "dropped_token_frac", "ep_load_imbalance", "skipped", "consumed_tokens", "step_time_s",
 )
 """Keys of every step line of metrics.jsonl. Other lines: evaluation (``step``, ``eval_loss``) and
 checkpoint saves (``step``, ``ckpt_stall_s``: seconds training waited for the save)."""
@@ -77,6 +77,27 @@ def summarize_moe(moe_stats: Any) -> tuple[float, float]:
         drops.append(_as_float(layer.get("dropped_frac", 0.0)))
     mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
     return mean(cvs), mean(drops)
+
+
+def ep_load_imbalance(tokens_per_expert: Any, ep: int) -> float:
+    """Busiest expert-parallel rank's routed assignments over the mean rank's (1.0 = balanced).
+
+    EP rank r holds the contiguous experts [r*E/ep, (r+1)*E/ep); with global counts the figure is the
+    imbalance of an EP group's ranks averaged over the edp groups (exact when edp = 1). Under EP every
+    rank waits in the all-to-alls for the busiest one, so a step's expert work scales with this figure.
+    """
+    counts = torch.as_tensor(tokens_per_expert).detach().double().flatten()
+    if ep <= 1 or counts.numel() == 0 or counts.numel() % ep:
+        return 1.0
+    per_rank = counts.view(ep, -1).sum(1)
+    mean = per_rank.mean()
+    return float(per_rank.max() / mean) if mean > 0 else 1.0
+
+
+def summarize_ep_imbalance(moe_stats: Any, ep: int) -> float:
+    """``ep_load_imbalance`` averaged over the MoE layers reporting ``tokens_per_expert``; 1.0 otherwise."""
+    values = [ep_load_imbalance(layer["tokens_per_expert"], ep) for layer in _layers(moe_stats) if "tokens_per_expert" in layer]
+    return sum(values) / len(values) if values else 1.0
 
 
 def dropped_frac(module: torch.nn.Module) -> float:

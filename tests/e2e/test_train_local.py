@@ -71,6 +71,7 @@ def test_single_process_trains(single_run):
         assert r["lr"] == pytest.approx(lr_at(r["step"] - 1, lr=3e-3, min_lr=3e-4, warmup_steps=2, total_steps=8))
         assert r["loss"] == pytest.approx(r["lm_loss"] + r["aux_loss"], rel=1e-6)
         assert r["aux_loss"] > 0 and r["expert_load_cv"] > 0 and r["dropped_token_frac"] == 0.0  # dropless MoE
+        assert r["ep_load_imbalance"] == 1.0  # one process: no expert parallelism
         assert r["consumed_tokens"] == r["step"] * 32 * 128 and not r["skipped"]
     assert steps[0]["loss"] == pytest.approx(math.log(2048), abs=0.3)  # random init: uniform over the vocabulary
     assert steps[-1]["loss"] < steps[0]["loss"] - 1.0
@@ -118,6 +119,8 @@ def test_four_processes_match_single_process(single_run, tmp_path):
     assert [r["step"] for r in steps] == list(range(1, 9))
     for r in steps:
         assert set(STEP_KEYS) <= r.keys() and all(r[k] is not None for k in STEP_KEYS)
+        assert 1.0 <= r["ep_load_imbalance"] <= 2.0  # ep=2: the busier rank's share over the mean
+    assert max(r["ep_load_imbalance"] for r in steps) > 1.0  # computed, not the dense default
     assert steps[0]["loss"] == pytest.approx(ref[0]["loss"], rel=1e-5)
     for a, b in zip(steps, ref):
         assert a["loss"] == pytest.approx(b["loss"], rel=2e-3)

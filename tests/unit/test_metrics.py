@@ -7,7 +7,15 @@ import math
 import pytest
 import torch
 
-from hpframe.train.metrics import MetricsWriter, load_cv, mfu, read_metrics, summarize_moe
+from hpframe.train.metrics import (
+    MetricsWriter,
+    ep_load_imbalance,
+    load_cv,
+    mfu,
+    read_metrics,
+    summarize_ep_imbalance,
+    summarize_moe,
+)
 
 
 def test_mfu_formula():
@@ -48,3 +56,14 @@ def test_writer_jsonl_and_tensorboard(tmp_path):
     off.write({"step": 1, "loss": 1.0})
     off.close()
     assert not (tmp_path / "other").exists()
+
+
+def test_ep_load_imbalance():
+    # experts 0-1 on EP rank 0, 2-3 on rank 1
+    assert ep_load_imbalance([4, 0, 2, 2], 2) == 1.0  # uneven experts, even ranks
+    assert ep_load_imbalance([6, 2, 1, 1], 2) == pytest.approx(8 / 5)
+    assert ep_load_imbalance([6, 2, 1, 1], 4) == pytest.approx(6 / 2.5)
+    assert ep_load_imbalance([6, 2, 1, 1], 1) == 1.0 and ep_load_imbalance([0, 0], 2) == 1.0
+    stats = {"layer1/tokens_per_expert": [6, 2, 1, 1], "layer1/load_cv": 0.7, "layer3/tokens_per_expert": [1, 1, 1, 1]}
+    assert summarize_ep_imbalance(stats, 2) == pytest.approx((1.6 + 1.0) / 2)
+    assert summarize_ep_imbalance(None, 2) == 1.0
