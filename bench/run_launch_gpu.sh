@@ -37,7 +37,8 @@ run() {  # name, timeout, overrides...
   grep -E "peak device memory|step +$STEPS/|Error|error" "$OUT/$name.log" | tail -6
   cp /tmp/hp_$name/metrics.jsonl "$OUT/$name.metrics.jsonl" 2>/dev/null
   if [ -d /tmp/hp_$name/profile ]; then
-    for f in /tmp/hp_$name/profile/rank0_*.txt; do cp "$f" "$OUT/${name}_$(basename "$f")"; done
+    # tables, and the trace when it fits what the device returns (16 MiB a file)
+    for f in $(find /tmp/hp_$name/profile -name 'rank0_*' -size -15M); do cp "$f" "$OUT/${name}_$(basename "$f")"; done
   fi
 }
 nvidia-smi -L

@@ -247,6 +247,8 @@ class TrainConfig:
     """Trace ``profile_num_steps`` steps from this one with torch.profiler, into RUN_DIR/profile/; 0 = off."""
     profile_num_steps: int = 3
     """Steps traced when ``profile_from_step`` > 0."""
+    profile_with_stack: bool = False
+    """Record the Python call stack of every operator (finds which code issues a kernel; slower)."""
     fail_at_step: int = 0
     """Testing aid for restart tests: rank 1 (rank 0 alone) SIGKILLs itself after this step, in the first
     attempt of a torchrun job only (TORCHELASTIC_RESTART_COUNT=0); 0 = off. Never set it in real runs."""

@@ -162,7 +162,8 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
     writer = MetricsWriter(run_dir, enabled=rank0, tensorboard=cfg.train.tensorboard)
     progress = Progress(total=cfg.train.steps, start=start, enabled=rank0 and cfg.train.progress)
     profiler = StepProfiler(run_dir, first=cfg.train.profile_from_step, count=cfg.train.profile_num_steps,
-                            rank=current_rank(), cuda=torch.cuda.is_available() and engine_on_cuda(engine))
+                            rank=current_rank(), cuda=torch.cuda.is_available() and engine_on_cuda(engine),
+                            with_stack=cfg.train.profile_with_stack)
 
     def save(step: int) -> None:
         assert checkpointer is not None

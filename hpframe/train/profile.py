@@ -4,7 +4,9 @@ Every rank writes, for steps ``first .. first + count - 1``:
   * ``rank<R>_ops.txt``     operators and kernels, sorted by self device time (self CPU time on CPUs);
   * ``rank<R>_phases.txt``  hpframe's own ranges per step (``hpframe/forward``, ``hpframe/backward``,
                             ``hpframe/optimizer``, ``hpframe/grad_norm``, ...), host and device time;
-  * ``rank<R>_trace.json.gz`` the full timeline, for chrome://tracing or Perfetto.
+  * ``rank<R>_trace.json.gz`` the full timeline, for chrome://tracing or Perfetto; with
+    ``train.profile_with_stack`` it also holds the Python function calls around every operator, so a
+    kernel can be traced to the code that issued it.
 The tables are divided by the number of profiled steps, so they read "per step".
 
 The first steps of a run include compilation and allocator warm-up; profile after them (the default
@@ -34,14 +36,15 @@ def phase(name: str) -> Any:
 class StepProfiler:
     """Starts torch.profiler before step ``first`` and writes its tables after step ``first + count - 1``."""
 
-    def __init__(self, run_dir: str | Path, *, first: int, count: int, rank: int, cuda: bool) -> None:
+    def __init__(self, run_dir: str | Path, *, first: int, count: int, rank: int, cuda: bool,
+                 with_stack: bool = False) -> None:
         if first < 0:
             raise ValueError(f"train.profile_from_step={first} must be >= 0 (0 = off)")
         if first > 0 and count < 1:
             raise ValueError(f"train.profile_num_steps={count} must be >= 1")
         self.dir = Path(run_dir) / "profile"
         self.first, self.last, self.count = first, first + count - 1, count
-        self.rank, self.cuda = rank, cuda
+        self.rank, self.cuda, self.with_stack = rank, cuda, with_stack
         self._prof: Any = None
         self.written: list[Path] = []
 
@@ -56,7 +59,7 @@ class StepProfiler:
         if self.cuda:
             activities.append(torch.profiler.ProfilerActivity.CUDA)
             torch.cuda.synchronize()
-        self._prof = torch.profiler.profile(activities=activities)
+        self._prof = torch.profiler.profile(activities=activities, with_stack=self.with_stack)
         self._prof.__enter__()
 
     def after_step(self, step: int) -> None:
@@ -84,11 +87,12 @@ class StepProfiler:
         header = f"# steps {self.first}-{self.last} ({self.count} steps); times are totals over them, divide by {self.count} per step\n"
         ops = self.dir / f"rank{self.rank}_ops.txt"
         ops.write_text(header + events.table(sort_by=sort, row_limit=60, max_name_column_width=70))
+        written = [ops]
         phases = self.dir / f"rank{self.rank}_phases.txt"
         phases.write_text(header + phase_table(events, self.count))
         trace = self.dir / f"rank{self.rank}_trace.json.gz"
         prof.export_chrome_trace(str(trace))
-        return [ops, phases, trace]
+        return [*written, phases, trace]
 
 
 def phase_table(events: Any, steps: int) -> str:

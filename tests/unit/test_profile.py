@@ -53,3 +53,11 @@ def test_bad_values_name_the_key(tmp_path) -> None:
         StepProfiler(tmp_path, first=-1, count=3, rank=0, cuda=False)
     with pytest.raises(ValueError, match=r"train.profile_num_steps=0 must be >= 1"):
         StepProfiler(tmp_path, first=2, count=0, rank=0, cuda=False)
+
+
+def test_with_stack_puts_python_callers_in_the_trace(tmp_path) -> None:
+    prof = StepProfiler(tmp_path, first=1, count=1, rank=0, cuda=False, with_stack=True)
+    _steps(prof, 1)
+    trace = json.loads(gzip.decompress((tmp_path / "profile" / "rank0_trace.json.gz").read_bytes()))
+    callers = [e["name"] for e in trace["traceEvents"] if e.get("cat") == "python_function"]
+    assert any("test_profile.py" in name and "_steps" in name for name in callers), callers[:10]
