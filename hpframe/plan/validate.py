@@ -112,6 +112,21 @@ def validate_parallel(cfg: RunConfig, d: Degrees, warnings: list[str]) -> None:
         warnings.append("parallel.pipeline_layout has no effect with parallel.pp=1")
 
 
+def validate_train(cfg: RunConfig, warnings: list[str]) -> None:
+    """Loop settings that the planner can check before anything runs."""
+    t = cfg.train
+    if t.profile_from_step < 0:
+        raise PlanError(f"train.profile_from_step={t.profile_from_step} must be >= 0 (0 = off)",
+                        key="train.profile_from_step", values={"train.profile_from_step": t.profile_from_step})
+    if t.profile_from_step > 0 and t.profile_num_steps < 1:
+        raise PlanError(f"train.profile_num_steps={t.profile_num_steps} must be >= 1",
+                        key="train.profile_num_steps", values={"train.profile_num_steps": t.profile_num_steps})
+    last = t.profile_from_step + t.profile_num_steps - 1
+    if t.profile_from_step > 0 and last > t.steps:
+        warnings.append(f"train.profile_from_step={t.profile_from_step} with train.profile_num_steps={t.profile_num_steps} "
+                        f"ends at step {last} > train.steps={t.steps}: nothing will be profiled")
+
+
 def validate_precision(cfg: RunConfig, d: Degrees) -> None:
     """train.dtype / train.master_dtype against the ZeRO stage and pipeline (what the engine can run)."""
     t = cfg.train

@@ -39,6 +39,10 @@ CASES = [
     ("layout_zero", ["recipe=mixtral_debug", "parallel.pp=2", "parallel.pipeline_layout=[0,4]"], "parallel.pipeline_layout", ["each >= 1"]),
     ("axis_order", ["recipe=mixtral_debug", "parallel.axis_order=pp-dp"], "parallel.axis_order", ["'pp-dp'"]),
     ("zero_stage", ["recipe=mixtral_debug", "parallel.zero_stage=4"], "parallel.zero_stage", ["parallel.zero_stage=4"]),
+    ("profile_negative", ["recipe=mixtral_debug", "train.profile_from_step=-2"], "train.profile_from_step",
+     ["train.profile_from_step=-2"]),
+    ("profile_steps", ["recipe=mixtral_debug", "train.profile_from_step=2", "train.profile_num_steps=0"],
+     "train.profile_num_steps", ["train.profile_num_steps=0"]),
     ("master_needs_bf16", ["recipe=mixtral_debug", "train.master_dtype=bf16"], "train.master_dtype",
      ["train.master_dtype=bf16", "train.dtype=fp32"]),
     ("bf16_zero0", ["recipe=mixtral_debug", "train.dtype=bf16", "parallel.zero_stage=0"], "parallel.zero_stage",
@@ -84,6 +88,7 @@ def test_memory_check_off_turns_refusal_into_warning(compose_cfg) -> None:
         (["recipe=mixtral_debug", "parallel.pp=2", "parallel.grad_accum=1"], "grad_accum=1 < parallel.pp=2"),
         (["recipe=mixtral_debug", "model.first_k_dense=4"], "no block is MoE"),
         (["recipe=gpt_debug", "parallel=tp2_pp2_dp2"], "parallel.ep=2 has no effect with moe.num_experts=0"),
+        (["recipe=gpt_debug", "train.steps=5", "train.profile_from_step=4"], "ends at step 6 > train.steps=5"),
     ],
 )
 def test_warnings_for_settings_without_effect(compose_cfg, overrides: list[str], fragment: str) -> None:
