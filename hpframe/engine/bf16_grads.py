@@ -6,8 +6,9 @@ then the add. On one H200 with 3.58 B parameters the two took 38 ms of a 319 ms 
 (docs/performance.md, section 6). ``install(optimizer)`` replaces the instance's
 ``update_hp_grads`` by one that converts as it copies: ``hp.copy_(lp.grad)`` for the first
 micro-batch of a step (the buffer holds no gradient yet) and ``hp.add_(lp.grad)`` (mixed-dtype add,
-fp32 accumulation) for the next ones, each as one multi-tensor call over all parameters. What it stores is what DeepSpeed's method stores; the
-bookkeeping (``_hp_grad``, ``fp32_groups_has_gradients``) is kept the same.
+fp32 accumulation) for the next ones, each as one multi-tensor call over all parameters. What it
+stores is what DeepSpeed's method stores; the bookkeeping (``_hp_grad``,
+``fp32_groups_has_gradients``) is kept the same.
 
 Only the delayed path is replaced: with ``immediate_grad_update`` DeepSpeed does the hand-over in
 gradient hooks and its ``update_hp_grads`` returns at once (hpframe's config leaves it off).

@@ -116,8 +116,9 @@ class StepGuard:
         dup = getattr(self.ds.module, "tied_weight_duplicate", None)
         return dup() if dup is not None else None
 
-    def global_norm(self) -> float:
-        pairs, partitioned = held_gradients(self.ds)
+    def global_norm(self, held: tuple[list[tuple[nn.Parameter, torch.Tensor]], bool] | None = None) -> float:
+        """The true global gradient norm (collective); ``held`` is ``held_gradients(self.ds)`` if known."""
+        pairs, partitioned = held if held is not None else held_gradients(self.ds)
         dup = self._duplicate()
         # fp64 accumulation on the collective's device (CPU for gloo, the GPU for NCCL): an fp32 norm of
         # a sparse embedding gradient is off by ~3e-5 relative; one host sync at the end.
@@ -158,11 +159,12 @@ class StepGuard:
 
     @torch.no_grad()
     def _take_model_step(self, lr_kwargs: Any = None) -> None:
+        held = held_gradients(self.ds)
+        pairs = held[0]
         with phase("grad_norm"):
-            norm = self.global_norm()
+            norm = self.global_norm(held)
             self.skipped = self._any_rank_bad(norm)
         self.grad_norm = norm
-        pairs, _ = held_gradients(self.ds)
         if self.skipped:
             for _, g in pairs:
                 g.zero_()

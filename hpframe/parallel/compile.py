@@ -3,8 +3,9 @@
 Compiled: every RMSNorm, the attention modules (GQA or MLA: projections, rotary, SDPA), the dense
 MLPs and, with tp = 1, the cross-entropy loss (``compiled_cross_entropy``, used by the engine). Left
 eager: the MoE layers, whose token counts per expert change every step (data-dependent shapes
-recompile or graph-break; their GPU path is already a grouped GEMM with fused kernels). ``nn.Module.compile`` compiles in place, so parameter names, state dicts, DeepSpeed's view of
-the parameters and checkpoints are unchanged.
+recompile or graph-break; their GPU path is already a grouped GEMM with fused kernels).
+``nn.Module.compile`` compiles in place, so parameter names, state dicts, DeepSpeed's view of the
+parameters and checkpoints are unchanged.
 
 With tp > 1 the attention modules carry TP communication in their hooks; they stay eager there and
 only the norms and dense MLPs are compiled (a warning says so).

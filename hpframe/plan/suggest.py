@@ -16,6 +16,7 @@ from hpframe.config.schema import Recompute, RunConfig
 from hpframe.plan.errors import PlanError
 from hpframe.plan.planner import make_plan
 from hpframe.plan.types import ParallelPlan
+from hpframe.plan.validate import needs_zero_optimizer
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,15 +49,14 @@ def suggest_layouts(cfg: RunConfig, plan: ParallelPlan, limit: int = 10) -> list
     base.parallel.pipeline_layout = []
     experts = cfg.moe.num_experts
     out: list[Suggestion] = []
-    # bf16 with fp32 master weights runs through DeepSpeed's BF16/ZeRO optimizers: ZeRO 1 also at dp = 1
-    needs_optimizer_wrapper = base.train.dtype.value == "bf16" and base.train.master_dtype.value == "fp32"
+    zero_at_dp1 = needs_zero_optimizer(base)  # ZeRO 1 also at dp = 1 (and ZeRO 0 refused by make_plan)
     for tp in (d for d in _divisors(world) if d <= gpn):
         for pp in (d for d in _divisors(world // tp) if d <= cfg.model.num_layers):
             dp = world // (tp * pp)
             eps = [e for e in _divisors(dp) if experts and experts % e == 0] or [1]
             for ep in eps:
                 for zero in (0, 1, 2):
-                    if (pp > 1 and zero > 1) or (zero > 0 and dp == 1 and not needs_optimizer_wrapper):
+                    if (pp > 1 and zero > 1) or (zero > 0 and dp == 1 and not zero_at_dp1):
                         continue
                     for rc in (Recompute.none, Recompute.selective, Recompute.full):
                         c = copy.deepcopy(base)

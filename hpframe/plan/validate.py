@@ -105,8 +105,7 @@ def validate_parallel(cfg: RunConfig, d: Degrees, warnings: list[str]) -> None:
             values={"parallel.pp": d.pp, "parallel.zero_stage": d.zero_stage},
         )
     validate_precision(cfg, d)
-    fp32_master_bf16 = cfg.train.dtype == DType.bf16 and cfg.train.master_dtype == DType.fp32
-    if d.zero_stage > 0 and d.dp == 1 and not (fp32_master_bf16 and d.zero_stage == 1):
+    if d.zero_stage > 0 and d.dp == 1 and not (needs_zero_optimizer(cfg) and d.zero_stage == 1):
         warnings.append(f"parallel.zero_stage={d.zero_stage} has no effect with dp=1 (nothing to shard over)")
     if p.pipeline_layout and d.pp == 1 and list(p.pipeline_layout) == [m.num_layers]:
         warnings.append("parallel.pipeline_layout has no effect with parallel.pp=1")
@@ -127,6 +126,12 @@ def validate_train(cfg: RunConfig, warnings: list[str]) -> None:
                         f"ends at step {last} > train.steps={t.steps}: nothing will be profiled")
 
 
+def needs_zero_optimizer(cfg: RunConfig) -> bool:
+    """bf16 with fp32 master weights: the master copy lives in DeepSpeed's BF16/ZeRO optimizers, so
+    ZeRO stage >= 1 is required (and stage 1 does something even at dp = 1)."""
+    return cfg.train.dtype == DType.bf16 and cfg.train.master_dtype == DType.fp32
+
+
 def validate_precision(cfg: RunConfig, d: Degrees) -> None:
     """train.dtype / train.master_dtype against the ZeRO stage and pipeline (what the engine can run)."""
     t = cfg.train
@@ -134,7 +139,7 @@ def validate_precision(cfg: RunConfig, d: Degrees) -> None:
     if t.master_dtype == DType.bf16 and t.dtype != DType.bf16:
         raise PlanError(f"train.master_dtype=bf16 needs train.dtype=bf16 (got train.dtype={dtype})",
                         key="train.master_dtype, train.dtype", values={"train.master_dtype": master, "train.dtype": dtype})
-    if t.dtype == DType.bf16 and t.master_dtype == DType.fp32 and d.zero_stage == 0:
+    if needs_zero_optimizer(cfg) and d.zero_stage == 0:
         raise PlanError(
             "train.dtype=bf16 with train.master_dtype=fp32 and parallel.zero_stage=0: fp32 master weights live in "
             "DeepSpeed's BF16/ZeRO optimizers; use parallel.zero_stage=1 (also at dp=1) or train.master_dtype=bf16",
