@@ -51,8 +51,12 @@ class RotaryEmbedding(nn.Module):
         """(Re)compute the tables in fp32 on CPU (same values on every device), then copy them in."""
         inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float32) / self.dim))
         angles = torch.arange(self.max_seq_len, dtype=torch.float32)[:, None] * inv_freq[None, :]
-        self.cos.copy_(angles.cos())
-        self.sin.copy_(angles.sin())
+        # through torch.polar (the C library's cos/sin, element by element), not Tensor.cos/sin: on a
+        # CPU with MKL those run through MKL's vector math, whose accuracy mode is per thread, and the
+        # first multi-threaded call of a process computed half the table ~1e-4 off (seen with 2 threads)
+        rot = torch.polar(torch.ones_like(angles), angles)
+        self.cos.copy_(rot.real)
+        self.sin.copy_(rot.imag)
 
     def forward(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for positions 0..seq_len-1, each [S, dim/2]."""
