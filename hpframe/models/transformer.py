@@ -81,6 +81,7 @@ def _draw_all(jobs: list[tuple[torch.Tensor, float, int]], *, workers: int | Non
         for job in jobs:
             _normal_(*job)
         return
+
     def run(job: tuple[torch.Tensor, float, int]) -> None:
         with torch.no_grad():  # grad mode is per thread
             _normal_(*job)

@@ -41,6 +41,7 @@ from torch.autograd import Function
 from torch.utils.checkpoint import checkpoint
 
 from hpframe.models.moe import GroupedExperts
+from hpframe.models.moe_gpu import inverse_order
 
 
 class _AllToAllSingle(Function):
@@ -184,7 +185,6 @@ class ExpertParallelExperts(GroupedExperts):
         splits = torch.stack([counts_send.sum(1), counts_recv.sum(1)]).cpu()
         in_splits, out_splits = splits[0].tolist(), splits[1].tolist()
         # 2-3. x is grouped by expert, so the first in_splits[0] rows go to rank 0, and so on.
-        side_out = None
         if side is not None and self.overlap:
             pending = _Pending()
             x_recv = _AllToAllStart.apply(x, out_splits, in_splits, self.ep_group, pending)  # [M,H]
@@ -200,8 +200,7 @@ class ExpertParallelExperts(GroupedExperts):
             output_size=sum(out_splits),
         )
         perm = torch.argsort(recv_expert, stable=True)
-        inv = torch.empty_like(perm)
-        inv[perm] = torch.arange(perm.numel(), device=perm.device)
+        inv = inverse_order(perm)
         x_local = _PermuteRows.apply(x_recv, perm, inv)
         local_counts = counts_recv.sum(0)
         if x_local.shape[0] == 0:
