@@ -17,6 +17,8 @@
 #            the planner's layout suggestion for 2 GPUs
 #   layouts4 (4 GPUs) mixtral_h200 at dp4 x ep4, tp2 x ep2, pp2 x ep2 and tp2 x pp2 with the global batch
 #            of the 2-GPU dp2 x ep2 reference (8 x 4096), plus the planner's layout suggestion
+#   trace    (1 GPU) GPU tests, the MoE layer bench, the plain bf16 update profiled with Python stacks
+#            and its kernels grouped by caller (bench/trace_callers.py), fp32 master weights
 # Copies each run's metrics.jsonl, log and profile tables to $OUT and prints a summary.
 set -u -o pipefail
 SET=${1:-ep}
@@ -101,6 +103,21 @@ case $SET in
     run gpu4_pp2_ep2 170 $g4 parallel.pp=2 parallel.dp=2 parallel.ep=2 parallel.grad_accum=4 parallel.micro_batch_size=1
     run gpu4_tp2_pp2 170 $g4 parallel.tp=2 parallel.pp=2 parallel.grad_accum=4 parallel.micro_batch_size=2
     python3 launch.py recipe=mixtral_h200 $g4 plan.dry_run=true plan.suggest=true > "$OUT/gpu4_suggest.txt" 2>&1
+    ;;
+  trace)  # 1 GPU: GPU tests, the MoE layer, the plain bf16 update traced to its Python callers
+          # (STEPS=16: steps 14-16 profiled with stacks), fp32 master weights (start-up of the meta build)
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -3
+    timeout 200 python3 bench/moe_layer.py --impls roofline_gemm hpframe --out moe_layer.json 2>&1 | tail -12
+    CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16 200 train.master_dtype=bf16 parallel.zero_stage=0 \
+      train.profile_from_step=$((STEPS - 2)) train.profile_num_steps=3 train.profile_with_stack=true
+    t=/tmp/hp_gpu1_pure_bf16/profile/rank0_trace.json.gz
+    if [ -f $t ]; then
+      python3 bench/trace_callers.py $t --top 60 > "$OUT/gpu1_pure_bf16_callers.txt"
+      python3 bench/trace_callers.py $t --match 'copy|cat|fill|Memcpy|Memset|elementwise' --top 40 > "$OUT/gpu1_pure_bf16_copies.txt"
+      head -25 "$OUT/gpu1_pure_bf16_copies.txt" | cut -c1-220
+    fi
+    CUDA_VISIBLE_DEVICES=0 run gpu1_fp32master 200
+    grep -E "plan:|model:|engine|step +1/" "$OUT/gpu1_fp32master.log" | head -8 | cut -c1-200
     ;;
   *) echo "unknown set $SET"; exit 2 ;;
 esac

@@ -287,23 +287,10 @@ class GroupedExperts(nn.Module):
             )
         if x.is_cuda:  # unpadded rows: group offsets need no alignment, only row strides (checked above)
             return moe_gpu.grouped_mlp(x, counts, self.w1, self.w3, self.w2)
-        align = 16 if x.is_cuda else 1
-        rows = None
-        if align > 1:
-            # Scatter the rows of expert e to start at a multiple of `align`: [N,H] -> [Np,H].
-            padded = (counts + align - 1) // align * align
-            pstart = torch.cumsum(padded, 0) - padded
-            start = torch.cumsum(counts, 0) - counts
-            expert_of_row = torch.repeat_interleave(torch.arange(counts.numel(), device=x.device), counts)
-            rows = pstart[expert_of_row] + torch.arange(x.shape[0], device=x.device) - start[expert_of_row]
-            xp = x.new_zeros(int(padded.sum()), x.shape[1]).index_copy(0, rows, x)
-            offs = torch.cumsum(padded, 0).to(torch.int32)
-        else:
-            xp, offs = x, torch.cumsum(counts, 0).to(torch.int32)
-        h1 = torch._grouped_mm(xp, self.w1.transpose(-2, -1), offs=offs)
-        h3 = torch._grouped_mm(xp, self.w3.transpose(-2, -1), offs=offs) if self.w3 is not None else None
-        y = torch._grouped_mm(self._act(h1, h3), self.w2.transpose(-2, -1), offs=offs)
-        return y if rows is None else y.index_select(0, rows)
+        offs = torch.cumsum(counts, 0).to(torch.int32)  # CPU kernels: no alignment at all
+        h1 = torch._grouped_mm(x, self.w1.transpose(-2, -1), offs=offs)
+        h3 = torch._grouped_mm(x, self.w3.transpose(-2, -1), offs=offs) if self.w3 is not None else None
+        return torch._grouped_mm(self._act(h1, h3), self.w2.transpose(-2, -1), offs=offs)
 
     def _forward_padded_bmm(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         e = counts.numel()

@@ -166,3 +166,57 @@ def test_checkpoint_resume_pipeline_with_expert_parallelism(tmp_path) -> None:
         assert r["client"]["step"] == 1
         assert r["first"] == r["second"], f"rank {rank}"
         assert r["param_diff"] == 0.0, f"rank {rank}: {r['param_diff']}"
+
+
+def _reduce_worker(rank: int, world_size: int, cfg) -> dict:
+    from deepspeed.moe.utils import is_moe_param
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    from hpframe.engine.ds_env import prepare_deepspeed
+    from hpframe.engine.moe_bridge import release_expert_groups
+
+    prepare_deepspeed()
+    plan, engine = _build(cfg, world_size)
+    ds = engine.ds
+    flattened: list[int] = []
+    flatten = ds.flatten
+    ds.flatten = lambda bucket: (flattened.append(sum(t.numel() for t in bucket)), flatten(bucket))[1]
+
+    def reduced(deepspeed_own: bool) -> dict[str, torch.Tensor]:
+        """Gradients of one micro-batch after the engine's ZeRO-0 reduction (hpframe's or DeepSpeed's own)."""
+        flattened.clear()
+        for p in ds.module.parameters():
+            p.grad = None
+        tokens, targets = _mine(plan, rank, 0, cfg)[0]
+        loss = engine._lm_loss(ds(tokens), targets) + ds.module.aux_loss.float()
+        if deepspeed_own:
+            ds.allreduce_no_retain = lambda *a, **k: DeepSpeedEngine.allreduce_no_retain(ds, *a, **k)
+        ds.set_gradient_accumulation_boundary(True)  # reduce after this backward
+        try:
+            ds.backward(loss)
+        finally:
+            ds.__dict__.pop("allreduce_no_retain", None)
+            ds.set_gradient_accumulation_boundary(None)
+        return {n: p.grad.clone() for n, p in ds.module.named_parameters()}
+
+    ours = reduced(False)
+    ours_flat = list(flattened)
+    theirs = reduced(True)
+    theirs_flat = list(flattened)
+    dense = sum(p.numel() for p in ds.module.parameters() if not is_moe_param(p))
+    experts = sum(p.numel() for p in ds.module.parameters() if is_moe_param(p))
+    release_expert_groups(plan)
+    return {"equal": all(torch.equal(ours[k], theirs[k]) for k in ours), "ours_flat": ours_flat,
+            "theirs_flat": theirs_flat, "dense": dense, "experts": experts}
+
+
+def test_zero0_reduction_skips_groups_of_one_rank() -> None:
+    """dp2 x ep2 with ZeRO 0: dense gradients are all-reduced over dp (2 ranks) by DeepSpeed's bucketed
+    path; expert gradients live on an expert-data-parallel group of one rank, where hpframe only
+    applies DeepSpeed's 1/dp scaling in place. The gradients must be bit-identical to DeepSpeed's own
+    reduction, which flattens and copies back every bucket, the experts' too."""
+    cfg = Case("ep2-mixtral", "mixtral_debug", ["parallel.dp=2", "parallel.ep=2"]).cfg(0)
+    for rank, r in enumerate(run_distributed(_reduce_worker, 2, (cfg,), timeout=240)):
+        assert r["equal"], f"rank {rank}: gradients differ from DeepSpeed's own reduction"
+        assert sum(r["ours_flat"]) == r["dense"], r  # only the dense buckets were flattened
+        assert sum(r["theirs_flat"]) == r["dense"] + r["experts"], r
