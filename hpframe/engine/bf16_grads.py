@@ -10,6 +10,7 @@ fp32 accumulation) for the next ones, each as one multi-tensor call over all par
 stores is what DeepSpeed's method stores; the bookkeeping (``_hp_grad``,
 ``fp32_groups_has_gradients``) is kept the same.
 
+It also replaces ``step`` by one without DeepSpeed's own gradient norm (``_step_without_norm``).
 Only the delayed path is replaced: with ``immediate_grad_update`` DeepSpeed does the hand-over in
 gradient hooks and its ``update_hp_grads`` returns at once (hpframe's config leaves it off).
 """
@@ -53,4 +54,38 @@ def install(optimizer: Any) -> bool:
             torch._foreach_zero_(copy_src + add_src)
 
     optimizer.update_hp_grads = update_hp_grads
+    if not getattr(optimizer, "_uses_muon", False) and not optimizer.clip_grad > 0:
+        optimizer.step = _step_without_norm(optimizer)
     return True
+
+
+def _step_without_norm(optimizer: Any) -> Any:
+    """BF16_Optimizer.step without its own gradient norm.
+
+    DeepSpeed's step first computes a global norm of the fp32 gradients (one norm kernel per tensor,
+    a host synchronization to test it) only to detect overflow and clip; hpframe's config turns its
+    clipping off, and hpframe's StepGuard has already computed the true norm and handed its verdict to
+    the inner SkippableAdamW, which skips a non-finite step on the device. The rest is DeepSpeed's
+    step: link the fp32 gradients to the partitions, the inner step, copy the master weights back to
+    the bf16 parameters, clear the fp32 gradients. On mixtral_h200 the skipped norm read 14 GB per
+    step (docs/performance.md, section 7).
+    """
+
+    @torch.no_grad()
+    def step(closure: Any = None) -> None:
+        if closure is not None:
+            raise NotImplementedError(f"{type(optimizer).__name__} does not support closure")
+        optimizer.overflow = False
+        for param_partition, grad_partition in zip(optimizer.fp32_groups_flat_partition,
+                                                   optimizer.fp32_groups_gradient_flat_partition):
+            param_partition.grad = (grad_partition.to(param_partition.dtype)
+                                    if grad_partition.dtype != param_partition.dtype else grad_partition)
+        optimizer.optimizer.step()
+        if optimizer.grad_acc_dtype is not torch.float32:
+            for param_partition in optimizer.fp32_groups_flat_partition:
+                param_partition.grad = None
+        optimizer._lazy_init_hp_params_optimizer_state()
+        optimizer.update_lp_params()
+        optimizer.clear_hp_grads()
+
+    return step

@@ -78,13 +78,6 @@ class Engine:
             self._dropped[0] += module.dropped_frac  # a host float: no device sync per layer
             self._dropped[1] += 1
 
-    def _global_dropped_frac(self) -> float:
-        """Mean dropped fraction over every MoE forward of the step on every rank (collective)."""
-        v = torch.tensor([self._dropped[0], float(self._dropped[1])], dtype=torch.float64, device=self.ds.device)
-        self._dropped = [0.0, 0]
-        dist.all_reduce(v)  # TP ranks repeat the same MoE computation: equal weights, same mean
-        return float(v[0] / v[1]) if v[1] > 0 else 0.0
-
     def _lm_loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean token cross-entropy (fp32) of this rank's micro-batch; identical on the TP ranks."""
         if self._compiled_ce is not None:
@@ -93,7 +86,12 @@ class Engine:
 
     # ---- training -----------------------------------------------------------------------------
     def train_step(self, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> StepResult:
-        """One optimizer step over this rank's ``plan.grad_accum`` micro-batches of (tokens, targets)."""
+        """One optimizer step over this rank's ``plan.grad_accum`` micro-batches of (tokens, targets).
+
+        The step's figures (losses, gradient norm, skip flag, balance counts) reach the host in one copy
+        that is queued before the optimizer update (pp == 1; see StepGuard), so the host returns and
+        prepares the next step while the device still runs the update.
+        """
         if len(micro_batches) != self.plan.grad_accum:
             raise ValueError(f"got {len(micro_batches)} micro-batches, the plan's grad_accum is {self.plan.grad_accum}")
         self.guard.local_losses = []
@@ -101,33 +99,49 @@ class Engine:
             self.ds.train()
         if self.plan.pp > 1:
             lm, aux = self._train_pipeline(micro_batches)
+            self.guard.finish()
+            with phase("step_stats"):
+                report, loads = self._step_report(lm, aux)
+                values = report.cpu().double()
         else:
-            lm, aux = self._train_flat(micro_batches)
-        with phase("step_stats"):
-            lm_mean, aux_mean = self._global_means(lm, aux)
-        if self.guard.skipped:
-            stats: dict[str, float | list] = {}
-            for _, router in self._routers():
-                router.load_accum.zero_()  # the skipped step's routing must not steer the next update
+            values, loads = self._train_flat(micro_batches)
+        if loads is not None:
+            self._update_router_bias(loads)
+        return self._result(values)
+
+    def _step_report(self, lm: list[torch.Tensor], aux: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """What the host needs of this step, reduced over the ranks, as one fp64 device vector (collective):
+        [lm mean, aux mean] over the global batch (from the last stage with pp), [dropped-fraction sum,
+        forward count] over every rank (with experts), then the routers' assignment counts summed over dp
+        (with routers; also returned as a [layers, E] tensor for the bias update)."""
+        dev = self.ds.device
+        if lm:
+            means = torch.stack([torch.stack(lm).mean(), torch.stack(aux).mean()]).double().to(dev)
         else:
-            stats = self._update_router_bias()
+            means = torch.zeros(2, dtype=torch.float64, device=dev)
+        if self.plan.pp > 1:
+            dist.broadcast(means, src=self._last_stage_rank, group=self.groups.pp)
+        dist.all_reduce(means, group=self.groups.dp)
+        parts = [means / self.plan.dp]
         if self.plan.experts is not None:  # every rank joins, also pipeline stages without MoE layers
-            stats["dropped_token_frac"] = self._global_dropped_frac()
-        return StepResult(
-            loss=lm_mean + aux_mean,
-            lm_loss=lm_mean,
-            aux_loss=aux_mean,
-            grad_norm=self.guard.grad_norm,
-            skipped=self.guard.skipped,
-            moe_stats=stats,
-        )
+            dropped = torch.tensor(self._dropped, dtype=torch.float64).to(dev)
+            self._dropped = [0.0, 0]
+            dist.all_reduce(dropped)  # TP ranks repeat the same MoE computation: equal weights, same mean
+            parts.append(dropped)
+        loads = None
+        routers = self._routers()
+        if routers:
+            loads = torch.stack([r.load_accum.detach().float() for _, r in routers]).to(dev)  # [layers, E]
+            dist.all_reduce(loads, group=self.groups.dp)
+            parts.append(loads.double().reshape(-1))
+        return torch.cat(parts), loads
 
     def _device_batch(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.ds.device)
 
-    def _train_flat(self, micro_batches: list) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _train_flat(self, micro_batches: list) -> tuple[torch.Tensor, torch.Tensor | None]:
         lms, auxs = [], []
-        for tokens, targets in micro_batches:
+        for i, (tokens, targets) in enumerate(micro_batches):
             with phase("forward"):
                 logits = self.ds(self._device_batch(tokens))  # [B,S,V/tp]
                 lm = self._lm_loss(logits, self._device_batch(targets))
@@ -138,9 +152,32 @@ class Engine:
             self.guard.local_losses.append(loss.detach())
             with phase("backward"):
                 self.ds.backward(loss)  # DeepSpeed scales by 1/grad_accum
+            loads = None
+            if i == len(micro_batches) - 1:
+                with phase("step_stats"):  # copied to the host with the gradient norm, before the update
+                    self.guard.report_extra, loads = self._step_report(lms, auxs)
             with phase("step"):
                 self.ds.step()  # applies the update (through StepGuard) on the last micro-batch only
-        return lms, auxs
+        return self.guard.finish(), loads
+
+    def _result(self, values: torch.Tensor) -> StepResult:
+        """StepResult from ``_step_report``'s vector (on the host) and the guard's norm and skip flag."""
+        v = values.tolist()
+        stats: dict[str, float | list] = {}
+        if self.plan.experts is not None:
+            total, count = v[2], v[3]
+            loads = v[4:]
+            if not self.guard.skipped:
+                stats = self._router_stats(loads)
+            stats["dropped_token_frac"] = total / count if count > 0 else 0.0
+        return StepResult(
+            loss=v[0] + v[1],
+            lm_loss=v[0],
+            aux_loss=v[1],
+            grad_norm=self.guard.grad_norm,
+            skipped=self.guard.skipped,
+            moe_stats=stats,
+        )
 
     def _train_pipeline(self, micro_batches: list) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         batches = [(self._device_batch(x), self._device_batch(y)) for x, y in micro_batches]
@@ -175,17 +212,23 @@ class Engine:
         ]
 
     @torch.no_grad()
-    def _update_router_bias(self) -> dict[str, float | list]:
+    def _update_router_bias(self, loads: torch.Tensor) -> None:
+        """The aux-loss-free bias update of every router from the dp-summed counts, on the device; a
+        skipped step (the guard's device flag) moves no bias. Resets the counters either way."""
+        keep = 1.0 - self.guard.bad if self.guard.bad is not None else None
+        for (_, router), load in zip(self._routers(), loads):
+            router.update_bias(load.to(router.load_accum.device), apply=keep)
+
+    def _router_stats(self, loads: list[float]) -> dict[str, float | list]:
+        """``layer{i}/tokens_per_expert``, ``layer{i}/load_cv`` and ``max_load_cv`` from the flat host counts."""
         routers = self._routers()
         if not routers:
             return {}
-        loads = torch.stack([r.load_accum.detach().float() for _, r in routers]).to(self.ds.device)  # [layers, E]
-        dist.all_reduce(loads, group=self.groups.dp)
-        loads_host = loads.cpu()
+        e = len(loads) // len(routers)
         stats: dict[str, float | list] = {}
         worst = 0.0
-        for (idx, router), load, host in zip(routers, loads, loads_host):
-            router.update_bias(load.to(router.load_accum.device))
+        for j, (idx, _) in enumerate(routers):
+            host = torch.tensor(loads[j * e:(j + 1) * e], dtype=torch.float64)
             cv = float(host.std(correction=0) / host.mean().clamp_min(1e-10))
             stats[f"layer{idx}/tokens_per_expert"] = host.tolist()
             stats[f"layer{idx}/load_cv"] = cv

@@ -19,10 +19,16 @@ inside DeepSpeed's ``_take_model_step`` (after the gradients are reduced):
   then:     sum over mp = tp x pp (TP shards and pipeline stages)
   norm = sqrt(total), identical on every rank.
 
-Then: if the norm or any rank's loss is not finite, the gradients are zeroed and the optimizer's step
-is skipped (``SkippableAdamW``: parameters and Adam state untouched; DeepSpeed still advances its
-counters and frees the gradients). Otherwise, with ``grad_clip > 0``, every gradient is scaled by
-``min(1, grad_clip / (norm + 1e-6))`` (the formula of ``torch.nn.utils.clip_grad_norm_``).
+Then, on the device (no host synchronization before the update is queued): a flag ``bad`` (the norm
+or any rank's loss not finite, all-reduced with MAX), the clipping coefficient
+``min(1, grad_clip / (norm + 1e-6))`` (the formula of ``torch.nn.utils.clip_grad_norm_``; 1 without
+clipping), both handed to ``SkippableAdamW``, whose fused kernel divides each gradient by 1/coef as it
+reads it and leaves parameters and Adam state untouched when ``bad`` is set (torch's ``grad_scale`` /
+``found_inf``, the mechanism of its AMP grad scaler). The norm, the flag and whatever the engine adds
+(``report_extra``: losses, balance counts) go to the host in one asynchronous copy queued before the
+update; ``finish()`` waits for that copy only, so the host prepares the next step while the GPU runs
+the optimizer. On one H200 (mixtral_h200) the two host reads before the update left the GPU idle
+~2.4 ms per step (docs/performance.md, section 7).
 """
 
 from __future__ import annotations
@@ -39,39 +45,75 @@ from hpframe.train.profile import phase
 
 
 class SkippableAdamW(torch.optim.AdamW):
-    """AdamW whose next ``step`` can be skipped (non-finite gradients) or told to scale the gradients.
+    """AdamW that takes the guard's verdict for its next ``step`` as device tensors.
 
-    ``grad_multiplier`` (the clipping coefficient) is applied inside the fused kernel when the
-    optimizer is fused: torch's fused AdamW divides every gradient by its ``grad_scale`` tensor as it
-    reads it, so clipping costs no extra pass over the gradients (on the 3.58 B-parameter H200 model,
-    a separate multiply was 7.8 ms per step). Unfused, the caller multiplies the gradients itself.
+    ``control(coef, bad)``: multiply every gradient by ``coef`` (the clipping coefficient) and skip the
+    update entirely when ``bad`` is nonzero, both 0-dim tensors that may still be being computed on the
+    device. Fused (the default on every device): the kernel divides each gradient by ``1 / coef`` as it
+    reads it and returns early on ``bad`` (torch's ``grad_scale`` / ``found_inf``; the step counts are
+    put back), so neither clipping nor the decision costs a pass or a host synchronization; on the
+    3.58 B-parameter H200 model a separate clipping multiply was 7.8 ms per step. Unfused, the two
+    scalars are read on the host and applied before torch's loop.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.skip_next_step = False
-        self.grad_multiplier = 1.0
+        self._control: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
-    def scales_in_step(self) -> bool:
-        """Whether ``grad_multiplier`` is applied by ``step`` (fused kernels) rather than by the caller."""
+    def fused(self) -> bool:
         return bool(self.defaults.get("fused"))
+
+    def control(self, coef: torch.Tensor | None, bad: torch.Tensor | None = None) -> None:
+        """Until ``control(None)``, ``step`` multiplies the gradients by ``coef`` and does nothing when
+        ``bad`` != 0. DeepSpeed's ZeRO optimizers call ``step`` once per parameter group (each call
+        sees one group), so the verdict holds for every call of one optimizer step."""
+        self._control = None if coef is None else (coef, bad if bad is not None else torch.zeros_like(coef))
 
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
-        if self.skip_next_step:
-            return None
-        multiplier, self.grad_multiplier = self.grad_multiplier, 1.0
-        if multiplier != 1.0:
-            if not self.scales_in_step:
-                raise RuntimeError("grad_multiplier is applied in step() by fused optimizers only")
-            device = self.param_groups[0]["params"][0].device
-            self.grad_scale = torch.full((), 1.0 / multiplier, dtype=torch.float32, device=device)
-        try:
+        ctrl = self._control
+        if ctrl is None:
             with phase("adamw"):
                 return super().step(closure)
-        finally:
-            self.__dict__.pop("grad_scale", None)
+        coef, bad = ctrl
+        device = self.param_groups[0]["params"][0].device
+        if self.fused:
+            # torch's fused kernels read these two attributes (as its AMP grad scaler sets them)
+            self.grad_scale = (1.0 / coef.double()).to(device=device, dtype=torch.float32).reshape(())
+            self.found_inf = bad.to(device=device, dtype=torch.float32).reshape(())
+            try:
+                with phase("adamw"):
+                    return super().step(closure)
+            finally:
+                self.__dict__.pop("grad_scale", None)
+                self.__dict__.pop("found_inf", None)
+        if float(bad) != 0.0:  # unfused: torch's loops take no device-side verdict
+            return None
+        c = float(coef)
+        if c != 1.0:
+            torch._foreach_mul_([p.grad for g in self.param_groups for p in g["params"] if p.grad is not None], c)
+        with phase("adamw"):
+            return super().step(closure)
+
+
+class _HostCopy:
+    """A device tensor on its way to the host: queued now, waited for by ``result()`` only."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.event = None
+        if t.is_cuda:
+            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self.host.copy_(t, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = t.clone()
+
+    def result(self) -> torch.Tensor:
+        if self.event is not None:
+            self.event.synchronize()  # the copy, not the work queued after it
+        return self.host
 
 
 def held_gradients(ds_engine: Any) -> tuple[list[tuple[nn.Parameter, torch.Tensor]], bool]:
@@ -107,8 +149,11 @@ class StepGuard:
         self.ds, self.optimizer, self.groups = ds_engine, optimizer, groups
         self.grad_clip, self.tp_rank = grad_clip, tp_rank
         self.local_losses: list[torch.Tensor] = []  # this rank's micro-batch losses of the current step
+        self.report_extra: torch.Tensor | None = None  # set by the engine before the step: copied to the host with the norm
+        self.bad: torch.Tensor | None = None  # device flag of the last step: 1.0 when it was skipped
         self.grad_norm = float("nan")
         self.skipped = False
+        self._pending: _HostCopy | None = None
         self._original = ds_engine._take_model_step
         ds_engine._take_model_step = self._take_model_step  # also reached from PipelineEngine's schedule
 
@@ -116,12 +161,13 @@ class StepGuard:
         dup = getattr(self.ds.module, "tied_weight_duplicate", None)
         return dup() if dup is not None else None
 
-    def global_norm(self, held: tuple[list[tuple[nn.Parameter, torch.Tensor]], bool] | None = None) -> float:
-        """The true global gradient norm (collective); ``held`` is ``held_gradients(self.ds)`` if known."""
+    def global_norm_sq(self, held: tuple[list[tuple[nn.Parameter, torch.Tensor]], bool] | None = None) -> torch.Tensor:
+        """The squared global gradient norm, fp64 on the collective's device, identical on every rank
+        (collective, no host synchronization); ``held`` is ``held_gradients(self.ds)`` if known."""
         pairs, partitioned = held if held is not None else held_gradients(self.ds)
         dup = self._duplicate()
         # fp64 accumulation on the collective's device (CPU for gloo, the GPU for NCCL): an fp32 norm of
-        # a sparse embedding gradient is off by ~3e-5 relative; one host sync at the end.
+        # a sparse embedding gradient is off by ~3e-5 relative.
         dense = torch.zeros((), dtype=torch.float64, device=self.ds.device)
         expert = torch.zeros((), dtype=torch.float64, device=self.ds.device)
         counted = [(p, g) for p, g in pairs
@@ -148,37 +194,46 @@ class StepGuard:
             dist.all_reduce(expert, group=self.groups.ep)
             total = dense + expert
         dist.all_reduce(total, group=self.groups.mp)
-        value = total.item()
-        return math.sqrt(value) if math.isfinite(value) else float("nan")
+        return total
 
-    def _any_rank_bad(self, norm: float) -> bool:
-        bad = not math.isfinite(norm) or any(not torch.isfinite(x).all() for x in self.local_losses)
-        flag = torch.tensor([1.0 if bad else 0.0], device=self.ds.device)
+    def _bad_flag(self, total: torch.Tensor) -> torch.Tensor:
+        """1.0 on every rank when the norm or any rank's loss is not finite, else 0.0 (device, collective)."""
+        bad = ~torch.isfinite(total)
+        for x in self.local_losses:
+            bad = bad | ~torch.isfinite(x.to(total.device)).all()
+        flag = bad.to(torch.float32).reshape(1)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item() > 0)
+        return flag
 
     @torch.no_grad()
     def _take_model_step(self, lr_kwargs: Any = None) -> None:
         held = held_gradients(self.ds)
-        pairs = held[0]
         with phase("grad_norm"):
-            norm = self.global_norm(held)
-            self.skipped = self._any_rank_bad(norm)
-        self.grad_norm = norm
-        if self.skipped:
-            for _, g in pairs:
-                g.zero_()
-            self.optimizer.skip_next_step = True
-        elif self.grad_clip > 0:
-            coef = self.grad_clip / (norm + 1e-6)
-            if coef < 1.0 and self.optimizer.scales_in_step:
-                self.optimizer.grad_multiplier = coef  # inside the fused update; no pass of its own
-            elif coef < 1.0:
-                with phase("clip"):
-                    torch._foreach_mul_([g for _, g in pairs], coef)
+            total = self.global_norm_sq(held)
+            bad = self._bad_flag(total)
+        norm = total.sqrt()
+        coef = torch.ones_like(norm)
+        if self.grad_clip > 0:
+            c = (self.grad_clip / (norm + 1e-6)).clamp(max=1.0)
+            coef = torch.where(torch.isfinite(c) & (c > 0), c, coef)  # a non-finite norm skips the step anyway
+        self.bad = bad
+        extra = [] if self.report_extra is None else [self.report_extra.to(norm.device, torch.float64).reshape(-1)]
+        self.report_extra = None
+        self._pending = _HostCopy(torch.cat([norm.reshape(1), bad.double(), *extra]))
+        self.optimizer.control(coef, bad)
         try:
             with phase("optimizer"):
                 self._original(lr_kwargs)
         finally:
-            self.optimizer.skip_next_step = False
-            self.optimizer.grad_multiplier = 1.0
+            self.optimizer.control(None)
+
+    def finish(self) -> torch.Tensor:
+        """Wait for the step's host copy; sets ``grad_norm`` (nan when not finite) and ``skipped``, and
+        returns the engine's ``report_extra`` values (fp64, on the host; empty if none were given)."""
+        if self._pending is None:
+            raise RuntimeError("no optimizer step was taken since the last finish()")
+        vals, self._pending = self._pending.result(), None
+        norm, bad = float(vals[0]), float(vals[1])
+        self.grad_norm = norm if math.isfinite(norm) else float("nan")
+        self.skipped = bad != 0.0
+        return vals[2:]

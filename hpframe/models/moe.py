@@ -173,11 +173,15 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:
         """x[T,H] -> Routing (fp32)."""
-        dtype = torch.promote_types(x.dtype, torch.float32)  # at least fp32 (float64 stays, for gradcheck)
-        x32 = x.to(dtype)
-        if self.training and self.jitter_eps > 0:
-            x32 = x32 * torch.empty_like(x32).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
-        logits = F.linear(x32, self.gate.weight.to(dtype))  # [T,E]
+        jitter = self.training and self.jitter_eps > 0
+        if not jitter and moe_gpu.router_linear_ok(x, self.gate.weight):
+            logits = moe_gpu.router_linear(x, self.gate.weight)  # bf16 operands, fp32 products and sums
+        else:
+            dtype = torch.promote_types(x.dtype, torch.float32)  # at least fp32 (float64 stays, for gradcheck)
+            x32 = x.to(dtype)
+            if jitter:
+                x32 = x32 * torch.empty_like(x32).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
+            logits = F.linear(x32, self.gate.weight.to(dtype))  # [T,E]
         noisy = logits
         if self.training and self.noisy_gate_std > 0:
             noisy = logits + torch.randn_like(logits) * self.noisy_gate_std
@@ -199,19 +203,24 @@ class Router(nn.Module):
         return Routing(logits, scores, topk_idx, topk_score, weight)
 
     @torch.no_grad()
-    def update_bias(self, load: torch.Tensor) -> None:
+    def update_bias(self, load: torch.Tensor, apply: torch.Tensor | None = None) -> None:
         """Move each expert's bias by +-rate toward balance: + for under-loaded, - for over-loaded.
 
         ``load[E]`` is the per-expert assignment count since the last update (the training loop
         all-reduces ``load_accum`` over data-parallel ranks). Resets ``load_accum``. Only the sign
         of mean - load matters, so a uniform scaling of the counts (e.g. forwards re-run by
-        activation recomputation, which counts every token twice) changes nothing.
+        activation recomputation, which counts every token twice) changes nothing. ``apply``: an
+        optional 0/1 tensor the move is multiplied by (the engine's device-side skip flag), so that a
+        skipped step moves nothing without a host synchronization.
         """
         if load.shape != self.expert_bias.shape:
             raise ValueError(f"load has shape {tuple(load.shape)}, expected ({self.num_experts},)")
         if self.bias_update_rate > 0:
             load = load.float().to(self.expert_bias.device)
-            self.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
+            move = self.bias_update_rate * torch.sign(load.mean() - load)
+            if apply is not None:
+                move = move * apply.to(move.device, move.dtype)
+            self.expert_bias += move
         self.load_accum.zero_()
 
 

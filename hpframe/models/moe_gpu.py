@@ -272,6 +272,52 @@ def grouped_linear(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torc
     return _GroupedLinear.apply(x, w, offs)
 
 
+class _RouterLinear(torch.autograd.Function):
+    """Router logits[T,E] (fp32) = x[T,H] @ w[E,H]^T for bf16 x and w on CUDA, on tensor cores.
+
+    The products of bf16 values are exact in fp32 and cuBLAS accumulates in fp32, so the logits are
+    those of the fp32 matmul of the same values up to summation order, without an fp32 copy of the
+    activations. The fp32 route (cast x and w, SIMT fp32 GEMMs for an E-column output) cost ~5 ms
+    per step on mixtral_h200 (docs/performance.md, section 7). Backward runs in bf16 with fp32
+    accumulation: the fp32 logit gradient is rounded to bf16 once, as any bf16 linear layer does.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x, w)
+        return torch.mm(x, w.t(), out_dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):  # type: ignore[override]
+        x, w = ctx.saved_tensors
+        gb = g.to(torch.bfloat16)
+        gx = torch.mm(gb, w) if ctx.needs_input_grad[0] else None  # [T,E] x [E,H]
+        gw = torch.mm(gb.t(), x) if ctx.needs_input_grad[1] else None  # [E,T] x [T,H]
+        return gx, gw
+
+
+_MM_OUT_DTYPE: bool | None = None
+
+
+def router_linear_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether ``router_linear`` runs: CUDA, bf16 x[T,H] and w, a torch with ``mm(..., out_dtype=)``."""
+    global _MM_OUT_DTYPE
+    if not (x.is_cuda and x.dim() == 2 and x.dtype == torch.bfloat16 and w.dtype == torch.bfloat16):
+        return False
+    if _MM_OUT_DTYPE is None:
+        try:
+            torch.mm(x[:1], w[:1].t(), out_dtype=torch.float32)
+            _MM_OUT_DTYPE = True
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE = False
+    return _MM_OUT_DTYPE
+
+
+def router_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """fp32 logits x @ w^T from bf16 x[T,H] and w[E,H] (see ``_RouterLinear``); check ``router_linear_ok``."""
+    return _RouterLinear.apply(x, w)
+
+
 def grouped_mm_ok(x: torch.Tensor, hidden: int, inner: int) -> bool:
     """torch._grouped_mm runs these shapes: CUDA sm90+, bf16, H and F multiples of 8 (16-byte rows)."""
     return (

@@ -124,9 +124,12 @@ def _skip_worker(rank: int, world_size: int, cfg) -> dict:
         norm_w.copy_(saved)
     unchanged = max(float((before[k] - v).abs().max()) for k, v in _snapshot(engine).items())
     state_after = _adam_state(inner)
-    adam_changed = len(state_before) != len(state_after) or any(
-        not torch.equal(a, b) for a, b in zip(state_before, state_after)
-    )
+    if state_before:
+        adam_changed = len(state_before) != len(state_after) or any(
+            not torch.equal(a, b) for a, b in zip(state_before, state_after)
+        )
+    else:  # the fused kernel's first (skipped) step creates the state: zero moments, step count 0
+        adam_changed = any(bool(t.ne(0).any()) for t in state_after)
     load_left = max(float(m.load_accum.abs().max()) for m in engine.module.modules() if isinstance(m, Router))
     good = engine.train_step(_mine(plan, rank, 0, cfg))
     release_expert_groups(plan)

@@ -107,6 +107,28 @@ def test_grouped_mlp_matches_per_expert_loop(activation: str) -> None:
     assert raw.is_contiguous() and raw.shape == w1.shape
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+def test_router_linear_matches_fp32_matmul() -> None:
+    """bf16 router logits on tensor cores = the fp32 matmul of the same bf16 values (to summation
+    order); the gradients agree with the fp32 path to bf16 precision."""
+    g = torch.Generator(device="cuda").manual_seed(2)
+    x = torch.randn(4096, 1024, device="cuda", generator=g).bfloat16().requires_grad_(True)
+    w = (torch.randn(16, 1024, device="cuda", generator=g) * 0.03).bfloat16().requires_grad_(True)
+    assert moe_gpu.router_linear_ok(x, w)
+    assert not moe_gpu.router_linear_ok(x.detach().float(), w)  # fp32 activations take the fp32 path
+    logits = moe_gpu.router_linear(x, w)
+    assert logits.dtype == torch.float32
+    gl = torch.randn(logits.shape, device="cuda", generator=g)
+    logits.backward(gl)
+    xr, wr = x.detach().float().requires_grad_(True), w.detach().float().requires_grad_(True)
+    ref = F.linear(xr, wr)
+    ref.backward(gl)
+    assert rel(logits, ref) < 1e-5
+    assert x.grad.dtype == torch.bfloat16 and rel(x.grad, xr.grad) < 1e-2
+    assert w.grad.dtype == torch.bfloat16 and rel(w.grad, wr.grad) < 1e-2
+
+
 def _moe(device: str, dtype: torch.dtype, *, e: int, k: int, h: int, f: int, shared: int) -> MoE:
     cfg = MoEConfig(num_experts=e, top_k=k, expert_ffn_hidden_size=f, num_shared_experts=shared,
                     aux_loss_coef=0.01, z_loss_coef=1e-3, dropless=True)

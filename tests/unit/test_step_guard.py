@@ -1,5 +1,7 @@
-"""SkippableAdamW: the clipping multiplier applied inside torch's fused AdamW equals clipping the
-gradients first and stepping an unfused AdamW (CPU; torch's fused AdamW runs on CPU too)."""
+"""SkippableAdamW takes the step guard's verdict as device tensors: the clipping coefficient applied
+inside torch's fused AdamW equals clipping the gradients first and stepping a plain AdamW, and a
+"bad" flag leaves parameters, moments and step count as they were (CPU; torch's fused AdamW runs on
+CPU too). The unfused fallback reads the two scalars on the host and gives the same results."""
 
 from __future__ import annotations
 
@@ -8,36 +10,77 @@ import torch
 
 from hpframe.engine.step import SkippableAdamW
 
+SHAPES = [(64, 32), (32,), (8, 8, 4)]
 
-def test_fused_grad_multiplier_equals_clipped_gradients() -> None:
+
+def _grads(step: int) -> list[torch.Tensor]:
+    return [torch.randn(s, generator=torch.Generator().manual_seed(step * 10 + i)) for i, s in enumerate(SHAPES)]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_control_coefficient_equals_clipped_gradients(fused: bool) -> None:
     torch.manual_seed(0)
-    shapes = [(64, 32), (32,), (8, 8, 4)]
-    fused = [torch.randn(s, requires_grad=True) for s in shapes]
-    plain = [p.detach().clone().requires_grad_() for p in fused]
-    of = SkippableAdamW(fused, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
-    op = SkippableAdamW(plain, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, fused=False)
-    assert of.scales_in_step and not op.scales_in_step
+    ours = [torch.randn(s, requires_grad=True) for s in SHAPES]
+    plain = [p.detach().clone().requires_grad_() for p in ours]
+    opt = SkippableAdamW(ours, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1, fused=fused)
+    ref = torch.optim.AdamW(plain, lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    assert opt.fused == fused
     for step, coef in enumerate((0.25, 1.0, 0.6)):
-        grads = [torch.randn(s, generator=torch.Generator().manual_seed(step * 10 + i)) for i, s in enumerate(shapes)]
-        for p, g in zip(fused, grads):
-            p.grad = g.clone()
-        for p, g in zip(plain, grads):
-            p.grad = g * coef
-        of.grad_multiplier = coef
-        of.step()
-        op.step()
-        assert of.grad_multiplier == 1.0 and "grad_scale" not in of.__dict__  # one step only
-    for a, b in zip(fused, plain):
+        for p, q, g in zip(ours, plain, _grads(step)):
+            p.grad, q.grad = g.clone(), g * coef
+        opt.control(torch.tensor(coef, dtype=torch.float64), torch.zeros(1))
+        opt.step()
+        opt.control(None)
+        ref.step()
+        assert "grad_scale" not in opt.__dict__ and "found_inf" not in opt.__dict__
+    for a, b in zip(ours, plain):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
-def test_unfused_refuses_a_multiplier_and_skip_leaves_state() -> None:
-    p = torch.nn.Parameter(torch.ones(4))
-    opt = SkippableAdamW([p], lr=0.1, fused=False)
-    p.grad = torch.ones(4)
-    opt.grad_multiplier = 0.5
-    with pytest.raises(RuntimeError, match="fused optimizers only"):
-        opt.step()
-    opt.skip_next_step = True
+@pytest.mark.parametrize("fused", [True, False])
+def test_bad_flag_skips_the_update_and_keeps_the_state(fused: bool) -> None:
+    params = [torch.randn(s, requires_grad=True) for s in SHAPES]
+    opt = SkippableAdamW(params, lr=1e-2, weight_decay=0.1, fused=fused)
+    for p, g in zip(params, _grads(0)):
+        p.grad = g
+    opt.step()  # one real step: moments and step count exist
+    before = [p.detach().clone() for p in params]
+    state = {k: v.clone() for k, v in opt.state[params[0]].items()}
+    for p, g in zip(params, _grads(1)):
+        p.grad = g * float("nan")
+    opt.control(torch.tensor(0.5, dtype=torch.float64), torch.ones(1))
     opt.step()
-    assert torch.equal(p.detach(), torch.ones(4)) and not opt.state
+    opt.control(None)
+    assert all(torch.equal(a, b.detach()) for a, b in zip(before, params))
+    after = opt.state[params[0]]
+    assert float(after["step"]) == float(state["step"]) == 1.0
+    assert torch.equal(after["exp_avg"], state["exp_avg"]) and torch.equal(after["exp_avg_sq"], state["exp_avg_sq"])
+    # without a verdict the next step updates again
+    for p, g in zip(params, _grads(2)):
+        p.grad = g
+    opt.step()
+    assert not torch.equal(before[0], params[0].detach()) and float(opt.state[params[0]]["step"]) == 2.0
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_verdict_holds_for_every_group_call(fused: bool) -> None:
+    """DeepSpeed's ZeRO optimizers step the inner optimizer once per parameter group, showing it one
+    group at a time: the clipping coefficient must reach every group, not only the first. (Coefficients
+    change between the two steps: Adam is nearly invariant to one constant gradient scale.)"""
+    a, b = torch.ones(4, requires_grad=True), torch.ones(4, requires_grad=True)
+    opt = SkippableAdamW([{"params": [a]}, {"params": [b]}], lr=0.1, fused=fused)
+    ref_a, ref_b = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    ref = torch.optim.AdamW([ref_a, ref_b], lr=0.1)
+    groups = opt.param_groups
+    for coef in (0.1, 1.0):
+        a.grad, b.grad = torch.full((4,), 2.0), torch.full((4,), -3.0)
+        ref_a.grad, ref_b.grad = a.grad * coef, b.grad * coef
+        opt.control(torch.tensor(coef, dtype=torch.float64), torch.zeros(1))
+        for g in groups:  # DeepSpeed's per-group call pattern
+            opt.param_groups = [g]
+            opt.step()
+        opt.param_groups = groups
+        opt.control(None)
+        ref.step()
+    torch.testing.assert_close(a.detach(), ref_a.detach())
+    torch.testing.assert_close(b.detach(), ref_b.detach())
