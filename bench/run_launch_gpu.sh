@@ -17,6 +17,7 @@
 #            the planner's layout suggestion for 2 GPUs
 #   layouts4 (4 GPUs) mixtral_h200 at dp4 x ep4, tp2 x ep2, pp2 x ep2 and tp2 x pp2 with the global batch
 #            of the 2-GPU dp2 x ep2 reference (8 x 4096), plus the planner's layout suggestion
+#   final3   (2 GPUs) GPU tests, both precision paths on one GPU and at dp2 x ep2, deepseek_h200 dp2 x ep2
 #   trace    (1 GPU) GPU tests, the MoE layer bench, the plain bf16 update profiled with Python stacks
 #            and its kernels grouped by caller (bench/trace_callers.py), fp32 master weights
 # Copies each run's metrics.jsonl, log and profile tables to $OUT and prints a summary.
@@ -118,6 +119,21 @@ case $SET in
     fi
     CUDA_VISIBLE_DEVICES=0 run gpu1_fp32master 200
     grep -E "plan:|model:|engine|step +1/" "$OUT/gpu1_fp32master.log" | head -8 | cut -c1-200
+    ;;
+  final3)  # 2 GPUs: after the step verdict moved to the device (GPU tests first), both precision paths
+           # on one GPU and at dp2 x ep2, and deepseek_h200 at dp2 x ep2
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -2
+    pure="train.master_dtype=bf16 parallel.zero_stage=0"
+    CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16 200 $pure
+    CUDA_VISIBLE_DEVICES=0 run gpu1_fp32master 200
+    if [ "$NGPU" -ge 2 ]; then
+      run gpu2_ep2_pure_bf16 230 cluster.gpus_per_node=2 parallel.dp=2 parallel.ep=2 $pure
+      run gpu2_ep2_fp32master 230 cluster.gpus_per_node=2 parallel.dp=2 parallel.ep=2
+      run gpu2_ds_ep2 260 recipe=deepseek_h200 cluster.gpus_per_node=2 parallel.dp=2 parallel.ep=2
+    else
+      echo "one GPU only: the dp2 x ep2 runs are left out"
+      CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16_profile 200 $pure train.profile_from_step=$((STEPS - 2)) train.profile_num_steps=3
+    fi
     ;;
   *) echo "unknown set $SET"; exit 2 ;;
 esac
