@@ -18,6 +18,7 @@
 #   layouts4 (4 GPUs) mixtral_h200 at dp4 x ep4, tp2 x ep2, pp2 x ep2 and tp2 x pp2 with the global batch
 #            of the 2-GPU dp2 x ep2 reference (8 x 4096), plus the planner's layout suggestion
 #   final3   (2 GPUs) GPU tests, both precision paths on one GPU and at dp2 x ep2, deepseek_h200 dp2 x ep2
+#   adamw    (1 GPU) GPU tests, bench/adamw_bench.py, both precision paths on one GPU
 #   trace    (1 GPU) GPU tests, the MoE layer bench, the plain bf16 update profiled with Python stacks
 #            and its kernels grouped by caller (bench/trace_callers.py), fp32 master weights
 # Copies each run's metrics.jsonl, log and profile tables to $OUT and prints a summary.
@@ -134,6 +135,13 @@ case $SET in
       echo "one GPU only: the dp2 x ep2 runs are left out"
       CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16_profile 200 $pure train.profile_from_step=$((STEPS - 2)) train.profile_num_steps=3
     fi
+    ;;
+  adamw)  # 1 GPU: GPU tests, the AdamW kernels side by side, then both precision paths through launch.py
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -2
+    timeout 200 python3 bench/adamw_bench.py --out adamw.json 2>&1 | tail -8
+    pure="train.master_dtype=bf16 parallel.zero_stage=0"
+    CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16 200 $pure
+    CUDA_VISIBLE_DEVICES=0 run gpu1_fp32master 200
     ;;
   *) echo "unknown set $SET"; exit 2 ;;
 esac

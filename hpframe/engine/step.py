@@ -52,13 +52,16 @@ class SkippableAdamW(torch.optim.AdamW):
     device. Fused (the default on every device): the kernel divides each gradient by ``1 / coef`` as it
     reads it and returns early on ``bad`` (torch's ``grad_scale`` / ``found_inf``; the step counts are
     put back), so neither clipping nor the decision costs a pass or a host synchronization; on the
-    3.58 B-parameter H200 model a separate clipping multiply was 7.8 ms per step. Unfused, the two
-    scalars are read on the host and applied before torch's loop.
+    3.58 B-parameter H200 model a separate clipping multiply was 7.8 ms per step. On CUDA with Triton
+    the fused update is hpframe's own kernel (``adamw_kernel``: same arithmetic and state as torch's,
+    at the memory bandwidth). Unfused, the two scalars are read on the host and applied before torch's
+    loop.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._control: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._kernel: bool | None = None  # hpframe's Triton AdamW (adamw_kernel.py); decided at the first step
 
     @property
     def fused(self) -> bool:
@@ -74,10 +77,20 @@ class SkippableAdamW(torch.optim.AdamW):
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
         ctrl = self._control
         if ctrl is None:
+            if closure is None and self.fused and self._use_kernel():
+                device = self.param_groups[0]["params"][0].device
+                with phase("adamw"):
+                    self._kernel_step(torch.ones((), device=device), torch.zeros((), device=device))
+                return None
             with phase("adamw"):
                 return super().step(closure)
         coef, bad = ctrl
         device = self.param_groups[0]["params"][0].device
+        if self.fused and self._use_kernel():
+            with phase("adamw"):
+                self._kernel_step(coef.to(device=device, dtype=torch.float32).reshape(()),
+                                  bad.to(device=device, dtype=torch.float32).reshape(()))
+            return None
         if self.fused:
             # torch's fused kernels read these two attributes (as its AMP grad scaler sets them)
             self.grad_scale = (1.0 / coef.double()).to(device=device, dtype=torch.float32).reshape(())
@@ -95,6 +108,39 @@ class SkippableAdamW(torch.optim.AdamW):
             torch._foreach_mul_([p.grad for g in self.param_groups for p in g["params"] if p.grad is not None], c)
         with phase("adamw"):
             return super().step(closure)
+
+
+    def _use_kernel(self) -> bool:
+        if self._kernel is None:
+            from hpframe.engine import adamw_kernel
+
+            params = [p for g in self.param_groups for p in g["params"]]
+            plain = all(not g.get(k) for g in self.param_groups for k in ("amsgrad", "maximize", "capturable"))
+            self._kernel = plain and adamw_kernel.kernel_ok(params)
+        return self._kernel
+
+    def _kernel_step(self, coef: torch.Tensor, bad: torch.Tensor) -> None:
+        """The update through ``adamw_kernel.adamw_step_`` with torch AdamW's state layout."""
+        from hpframe.engine.adamw_kernel import adamw_step_
+
+        for group in self.param_groups:
+            ps, gs, ms, vs, steps = [], [], [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:  # as torch's fused AdamW creates it
+                    st["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                ps.append(p)
+                gs.append(p.grad)
+                ms.append(st["exp_avg"])
+                vs.append(st["exp_avg_sq"])
+                steps.append(st["step"])
+            beta1, beta2 = group["betas"]
+            adamw_step_(ps, gs, ms, vs, steps, lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
+                        eps=float(group["eps"]), weight_decay=float(group["weight_decay"]), coef=coef, bad=bad)
 
 
 class _HostCopy:

@@ -1,0 +1,82 @@
+"""AdamW as one Triton kernel per tensor, at the memory bandwidth of the GPU.
+
+The update reads parameter, gradient and both moments and writes parameter and moments back: with
+bf16 for all four, 14 bytes per parameter. On one H200 torch's fused AdamW (a multi-tensor kernel)
+moved them at ~2.1 TB/s, 24 ms per step for the 3.58 B-parameter mixtral_h200 model; this kernel
+streams each tensor with wide blocks (docs/performance.md, section 7, has the measurement).
+
+Same arithmetic as torch's fused AdamW (decoupled weight decay, bias corrections from the step count,
+fp32 math, moments used unrounded for the update and stored in their own dtype), same state
+(``step`` a 0-dim fp32 tensor on the device, ``exp_avg``, ``exp_avg_sq``), so checkpoints and
+``state_dict`` do not change. The guard's verdict comes as device tensors: ``coef`` multiplies every
+gradient as it is read (clipping), ``bad`` != 0 leaves parameters, moments and step counts as they
+were, without a host synchronization.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:
+    triton = None
+    tl = None
+
+_BLOCK = 4096  # elements per program
+
+
+if triton is not None:
+
+    @triton.jit
+    def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, step_ptr, coef_ptr, bad_ptr, n, lr, beta1, beta2, eps,
+                      weight_decay, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        keep = tl.load(bad_ptr) == 0
+        mask = (offs < n) & keep  # a skipped step reads and writes nothing
+        step = tl.load(step_ptr)  # already advanced for this update
+        coef = tl.load(coef_ptr)
+        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * coef
+        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        p = p - lr * weight_decay * p
+        m = beta1 * m + (1.0 - beta1) * g
+        v = beta2 * v + (1.0 - beta2) * g * g
+        bc1 = 1.0 - tl.exp(step * tl.log(beta1))
+        bc2_sqrt = tl.sqrt(1.0 - tl.exp(step * tl.log(beta2)))
+        p = p - (lr / bc1) * m / (tl.sqrt(v) / bc2_sqrt + eps)
+        tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+        tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
+
+
+def kernel_ok(params: list[torch.Tensor]) -> bool:
+    """Whether ``adamw_step_`` runs these parameters: Triton importable, all on CUDA, contiguous,
+    floating point; ``HPFRAME_TRITON_ADAMW=0`` turns it off (torch's fused AdamW then runs)."""
+    if triton is None or os.environ.get("HPFRAME_TRITON_ADAMW", "1") == "0":
+        return False
+    return bool(params) and all(p.is_cuda and p.is_contiguous() and p.is_floating_point() for p in params)
+
+
+@torch.no_grad()
+def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor], *, lr: float, beta1: float,
+                beta2: float, eps: float, weight_decay: float, coef: torch.Tensor, bad: torch.Tensor) -> None:
+    """One AdamW update of every tensor in place; ``coef``/``bad`` are 0-dim fp32 tensors on the device."""
+    if not params:
+        return
+    # step counts advance unless the step is skipped (as torch's fused AdamW does with found_inf)
+    torch._foreach_add_(steps, 1.0)
+    torch._foreach_sub_(steps, [bad] * len(steps))
+    for p, g, m, v, s in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+        n = p.numel()
+        if n == 0:
+            continue
+        g = g if g.is_contiguous() else g.contiguous()
+        grid = (triton.cdiv(n, _BLOCK),)
+        _adamw_kernel[grid](p, g, m, v, s, coef, bad, n, lr, beta1, beta2, eps, weight_decay, BLOCK=_BLOCK,
+                            num_warps=8)

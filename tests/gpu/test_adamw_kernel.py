@@ -1,0 +1,47 @@
+"""hpframe's Triton AdamW (hpframe.engine.adamw_kernel, used by SkippableAdamW on CUDA) against torch's
+fused AdamW over several steps: bf16 and fp32 parameters, weight decay on and off, clipping
+coefficients that change between steps, a skipped step, and the state torch's optimizer keeps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hpframe.engine.step import SkippableAdamW
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_kernel_matches_torch_fused_adamw(dtype: torch.dtype) -> None:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shapes = [(1000, 384), (4097,), (3, 5, 7)]  # a partial last block, odd sizes
+    ours = [torch.randn(s, device="cuda", generator=g).to(dtype).requires_grad_(True) for s in shapes]
+    theirs = [p.detach().clone().requires_grad_(True) for p in ours]
+    kw = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
+    opt = SkippableAdamW([{"params": ours[:2], "weight_decay": 0.1}, {"params": ours[2:], "weight_decay": 0.0}],
+                         fused=True, **kw)
+    ref = torch.optim.AdamW([{"params": theirs[:2], "weight_decay": 0.1}, {"params": theirs[2:], "weight_decay": 0.0}],
+                            fused=True, **kw)
+    assert opt._use_kernel()
+    for step, (coef, bad) in enumerate([(1.0, 0.0), (0.3, 0.0), (0.5, 1.0), (0.8, 0.0), (1.0, 0.0)]):
+        for a, b in zip(ours, theirs):
+            grad = torch.randn(a.shape, device="cuda", generator=g).to(dtype)
+            if bad:
+                grad[0] = float("nan")
+            a.grad, b.grad = grad.clone(), grad * coef
+        opt.control(torch.tensor(coef, device="cuda", dtype=torch.float64), torch.tensor([bad], device="cuda"))
+        opt.step()
+        opt.control(None)
+        if not bad:
+            ref.step()
+    tol = dict(rtol=2e-2, atol=1e-3) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.detach(), b.detach(), **tol)
+        sa, sb = opt.state[a], ref.state[b]
+        assert sa.keys() == sb.keys() and float(sa["step"]) == float(sb["step"]) == 4.0
+        assert sa["step"].dtype == sb["step"].dtype and sa["step"].device == sb["step"].device
+        torch.testing.assert_close(sa["exp_avg"], sb["exp_avg"], **tol)
+        torch.testing.assert_close(sa["exp_avg_sq"], sb["exp_avg_sq"], **tol)
+    # checkpoints: torch's state_dict round-trips into the optimizer
+    ref.load_state_dict(opt.state_dict())
