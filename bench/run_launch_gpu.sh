@@ -19,6 +19,7 @@
 #            of the 2-GPU dp2 x ep2 reference (8 x 4096), plus the planner's layout suggestion
 #   final3   (2 GPUs) GPU tests, both precision paths on one GPU and at dp2 x ep2, deepseek_h200 dp2 x ep2
 #   adamw    (1 GPU) GPU tests, bench/adamw_bench.py, both precision paths on one GPU
+#   gemm     (1 GPU) the AdamW kernel test, bench/grouped_vs_loop.py, the plain bf16 update profiled
 #   trace    (1 GPU) GPU tests, the MoE layer bench, the plain bf16 update profiled with Python stacks
 #            and its kernels grouped by caller (bench/trace_callers.py), fp32 master weights
 # Copies each run's metrics.jsonl, log and profile tables to $OUT and prints a summary.
@@ -142,6 +143,12 @@ case $SET in
     pure="train.master_dtype=bf16 parallel.zero_stage=0"
     CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16 200 $pure
     CUDA_VISIBLE_DEVICES=0 run gpu1_fp32master 200
+    ;;
+  gemm)  # 1 GPU: the AdamW kernel test, grouped vs per-expert GEMMs, the plain bf16 update profiled
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_adamw_kernel.py 2>&1 | tail -2
+    timeout 200 python3 bench/grouped_vs_loop.py --out grouped_vs_loop.json 2>&1 | tail -4
+    CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16_profile 200 train.master_dtype=bf16 parallel.zero_stage=0 \
+      train.profile_from_step=$((STEPS - 2)) train.profile_num_steps=3
     ;;
   *) echo "unknown set $SET"; exit 2 ;;
 esac

@@ -24,7 +24,8 @@ def test_kernel_matches_torch_fused_adamw(dtype: torch.dtype) -> None:
     ref = torch.optim.AdamW([{"params": theirs[:2], "weight_decay": 0.1}, {"params": theirs[2:], "weight_decay": 0.0}],
                             fused=True, **kw)
     assert opt._use_kernel()
-    for step, (coef, bad) in enumerate([(1.0, 0.0), (0.3, 0.0), (0.5, 1.0), (0.8, 0.0), (1.0, 0.0)]):
+    # powers of two: the reference's pre-scaled bf16 gradient is then exact, as the kernel's fp32 product is
+    for step, (coef, bad) in enumerate([(1.0, 0.0), (0.25, 0.0), (0.5, 1.0), (0.5, 0.0), (1.0, 0.0)]):
         for a, b in zip(ours, theirs):
             grad = torch.randn(a.shape, device="cuda", generator=g).to(dtype)
             if bad:
