@@ -6,7 +6,9 @@ moved them at ~2.1 TB/s, 24 ms per step for the 3.58 B-parameter mixtral_h200 mo
 streams each tensor with wide blocks (docs/performance.md, section 7, has the measurement).
 
 Same arithmetic as torch's fused AdamW (decoupled weight decay, bias corrections from the step count,
-fp32 math, moments used unrounded for the update and stored in their own dtype), same state
+moments used unrounded for the update and stored in their own dtype), in fp32 throughout where
+torch's kernel does a few products in fp64 (its hyper-parameters are doubles): with bf16 moments, a
+rare rounding tie lands one unit in the last place apart and stays apart. Same state
 (``step`` a 0-dim fp32 tensor on the device, ``exp_avg``, ``exp_avg_sq``), so checkpoints and
 ``state_dict`` do not change. The guard's verdict comes as device tensors: ``coef`` multiplies every
 gradient as it is read (clipping), ``bad`` != 0 leaves parameters, moments and step counts as they

@@ -40,6 +40,16 @@ class StepResult:
     step) and ``layer{i}/load_cv`` (std/mean of those counts); ``max_load_cv`` over them."""
 
 
+def to_device(t: torch.Tensor, device: Any) -> torch.Tensor:
+    """``t`` (on the host) on ``device`` without waiting for the device: a copy from pageable memory
+    makes CUDA drain the stream first (at a step's start, the previous step's optimizer update), so the
+    tensor goes through pinned memory and the copy is queued behind the work already there."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or t.is_cuda:
+        return t.to(dev)
+    return t.pin_memory().to(dev, non_blocking=True)
+
+
 class Engine:
     """Built by ``build_engine``; ``ds`` is the DeepSpeed engine, ``module`` the local model or stage."""
 
@@ -124,7 +134,7 @@ class Engine:
         dist.all_reduce(means, group=self.groups.dp)
         parts = [means / self.plan.dp]
         if self.plan.experts is not None:  # every rank joins, also pipeline stages without MoE layers
-            dropped = torch.tensor(self._dropped, dtype=torch.float64).to(dev)
+            dropped = to_device(torch.tensor(self._dropped, dtype=torch.float64), dev)
             self._dropped = [0.0, 0]
             dist.all_reduce(dropped)  # TP ranks repeat the same MoE computation: equal weights, same mean
             parts.append(dropped)
@@ -137,7 +147,7 @@ class Engine:
         return torch.cat(parts), loads
 
     def _device_batch(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(self.ds.device)
+        return to_device(t, self.ds.device)
 
     def _train_flat(self, micro_batches: list) -> tuple[torch.Tensor, torch.Tensor | None]:
         lms, auxs = [], []

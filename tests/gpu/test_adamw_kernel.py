@@ -36,7 +36,9 @@ def test_kernel_matches_torch_fused_adamw(dtype: torch.dtype) -> None:
         opt.control(None)
         if not bad:
             ref.step()
-    tol = dict(rtol=2e-2, atol=1e-3) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    # bf16: a moment stored one unit in the last place apart (a rounding tie decided the other way)
+    # stays apart over the next steps; 4e-3 is two such units at the moments' scale here (~0.3)
+    tol = dict(rtol=2e-2, atol=4e-3) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a.detach(), b.detach(), **tol)
         sa, sb = opt.state[a], ref.state[b]
