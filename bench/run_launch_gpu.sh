@@ -20,6 +20,7 @@
 #   final3   (2 GPUs) GPU tests, both precision paths on one GPU and at dp2 x ep2, deepseek_h200 dp2 x ep2
 #   adamw    (1 GPU) GPU tests, bench/adamw_bench.py, both precision paths on one GPU
 #   gemm     (1 GPU) the AdamW kernel test, bench/grouped_vs_loop.py, the plain bf16 update profiled
+#   balanced (2 GPUs, STEPS=40) plain bf16 on one GPU and at dp2 x ep2 with the aux-loss-free bias
 #   trace    (1 GPU) GPU tests, the MoE layer bench, the plain bf16 update profiled with Python stacks
 #            and its kernels grouped by caller (bench/trace_callers.py), fp32 master weights
 # Copies each run's metrics.jsonl, log and profile tables to $OUT and prints a summary.
@@ -149,6 +150,11 @@ case $SET in
     timeout 200 python3 bench/grouped_vs_loop.py --out grouped_vs_loop.json 2>&1 | tail -4
     CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16_profile 200 train.master_dtype=bf16 parallel.zero_stage=0 \
       train.profile_from_step=$((STEPS - 2)) train.profile_num_steps=3
+    ;;
+  balanced)  # 2 GPUs, STEPS=40: EP weak scaling once the routing is balanced (aux-loss-free bias, rate 0.005)
+    pure="train.master_dtype=bf16 parallel.zero_stage=0 moe.bias_update_rate=0.005"
+    CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16_bias 200 $pure
+    run gpu2_ep2_pure_bf16_bias 230 cluster.gpus_per_node=2 parallel.dp=2 parallel.ep=2 $pure
     ;;
   *) echo "unknown set $SET"; exit 2 ;;
 esac
