@@ -21,6 +21,7 @@
 #   adamw    (1 GPU) GPU tests, bench/adamw_bench.py, both precision paths on one GPU
 #   gemm     (1 GPU) the AdamW kernel test, bench/grouped_vs_loop.py, the plain bf16 update profiled
 #   balanced (2 GPUs, STEPS=40) plain bf16 on one GPU and at dp2 x ep2 with the aux-loss-free bias
+#   versus   (1 GPU) transformers' grouped_mm Mixtral and hpframe's plain step (bench/train_e2e.py), then launch.py
 #   trace    (1 GPU) GPU tests, the MoE layer bench, the plain bf16 update profiled with Python stacks
 #            and its kernels grouped by caller (bench/trace_callers.py), fp32 master weights
 # Copies each run's metrics.jsonl, log and profile tables to $OUT and prints a summary.
@@ -155,6 +156,10 @@ case $SET in
     pure="train.master_dtype=bf16 parallel.zero_stage=0 moe.bias_update_rate=0.005"
     CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16_bias 200 $pure
     run gpu2_ep2_pure_bf16_bias 230 cluster.gpus_per_node=2 parallel.dp=2 parallel.ep=2 $pure
+    ;;
+  versus)  # 1 GPU: transformers' best (grouped_mm experts) and hpframe's launch.py (plain bf16 update), same machine
+    timeout 240 python3 bench/train_e2e.py --impls hf_grouped_mm hpframe_compile --steps 10 --out train_e2e.json 2>&1 | tail -3
+    CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16 200 train.master_dtype=bf16 parallel.zero_stage=0
     ;;
   *) echo "unknown set $SET"; exit 2 ;;
 esac
