@@ -46,8 +46,9 @@ def run_config(args: argparse.Namespace) -> Any:
                           max_seq_len=args.seq),
         moe=MoEConfig(num_experts=args.experts, top_k=args.top_k, expert_ffn_hidden_size=args.ffn,
                       dropless=True, aux_loss_coef=0.0),
-        parallel=ParallelConfig(micro_batch_size=args.batch, grad_accum=1),
-        train=TrainConfig(dtype=DType.bf16, device="cuda", steps=args.steps),
+        parallel=ParallelConfig(micro_batch_size=args.batch, grad_accum=1, zero_stage=0),
+        # bf16 weights updated in place, no fp32 master copy: the plain step measured here
+        train=TrainConfig(dtype=DType.bf16, master_dtype=DType.bf16, device="cuda", steps=args.steps),
         data=DataConfig(seq_len=args.seq),
         cluster=ClusterConfig(name="h200x1", nodes=1, gpus_per_node=1, gpu_memory_gb=139.0,
                               peak_tflops=common.H200_PEAK_TFLOPS, intra_node_bw_GBps=450.0),
