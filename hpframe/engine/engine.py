@@ -8,9 +8,11 @@ Loss conventions (identical on every rank after the step):
                    mean over the global batch); the gradient is that of the mean loss.
 Without pp, every rank computes them; with pp, the last stage does and broadcasts over its pp group.
 
-After an applied step, the aux-loss-free router bias update: each router's ``load_accum`` (summed
-over this rank's micro-batches) is summed over dp so every replica applies the same update, then
-``router.update_bias(load)`` resets it. With pp, each stage updates the routers it owns.
+After the step, the aux-loss-free router bias update: each router's ``load_accum`` (summed over this
+rank's micro-batches) is summed over dp so every replica applies the same update, then
+``router.update_bias(load, apply=1 - bad)`` resets it; a skipped step (the guard's device flag)
+moves no bias. With pp, each stage updates the routers it owns. No host synchronization is needed
+for any of it: the host reads the step's figures from one copy (``StepGuard.finish``).
 """
 
 from __future__ import annotations
