@@ -22,6 +22,7 @@
 #   gemm     (1 GPU) the AdamW kernel test, bench/grouped_vs_loop.py, the plain bf16 update profiled
 #   balanced (2 GPUs, STEPS=40) plain bf16 on one GPU and at dp2 x ep2 with the aux-loss-free bias
 #   versus   (1 GPU) transformers' grouped_mm Mixtral and hpframe's plain step (bench/train_e2e.py), then launch.py
+#   final5   (1-2 GPUs) plain bf16 on one GPU and at dp2 x ep2
 #   trace    (1 GPU) GPU tests, the MoE layer bench, the plain bf16 update profiled with Python stacks
 #            and its kernels grouped by caller (bench/trace_callers.py), fp32 master weights
 # Copies each run's metrics.jsonl, log and profile tables to $OUT and prints a summary.
@@ -160,6 +161,11 @@ case $SET in
   versus)  # 1 GPU: transformers' best (grouped_mm experts) and hpframe's launch.py (plain bf16 update), same machine
     timeout 240 python3 bench/train_e2e.py --impls hf_grouped_mm hpframe_compile --steps 10 --out train_e2e.json 2>&1 | tail -3
     CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16 200 train.master_dtype=bf16 parallel.zero_stage=0
+    ;;
+  final5)  # after DeepSpeed's throughput timer is off: plain bf16 on one GPU, and at dp2 x ep2 where 2 GPUs are lent
+    pure="train.master_dtype=bf16 parallel.zero_stage=0"
+    CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16 200 $pure
+    if [ "$NGPU" -ge 2 ]; then run gpu2_ep2_pure_bf16 230 cluster.gpus_per_node=2 parallel.dp=2 parallel.ep=2 $pure; fi
     ;;
   *) echo "unknown set $SET"; exit 2 ;;
 esac

@@ -78,6 +78,10 @@ def deepspeed_config(plan: Any, *, dtype: str, device: str, master_dtype: str = 
         "gradient_clipping": 0.0,
         "steps_per_print": steps_per_print,
         "wall_clock_breakdown": False,
+        # DeepSpeed's throughput timer synchronizes the device at every forward's start and step's end;
+        # hpframe times steps itself, and those two waits left the GPU idle while the host prepared the
+        # next step (docs/performance.md, section 7)
+        "timers": {"throughput": {"enabled": False, "synchronized": False}},
         "prescale_gradients": False,
         "gradient_predivide_factor": 1.0,
         "zero_allow_untested_optimizer": True,

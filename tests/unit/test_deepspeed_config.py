@@ -64,6 +64,8 @@ def test_config_parses_under_deepspeed_models(one_process_group, zero: int, dtyp
     assert parsed.float16_config.enabled is False
     assert parsed.zero_allow_untested_optimizer is True
     assert parsed.zero_config.overlap_comm is False and parsed.zero_config.reduce_bucket_size == 500_000_000
+    # no device synchronization by DeepSpeed's throughput timer at each forward and step
+    assert parsed.timers_config.enabled is False and parsed.timers_config.synchronized is False
     if pp > 1:
         assert parsed.pipeline["pipe_partitioned"] is False and parsed.pipeline["stages"] == pp
 
