@@ -29,9 +29,10 @@ from hpframe.engine.step import SkippableAdamW  # noqa: E402
 
 def _opt(params: list[torch.Tensor], kernel: bool) -> SkippableAdamW:
     opt = SkippableAdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=True)
-    opt._kernel = kernel if kernel else False  # False: torch's fused AdamW
     if kernel:
-        assert opt._use_kernel()
+        assert opt._use_kernel()  # decided as in training: Triton importable, CUDA tensors
+    else:
+        opt._kernel = False  # torch's fused AdamW
     return opt
 
 

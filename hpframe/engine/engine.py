@@ -114,7 +114,7 @@ class Engine:
             self.guard.finish()
             with phase("step_stats"):
                 report, loads = self._step_report(lm, aux)
-                values = report.cpu().double()
+                values = report.cpu()
         else:
             values, loads = self._train_flat(micro_batches)
         if loads is not None:
@@ -127,14 +127,7 @@ class Engine:
         forward count] over every rank (with experts), then the routers' assignment counts summed over dp
         (with routers; also returned as a [layers, E] tensor for the bias update)."""
         dev = self.ds.device
-        if lm:
-            means = torch.stack([torch.stack(lm).mean(), torch.stack(aux).mean()]).double().to(dev)
-        else:
-            means = torch.zeros(2, dtype=torch.float64, device=dev)
-        if self.plan.pp > 1:
-            dist.broadcast(means, src=self._last_stage_rank, group=self.groups.pp)
-        dist.all_reduce(means, group=self.groups.dp)
-        parts = [means / self.plan.dp]
+        parts = [self._reduced_means(lm, aux)]
         if self.plan.experts is not None:  # every rank joins, also pipeline stages without MoE layers
             dropped = to_device(torch.tensor(self._dropped, dtype=torch.float64), dev)
             self._dropped = [0.0, 0]
@@ -153,6 +146,7 @@ class Engine:
 
     def _train_flat(self, micro_batches: list) -> tuple[torch.Tensor, torch.Tensor | None]:
         lms, auxs = [], []
+        loads = None
         for i, (tokens, targets) in enumerate(micro_batches):
             with phase("forward"):
                 logits = self.ds(self._device_batch(tokens))  # [B,S,V/tp]
@@ -164,7 +158,6 @@ class Engine:
             self.guard.local_losses.append(loss.detach())
             with phase("backward"):
                 self.ds.backward(loss)  # DeepSpeed scales by 1/grad_accum
-            loads = None
             if i == len(micro_batches) - 1:
                 with phase("step_stats"):  # copied to the host with the gradient norm, before the update
                     self.guard.report_extra, loads = self._step_report(lms, auxs)
@@ -203,8 +196,9 @@ class Engine:
             self.loss_fn.on_record = None
         return self.loss_fn.pop() if self.is_last_stage else ([], [])
 
-    def _global_means(self, lm: list[torch.Tensor], aux: list[torch.Tensor]) -> tuple[float, float]:
-        """Means over the global batch: average over micro-batches, dp ranks; from the last stage."""
+    def _reduced_means(self, lm: list[torch.Tensor], aux: list[torch.Tensor]) -> torch.Tensor:
+        """[lm, aux] means over the global batch (micro-batches, dp ranks; from the last stage), fp64 on
+        the device, identical on every rank (collective)."""
         if lm:
             v = torch.stack([torch.stack(lm).mean(), torch.stack(aux).mean()]).double().to(self.ds.device)
         else:
@@ -212,8 +206,7 @@ class Engine:
         if self.plan.pp > 1:
             dist.broadcast(v, src=self._last_stage_rank, group=self.groups.pp)
         dist.all_reduce(v, group=self.groups.dp)
-        v /= self.plan.dp
-        return float(v[0]), float(v[1])
+        return v / self.plan.dp
 
     def _routers(self) -> list[tuple[int, Router]]:
         """(block index, router) of the MoE layers this rank runs, in block order."""
@@ -266,7 +259,7 @@ class Engine:
                 lm.append(self._lm_loss(logits, self._device_batch(targets)).float())
             aux = [torch.zeros_like(x) for x in lm]
         self.ds.train()
-        lm_mean, _ = self._global_means(lm, aux)
+        lm_mean = float(self._reduced_means(lm, aux)[0])
         return lm_mean
 
     # ---- checkpoints --------------------------------------------------------------------------

@@ -76,21 +76,17 @@ class SkippableAdamW(torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
         ctrl = self._control
-        if ctrl is None:
-            if closure is None and self.fused and self._use_kernel():
-                device = self.param_groups[0]["params"][0].device
-                with phase("adamw"):
-                    self._kernel_step(torch.ones((), device=device), torch.zeros((), device=device))
-                return None
-            with phase("adamw"):
-                return super().step(closure)
-        coef, bad = ctrl
         device = self.param_groups[0]["params"][0].device
-        if self.fused and self._use_kernel():
+        if closure is None and self.fused and self._use_kernel():
+            coef, bad = ctrl if ctrl is not None else (torch.ones((), device=device), torch.zeros((), device=device))
             with phase("adamw"):
                 self._kernel_step(coef.to(device=device, dtype=torch.float32).reshape(()),
                                   bad.to(device=device, dtype=torch.float32).reshape(()))
             return None
+        if ctrl is None:
+            with phase("adamw"):
+                return super().step(closure)
+        coef, bad = ctrl
         if self.fused:
             # torch's fused kernels read these two attributes (as its AMP grad scaler sets them)
             self.grad_scale = (1.0 / coef.double()).to(device=device, dtype=torch.float32).reshape(())
@@ -108,7 +104,6 @@ class SkippableAdamW(torch.optim.AdamW):
             torch._foreach_mul_([p.grad for g in self.param_groups for p in g["params"] if p.grad is not None], c)
         with phase("adamw"):
             return super().step(closure)
-
 
     def _use_kernel(self) -> bool:
         if self._kernel is None:
