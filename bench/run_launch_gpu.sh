@@ -23,6 +23,8 @@
 #   balanced (2 GPUs, STEPS=40) plain bf16 on one GPU and at dp2 x ep2 with the aux-loss-free bias
 #   versus   (1 GPU) transformers' grouped_mm Mixtral and hpframe's plain step (bench/train_e2e.py), then launch.py
 #   final5   (1-2 GPUs) plain bf16 on one GPU and at dp2 x ep2
+#   probe    (2 GPUs, STEPS=80) bench/kernel_choices.py, then plain bf16 on one GPU and at dp2 x ep2
+#            with the aux-loss-free bias at rates 0.005 and 0.01
 #   trace    (1 GPU) GPU tests, the MoE layer bench, the plain bf16 update profiled with Python stacks
 #            and its kernels grouped by caller (bench/trace_callers.py), fp32 master weights
 # Copies each run's metrics.jsonl, log and profile tables to $OUT and prints a summary.
@@ -166,6 +168,15 @@ case $SET in
     pure="train.master_dtype=bf16 parallel.zero_stage=0"
     CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16 200 $pure
     if [ "$NGPU" -ge 2 ]; then run gpu2_ep2_pure_bf16 230 cluster.gpus_per_node=2 parallel.dp=2 parallel.ep=2 $pure; fi
+    ;;
+  probe)  # 2 GPUs, STEPS=80: the dense kernels' choices, then EP weak scaling over a longer balanced run
+    timeout 240 python3 bench/kernel_choices.py --out kernel_choices.json 2>&1 | tail -30
+    pure="train.master_dtype=bf16 parallel.zero_stage=0"
+    CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16_bias 200 $pure moe.bias_update_rate=0.005
+    if [ "$NGPU" -ge 2 ]; then
+      run gpu2_ep2_pure_bf16_bias 230 cluster.gpus_per_node=2 parallel.dp=2 parallel.ep=2 $pure moe.bias_update_rate=0.005
+      run gpu2_ep2_pure_bf16_bias01 230 cluster.gpus_per_node=2 parallel.dp=2 parallel.ep=2 $pure moe.bias_update_rate=0.01
+    fi
     ;;
   *) echo "unknown set $SET"; exit 2 ;;
 esac
