@@ -23,6 +23,8 @@
 #   balanced (2 GPUs, STEPS=40) plain bf16 on one GPU and at dp2 x ep2 with the aux-loss-free bias
 #   versus   (1 GPU) transformers' grouped_mm Mixtral and hpframe's plain step (bench/train_e2e.py), then launch.py
 #   final5   (1-2 GPUs) plain bf16 on one GPU and at dp2 x ep2
+#   final6   (1 GPU, STEPS=30) GPU tests, transformers' grouped_mm Mixtral (bench/train_e2e.py), then
+#            launch.py plain bf16 (steps 28-30 profiled) and fp32 master weights
 #   probe    (2 GPUs, STEPS=80) bench/kernel_choices.py, then plain bf16 on one GPU and at dp2 x ep2
 #            with the aux-loss-free bias at rates 0.005 and 0.01
 #   trace    (1 GPU) GPU tests, the MoE layer bench, the plain bf16 update profiled with Python stacks
@@ -168,6 +170,13 @@ case $SET in
     pure="train.master_dtype=bf16 parallel.zero_stage=0"
     CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16 200 $pure
     if [ "$NGPU" -ge 2 ]; then run gpu2_ep2_pure_bf16 230 cluster.gpus_per_node=2 parallel.dp=2 parallel.ep=2 $pure; fi
+    ;;
+  final6)  # 1 GPU: after the stacked q/k/v GEMM, the compiled attention half and the Triton norm
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -2
+    timeout 240 python3 bench/train_e2e.py --impls hf_grouped_mm --steps 10 --out train_e2e.json 2>&1 | tail -3
+    pure="train.master_dtype=bf16 parallel.zero_stage=0"
+    CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16 200 $pure train.profile_from_step=$((STEPS - 2)) train.profile_num_steps=3
+    CUDA_VISIBLE_DEVICES=0 run gpu1_fp32master 200
     ;;
   probe)  # 2 GPUs, STEPS=80: the dense kernels' choices, then EP weak scaling over a longer balanced run
     timeout 240 python3 bench/kernel_choices.py --out kernel_choices.json 2>&1 | tail -30

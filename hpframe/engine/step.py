@@ -214,12 +214,16 @@ class StepGuard:
         counted = [(p, g) for p, g in pairs
                    if p is not dup and (self.tp_rank == 0 or getattr(p, "tensor_model_parallel", False))]
         if counted and counted[0][1].is_cuda:
-            # GPU: one multi-tensor norm kernel per dtype (fp32 per-tensor partial sums are accurate
-            # there), squares summed in fp64; an fp64 copy of every gradient would cost 2x the memory
-            # traffic of the gradients themselves.
+            # GPU: fp32 partial sums (accurate at that size), summed in fp64; an fp64 copy of every
+            # gradient would cost 2x the memory traffic of the gradients themselves. The Triton kernel
+            # where it runs, else one multi-tensor norm kernel per dtype.
+            from hpframe.engine import adamw_kernel
+
             for is_expert, acc in ((False, dense), (True, expert)):
                 grads = [g.detach() for p, g in counted if is_moe_param(p) == is_expert]
-                if grads:
+                if grads and adamw_kernel.sq_sum_ok(grads):
+                    acc += adamw_kernel.sq_sum(grads).to(acc.device)
+                elif grads:
                     acc += torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)).double().pow(2).sum()
         else:
             for p, g in counted:

@@ -50,8 +50,17 @@ class Block(nn.Module):
             self.mlp = MLP(h, model_cfg.ffn_hidden_size, model_cfg.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x))
-        return x + self.mlp(self.mlp_norm(x))
+        h, normed = self.attention_half(x)
+        return h + self.mlp(normed)
+
+    def attention_half(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h = x + attn(attn_norm(x)) and mlp_norm(h): the part of the block whose shapes never change.
+
+        ``train.compile`` compiles this whole function (``parallel.compile.apply_compile``), so the
+        residual add and both norms fuse with their neighbours forward and backward.
+        """
+        h = x + self.attn(self.attn_norm(x))
+        return h, self.mlp_norm(h)
 
 
 def param_seed(seed: int, name: str) -> int:

@@ -48,3 +48,24 @@ def test_kernel_matches_torch_fused_adamw(dtype: torch.dtype) -> None:
         torch.testing.assert_close(sa["exp_avg_sq"], sb["exp_avg_sq"], **tol)
     # checkpoints: torch's state_dict round-trips into the optimizer
     ref.load_state_dict(opt.state_dict())
+
+
+def test_sq_sum_matches_fp64_reference() -> None:
+    """The gradient norm's Triton sum of squares: bf16 and fp32 tensors, a partial last block, an empty
+    and a non-contiguous tensor, against the fp64 sum; NaN and inf reach the result (the skip verdict)."""
+    from hpframe.engine.adamw_kernel import sq_sum, sq_sum_ok
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    grads = [torch.randn(s, device="cuda", generator=g).to(dt)
+             for s, dt in (((3000, 517), torch.bfloat16), ((8193,), torch.float32), ((0,), torch.bfloat16))]
+    grads.append(torch.randn(64, 96, device="cuda", generator=g).t())  # non-contiguous
+    assert sq_sum_ok(grads)
+    ref = sum(t.double().pow(2).sum() for t in grads)
+    got = sq_sum(grads)
+    assert got.dtype == torch.float64 and got.shape == ()
+    torch.testing.assert_close(got, ref, rtol=1e-6, atol=0)
+    assert torch.equal(sq_sum(grads), got)  # no atomics: the same value every time
+    for bad in (float("nan"), float("inf")):
+        broken = [t.clone() for t in grads]
+        broken[1][5] = bad
+        assert not torch.isfinite(sq_sum(broken))

@@ -37,7 +37,7 @@ def test_compiled_equals_eager(compose_cfg, recipe):
     loss_e, grads_e, _ = run(False)
     loss_c, grads_c, model_c = run(True)
     compiled = compiled_modules(model_c)
-    assert "norm" in compiled and "layers.0.attn" in compiled and "layers.1.attn_norm" in compiled
+    assert "norm" in compiled and "layers.0.attention_half" in compiled and "layers.1.attention_half" in compiled
     assert all(".mlp" not in n or cfg.moe.num_experts == 0 for n in compiled if n.endswith("mlp"))
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-5, atol=1e-6)
     for n in grads_e:
