@@ -84,13 +84,6 @@ def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
 
 
-def _weight_only_linear(m: nn.Module) -> bool:
-    """``m(x)`` is ``F.linear(x, m.weight)`` and nothing more: an nn.Linear without bias (or a class that
-    says so with ``weight_only_linear = True``, as TP's column shards do) with no hooks on it."""
-    plain = type(m).forward is nn.Linear.forward or getattr(type(m), "weight_only_linear", False)
-    return plain and getattr(m, "bias", None) is None and not m._forward_hooks and not m._forward_pre_hooks
-
-
 class Attention(nn.Module):
     """Causal grouped-query attention with rotary on q and k (MHA when nkv == nh)."""
 
@@ -110,27 +103,11 @@ class Attention(nn.Module):
         self.wo = nn.Linear(nh * hd, h, bias=False)
         self.rotary = RotaryEmbedding(hd, cfg.max_seq_len, cfg.rope_theta)
 
-    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v projections as one GEMM on the stacked weights when the three are plain weight-only
-        linears without hooks (also TP's column shards); else through the modules.
-
-        The stacked weight is a copy of (nh + 2 nkv) x hd x H elements per call, tiny next to the
-        activations; one GEMM of the summed width ran 14% faster than three on mixtral_h200's shapes
-        (bench/kernel_choices.py, docs/performance.md section 8). Parameters and checkpoints stay
-        wq, wk, wv; the gradient of the stacked weight splits back into their gradients.
-        """
-        mods = (self.wq, self.wk, self.wv)
-        if all(_weight_only_linear(m) for m in mods):
-            w = torch.cat([m.weight for m in mods])
-            return F.linear(x, w).split([m.weight.shape[0] for m in mods], dim=-1)
-        return self.wq(x), self.wk(x), self.wv(x)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, s, _ = x.shape
-        q, k, v = self._qkv(x)
-        q = q.view(b, s, self.num_heads, self.head_dim)
-        k = k.view(b, s, self.num_kv_heads, self.head_dim)
-        v = v.view(b, s, self.num_kv_heads, self.head_dim)
+        q = self.wq(x).view(b, s, self.num_heads, self.head_dim)
+        k = self.wk(x).view(b, s, self.num_kv_heads, self.head_dim)
+        v = self.wv(x).view(b, s, self.num_kv_heads, self.head_dim)
         cos, sin = self.rotary(s)
         q, k = apply_rotary_half(q, cos, sin), apply_rotary_half(k, cos, sin)
         # sdpa wants [B, heads, S, hd]; enable_gqa repeats each kv head nh/nkv times.

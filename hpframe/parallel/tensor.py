@@ -216,8 +216,6 @@ class ColumnParallelLinear(nn.Module):
     applied once by the caller, so q/k/v or w1/w3 share a single backward all-reduce).
     """
 
-    weight_only_linear = True  # forward is F.linear(x, weight): Attention may stack q/k/v shards
-
     def __init__(self, weight_shard: torch.Tensor, group: Any) -> None:
         super().__init__()
         self.weight = tag_tp_param(nn.Parameter(weight_shard), partition_dim=0)

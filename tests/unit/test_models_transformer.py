@@ -125,39 +125,3 @@ def test_sequence_longer_than_rotary_tables_raises() -> None:
     model.init_weights(seed=0)
     with pytest.raises(ValueError, match="exceeds model.max_seq_len=8"):
         model(torch.zeros(1, 9, dtype=torch.long))
-
-
-def test_stacked_qkv_projection_equals_three_linears() -> None:
-    """Attention stacks wq/wk/wv into one GEMM; the result and every gradient equal the three modules'.
-
-    A forward hook on one projection makes the attention fall back to calling the modules (so the
-    hook still runs), which gives the reference."""
-    from hpframe.models.layers import Attention, _weight_only_linear
-
-    cfg = compose_run("recipe=mixtral_debug")
-    torch.manual_seed(0)
-    attn = Attention(cfg.model)
-    for p in attn.parameters():
-        torch.nn.init.normal_(p, std=0.05)
-    x = torch.randn(2, 16, cfg.model.hidden_size, dtype=torch.float64)
-    attn.double()
-    attn.rotary.reset_tables()
-    assert all(_weight_only_linear(m) for m in (attn.wq, attn.wk, attn.wv))
-
-    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
-        attn.zero_grad(set_to_none=True)
-        xs = x.clone().requires_grad_(True)
-        y = attn(xs)
-        y.square().sum().backward()
-        return y.detach(), [xs.grad] + [p.grad.clone() for p in attn.parameters()]
-
-    y_stacked, g_stacked = run()
-    calls = []
-    handle = attn.wk.register_forward_hook(lambda m, a, out: calls.append(out.shape))
-    assert not _weight_only_linear(attn.wk)
-    y_ref, g_ref = run()
-    handle.remove()
-    assert calls == [torch.Size([2, 16, attn.num_kv_heads * attn.head_dim])]
-    torch.testing.assert_close(y_stacked, y_ref, rtol=1e-12, atol=1e-12)
-    for a, b in zip(g_stacked, g_ref):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
