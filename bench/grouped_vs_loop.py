@@ -4,7 +4,8 @@
 
 For each shape, the three SwiGLU expert GEMMs (h1 = x w1^T, h3 = x w3^T, y = a w2^T) and their backward
 (input and weight gradients) on expert-sorted rows with balanced random routing, bf16:
-  grouped  hpframe.models.moe_gpu.grouped_linear (torch._grouped_mm, weight gradients in place);
+  grouped  hpframe.models.moe_gpu.grouped_linear (torch._grouped_mm, weight gradients in place) on the
+           packed gate|up weight w13 as hpframe's experts hold it (one GEMM for h1 and h3);
   loop     torch.mm per expert on the contiguous row block of that expert (the split sizes on the host).
 Both are checked against each other first; then the median of 10 CUDA-event timed repetitions and
 TFLOP/s (18 x N x H x F per MLP, N = rows). Needs a CUDA GPU with compute capability 9.0.
@@ -66,10 +67,12 @@ def run(name: str) -> dict:
     w2 = (torch.randn(e, h, f, device="cuda", generator=g) * f**-0.5).bfloat16()
     gy = torch.randn(n, h, device="cuda", generator=g).bfloat16()
 
+    w13 = torch.cat([w1, w3], dim=1)  # hpframe's packed layout: gate rows, then up rows
+
     def grouped() -> torch.Tensor:
-        xs, a1, a3, a2 = (t_.detach().requires_grad_(True) for t_ in (x, w1, w3, w2))
-        h1, h3 = grouped_linear(xs, a1, offs), grouped_linear(xs, a3, offs)
-        act = torch.nn.functional.silu(h1) * h3
+        xs, a13, a2 = (t_.detach().requires_grad_(True) for t_ in (x, w13, w2))
+        h = grouped_linear(xs, a13, offs)
+        act = torch.nn.functional.silu(h[:, :f]) * h[:, f:]
         y = grouped_linear(act, a2, offs)
         y.backward(gy)
         return y

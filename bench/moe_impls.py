@@ -119,8 +119,7 @@ def build_hpframe(w: Weights, shape: Shape) -> nn.Module:
     m = m.to(device=w.w1.device, dtype=w.w1.dtype)
     with torch.no_grad():
         m.router.gate.weight.copy_(w.gate)
-        m.experts.w1.copy_(w.w1)
-        m.experts.w3.copy_(w.w3)
+        m.experts.w13.copy_(torch.cat([w.w1, w.w3], dim=1))  # gate rows, then up rows
         m.experts.w2.copy_(w.w2)
         m.router.reset_buffers()
     return _Flat3d(m)

@@ -25,6 +25,8 @@
 #   final5   (1-2 GPUs) plain bf16 on one GPU and at dp2 x ep2
 #   final6   (1 GPU, STEPS=30) GPU tests, transformers' grouped_mm Mixtral (bench/train_e2e.py), then
 #            launch.py plain bf16 (steps 28-30 profiled) and fp32 master weights
+#   final7   (1 GPU, STEPS=30) GPU tests, grouped vs loop GEMMs, the MoE layer bench, transformers'
+#            grouped_mm Mixtral, then launch.py plain bf16 (steps 28-30 profiled) and fp32 master weights
 #   probe    (2 GPUs, STEPS=80) bench/kernel_choices.py, then plain bf16 on one GPU and at dp2 x ep2
 #            with the aux-loss-free bias at rates 0.005 and 0.01
 #   trace    (1 GPU) GPU tests, the MoE layer bench, the plain bf16 update profiled with Python stacks
@@ -174,6 +176,15 @@ case $SET in
   final6)  # 1 GPU: after the stacked q/k/v GEMM, the compiled attention half and the Triton norm
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -2
     timeout 240 python3 bench/train_e2e.py --impls hf_grouped_mm --steps 10 --out train_e2e.json 2>&1 | tail -3
+    pure="train.master_dtype=bf16 parallel.zero_stage=0"
+    CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16 200 $pure train.profile_from_step=$((STEPS - 2)) train.profile_num_steps=3
+    CUDA_VISIBLE_DEVICES=0 run gpu1_fp32master 200
+    ;;
+  final7)  # 1 GPU: after the packed gate|up expert weight (w13), the compiled attention half and the Triton norm
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -2
+    timeout 120 python3 bench/grouped_vs_loop.py --out grouped_vs_loop.json 2>&1 | tail -3
+    timeout 240 python3 bench/moe_layer.py --impls roofline_gemm hpframe --out moe_layer.json 2>&1 | tail -8
+    timeout 240 python3 bench/train_e2e.py --impls hf_grouped_mm --steps 10 --out train_e2e.json 2>&1 | tail -1
     pure="train.master_dtype=bf16 parallel.zero_stage=0"
     CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16 200 $pure train.profile_from_step=$((STEPS - 2)) train.profile_num_steps=3
     CUDA_VISIBLE_DEVICES=0 run gpu1_fp32master 200

@@ -12,7 +12,7 @@ A checkpoint directory (inside the crash-safe directories of ``hpframe.checkpoin
       MANIFEST.json                sha256 of every file above (store.py), written last by rank 0
 
 Logical tensors are the single-device ``Transformer.state_dict()`` names (``layers.2.attn.wq.weight``,
-``layers.1.mlp.experts.w1`` [E, F, H], ``layers.1.mlp.router.expert_bias``), each in three kinds:
+``layers.1.mlp.experts.w13`` [E, 2F, H], ``layers.1.mlp.router.expert_bias``), each in three kinds:
 ``param`` (the fp32 master weight; persistent buffers too), ``exp_avg`` and ``exp_avg_sq`` (Adam
 moments, absent before the first optimizer step). TP shards are gathered before writing; routed
 experts are written as row ranges ``[first, last)`` of global expert ids by the rank owning them, so a
@@ -151,6 +151,38 @@ class PortableCheckpoint:
                 rows = tuple(meta["rows"]) if meta["rows"] is not None else None
                 self.stored.setdefault(lk, []).append(_Stored(doc["file"], key, rows))  # type: ignore[arg-type]
         self._handles: dict[str, Any] = {}
+        self._gate_up: dict[tuple[str, str], tuple[tuple[str, str], tuple[str, str]]] = {}
+        self._merge_split_gate_up()
+
+    def _merge_split_gate_up(self) -> None:
+        """Checkpoints written before SwiGLU experts held one packed ``w13`` [E, 2F, H] store ``w1`` and
+        ``w3`` [E, F, H]: they read as ``w13`` (gate rows, then up rows), so such checkpoints still load."""
+        for kind, name in list(self.shapes):
+            if not name.endswith(".experts.w1"):
+                continue
+            base = name[: -len("w1")]
+            w1, w3, w13 = (kind, name), (kind, base + "w3"), (kind, base + "w13")
+            if w3 not in self.shapes or w13 in self.shapes:
+                continue
+            s1, s3 = self.shapes.pop(w1), self.shapes.pop(w3)
+            if s1 != s3:
+                raise ValueError(f"{self.directory}: {name} {list(s1)} and {base}w3 {list(s3)} differ in shape")
+            self.shapes[w13] = (s1[0], 2 * s1[1], *s1[2:])
+            self._gate_up[w13] = (w1, w3)
+            if kind == "param":
+                step = self.adam_step.get(name)
+                if step is not None:
+                    self.adam_step[base + "w13"] = step
+
+    def stored_shape(self, lk: tuple[str, str]) -> tuple[int, ...]:
+        """Full shape of a stored logical tensor (also of a split w1/w3 that reads as w13)."""
+        if lk in self.shapes:
+            return self.shapes[lk]
+        for w13, parts in self._gate_up.items():
+            if lk in parts:
+                s = self.shapes[w13]
+                return (s[0], s[1] // 2, *s[2:])
+        raise KeyError(f"{self.directory}: no {lk[0]} tensor {lk[1]!r}")
 
     def names(self, kind: str = "param") -> set[str]:
         return {n for k, n in self.shapes if k == kind}
@@ -172,9 +204,15 @@ class PortableCheckpoint:
     def read(self, name: str, kind: str = "param", rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The logical tensor ``name`` (or its dim-0 rows [first, last)), assembled from the stored pieces."""
         lk = (kind, name)
+        if lk in self._gate_up:  # an older checkpoint's w1 and w3, packed
+            return torch.cat([self._read(part, rows) for part in self._gate_up[lk]], dim=1)
         if lk not in self.stored:
             raise KeyError(f"{self.directory}: no {kind} tensor {name!r}")
-        shape = self.shapes[lk]
+        return self._read(lk, rows)
+
+    def _read(self, lk: tuple[str, str], rows: tuple[int, int] | None) -> torch.Tensor:
+        kind, name = lk
+        shape = self.stored_shape(lk)
         first, last = rows if rows is not None else (0, shape[0] if shape else 0)
         out: torch.Tensor | None = None
         covered = 0

@@ -128,10 +128,12 @@ def to_hf_state_dict(
                     f"layers.{i}.mlp.router.expert_bias is nonzero (moe.bias_update_rate={moe_cfg.bias_update_rate}): "
                     "transformers' Mixtral has no selection bias, so its routing would differ"
                 )
-            for w in ("w1", "w3", "w2"):
-                stacked = state[f"layers.{i}.mlp.experts.{w}"]  # [E, out, in]
-                for e in range(stacked.shape[0]):
-                    out[_expert_name(i, e, w, arch)] = stacked[e].contiguous()
+            w13 = state[f"layers.{i}.mlp.experts.w13"]  # [E, 2F, H]: gate rows, then up rows
+            f = w13.shape[1] // 2
+            stacked = {"w1": w13[:, :f], "w3": w13[:, f:], "w2": state[f"layers.{i}.mlp.experts.w2"]}
+            for w, t in stacked.items():  # [E, out, in]
+                for e in range(t.shape[0]):
+                    out[_expert_name(i, e, w, arch)] = t[e].contiguous()
     return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -153,10 +155,11 @@ def from_hf_state_dict(
         if is_moe_layer(i, model_cfg, moe_cfg):
             if arch == Arch.mixtral:
                 out[f"layers.{i}.mlp.router.expert_bias"] = torch.zeros(moe_cfg.num_experts)
-            for w in ("w1", "w3", "w2"):
-                out[f"layers.{i}.mlp.experts.{w}"] = torch.stack(
-                    [hf[_expert_name(i, e, w, arch)] for e in range(moe_cfg.num_experts)]
-                )
+            experts = range(moe_cfg.num_experts)
+            out[f"layers.{i}.mlp.experts.w13"] = torch.stack(
+                [torch.cat([hf[_expert_name(i, e, "w1", arch)], hf[_expert_name(i, e, "w3", arch)]]) for e in experts]
+            )
+            out[f"layers.{i}.mlp.experts.w2"] = torch.stack([hf[_expert_name(i, e, "w2", arch)] for e in experts])
     return out
 
 

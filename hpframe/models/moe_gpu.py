@@ -11,8 +11,9 @@ What it changes against the generic path in ``moe.py`` (same function, fewer pas
   counts    a scatter-add instead of torch.bincount, which syncs with the host on CUDA.
   experts   torch._grouped_mm on the unpadded rows: the group offsets need no 16-row alignment
             (only the base pointers and strides do, which [N,H] row-major tensors with H % 8 == 0
-            satisfy), so the scatter into a padded buffer and the gather back are gone. SwiGLU's
-            silu(h1) * h3 is one Triton kernel each way and keeps two [N,F] tensors, not three.
+            satisfy), so the scatter into a padded buffer and the gather back are gone. The gate and
+            up projections are one grouped GEMM on the packed w13; SwiGLU is one Triton kernel each
+            way that reads the packed [N,2F] output and keeps it alone for backward.
   combine   y[t] = sum_j w[t,j] * y_sorted[inv[t*k+j]] in one kernel with fp32 accumulation, in
             place of a weight multiply, a bf16 atomic index_add and a zero-filled buffer; backward
             writes grad_y_sorted and grad_w in one pass.
@@ -81,59 +82,66 @@ if triton is not None:
 if triton is not None:
 
     @triton.jit
-    def _swiglu_fwd_kernel(h1, h3, out, n, BLOCK: tl.constexpr):
-        # out = silu(h1) * h3, elementwise over n values, fp32 math.
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        a = tl.load(h1 + offs, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(h3 + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out + offs, (a * tl.sigmoid(a) * b).to(out.dtype.element_ty), mask=mask)
+    def _swiglu_fwd_kernel(h, out, F_: tl.constexpr, BLOCK: tl.constexpr):
+        # out[r, c] = silu(h[r, c]) * h[r, F + c] for h[N, 2F] (gate | up), fp32 math; program (row, col block).
+        r = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < F_
+        a = tl.load(h + r * (2 * F_) + cols, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(h + r * (2 * F_) + F_ + cols, mask=mask, other=0.0).to(tl.float32)
+        tl.store(out + r * F_ + cols, (a * tl.sigmoid(a) * b).to(out.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _swiglu_bwd_kernel(g, h1, h3, dh1, dh3, n, BLOCK: tl.constexpr):
-        # d/dh3 = g * silu(h1); d/dh1 = g * h3 * sig(h1) * (1 + h1 * (1 - sig(h1))).
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        a = tl.load(h1 + offs, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(h3 + offs, mask=mask, other=0.0).to(tl.float32)
-        gg = tl.load(g + offs, mask=mask, other=0.0).to(tl.float32)
+    def _swiglu_bwd_kernel(g, h, dh, F_: tl.constexpr, BLOCK: tl.constexpr):
+        # d/d up = g * silu(gate); d/d gate = g * up * sig(gate) * (1 + gate * (1 - sig(gate))).
+        r = tl.program_id(0).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < F_
+        a = tl.load(h + r * (2 * F_) + cols, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(h + r * (2 * F_) + F_ + cols, mask=mask, other=0.0).to(tl.float32)
+        gg = tl.load(g + r * F_ + cols, mask=mask, other=0.0).to(tl.float32)
         sig = tl.sigmoid(a)
-        tl.store(dh3 + offs, (gg * a * sig).to(dh3.dtype.element_ty), mask=mask)
-        tl.store(dh1 + offs, (gg * b * sig * (1.0 + a * (1.0 - sig))).to(dh1.dtype.element_ty), mask=mask)
+        tl.store(dh + r * (2 * F_) + F_ + cols, (gg * a * sig).to(dh.dtype.element_ty), mask=mask)
+        tl.store(dh + r * (2 * F_) + cols, (gg * b * sig * (1.0 + a * (1.0 - sig))).to(dh.dtype.element_ty), mask=mask)
 
 
-_BLOCK_ELEM = 2048  # elements per program of the elementwise SwiGLU kernels
+_SWIGLU_BLOCK = 1024  # columns per program of the SwiGLU kernels
 
 
 class _SwiGLU(torch.autograd.Function):
-    """silu(h1) * h3 in one pass; saves h1 and h3 only (autograd's version also keeps silu(h1))."""
+    """silu(h[:, :F]) * h[:, F:] in one pass from the packed gate|up output; saves h only (autograd's
+    version also keeps silu of the gate), and its backward writes the packed gradient [N, 2F] directly."""
 
     @staticmethod
-    def forward(ctx, h1: torch.Tensor, h3: torch.Tensor) -> torch.Tensor:
-        h1, h3 = h1.contiguous(), h3.contiguous()
-        ctx.save_for_backward(h1, h3)
-        out = torch.empty_like(h1)
-        n = h1.numel()
-        if n:
-            _swiglu_fwd_kernel[(triton.cdiv(n, _BLOCK_ELEM),)](h1, h3, out, n, BLOCK=_BLOCK_ELEM)
+    def forward(ctx, h: torch.Tensor) -> torch.Tensor:
+        h = h.contiguous()
+        ctx.save_for_backward(h)
+        n, f = h.shape[0], h.shape[1] // 2
+        out = h.new_empty(n, f)
+        if n and f:
+            _swiglu_fwd_kernel[(n, triton.cdiv(f, _SWIGLU_BLOCK))](h, out, f, BLOCK=_SWIGLU_BLOCK)
         return out
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
-        h1, h3 = ctx.saved_tensors
+        (h,) = ctx.saved_tensors
         g = g.contiguous()
-        dh1, dh3 = torch.empty_like(h1), torch.empty_like(h3)
-        n = h1.numel()
-        if n:
-            _swiglu_bwd_kernel[(triton.cdiv(n, _BLOCK_ELEM),)](g, h1, h3, dh1, dh3, n, BLOCK=_BLOCK_ELEM)
-        return dh1, dh3
+        dh = torch.empty_like(h)
+        n, f = h.shape[0], h.shape[1] // 2
+        if n and f:
+            _swiglu_bwd_kernel[(n, triton.cdiv(f, _SWIGLU_BLOCK))](g, h, dh, f, BLOCK=_SWIGLU_BLOCK)
+        return dh
 
 
-def swiglu(h1: torch.Tensor, h3: torch.Tensor) -> torch.Tensor:
-    """silu(h1) * h3: one fused Triton kernel each way where Triton runs, else the torch ops."""
-    if triton_ok(h1):
-        return _SwiGLU.apply(h1, h3)
-    return F.silu(h1) * h3
+def packed_swiglu(h: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of a packed h[N, 2F] (gate columns first): one Triton kernel each way where
+    Triton runs, else the torch ops."""
+    if h.shape[-1] % 2:
+        raise ValueError(f"swiglu needs a packed gate|up tensor of even width, got {h.shape[-1]} columns")
+    if triton_ok(h) and h.dim() == 2:
+        return _SwiGLU.apply(h)
+    f = h.shape[-1] // 2
+    return F.silu(h[..., :f]) * h[..., f:]
 
 
 def gather_sum(src: torch.Tensor, idx: torch.Tensor, top_k: int, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -226,20 +234,16 @@ def combine(y_sorted: torch.Tensor, weight: torch.Tensor, inv: torch.Tensor) -> 
     return _Combine.apply(y_sorted, weight, inv, weight.shape[1])
 
 
-def grouped_mlp(
-    x: torch.Tensor, counts: torch.Tensor, w1: torch.Tensor, w3: torch.Tensor | None, w2: torch.Tensor
-) -> torch.Tensor:
+def grouped_mlp(x: torch.Tensor, counts: torch.Tensor, w_in: torch.Tensor, w2: torch.Tensor, *, swiglu: bool) -> torch.Tensor:
     """Expert MLPs on expert-sorted rows with torch._grouped_mm and no padding.
 
-    x[N,H] (rows of expert e contiguous, experts ascending), counts[E] int, w1/w3[E,F,H], w2[E,H,F].
-    swiglu when w3 is given (w2(silu(w1 x) * w3 x)), else GELU (w2(gelu(w1 x))). Returns y[N,H].
+    x[N,H] (rows of expert e contiguous, experts ascending), counts[E] int, w2[E,H,F]; ``w_in`` is
+    w13[E,2F,H] (gate rows, then up rows) with ``swiglu`` (w2(silu(gate x) * up x)), else w1[E,F,H]
+    (w2(gelu(w1 x))). The gate and up projections are one grouped GEMM each way. Returns y[N,H].
     """
     offs = torch.cumsum(counts, 0, dtype=torch.int32)  # [E] end row of each group
-    h1 = grouped_linear(x, w1, offs)  # [N,F]
-    if w3 is not None:
-        act = swiglu(h1, grouped_linear(x, w3, offs))
-    else:
-        act = F.gelu(h1)
+    h = grouped_linear(x, w_in, offs)  # [N,2F] or [N,F]
+    act = packed_swiglu(h) if swiglu else F.gelu(h)
     return grouped_linear(act, w2, offs)  # [N,H]
 
 
@@ -352,7 +356,7 @@ def moe_forward(moe: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     ex = moe.experts
     # exact type: an expert-parallel subclass must run its own forward (the all-to-all exchange)
     if type(ex) is GroupedExperts and grouped_mm_ok(x_sorted, ex.hidden, ex.inner):
-        y_sorted = grouped_mlp(x_sorted, counts, ex.w1, ex.w3, ex.w2)
+        y_sorted = grouped_mlp(x_sorted, counts, ex.w_in, ex.w2, swiglu=ex.swiglu)
         shared = moe.shared(xf) if moe.shared is not None else None
     else:
         y_sorted, shared = moe.run_experts(x_sorted, counts, xf)

@@ -162,8 +162,8 @@ class Transformer(nn.Module):
                 jobs.append((mod.weight, std, param_seed(seed, prefix + "weight")))
             elif isinstance(mod, GroupedExperts):
                 first = getattr(mod, "first_expert", 0)
-                for wname in ("w1", "w3", "w2"):
-                    w = getattr(mod, wname)
+                w1, w3 = mod.gate_up()  # views into w13 for SwiGLU: each half keeps its own seed
+                for wname, w in (("w1", w1), ("w3", w3), ("w2", mod.w2)):
                     if w is None:
                         continue
                     for i in range(w.shape[0]):

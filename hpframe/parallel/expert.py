@@ -6,8 +6,8 @@ H hidden, E global experts, P = ep size, L = E / P experts per EP rank.
 ``ExpertParallelExperts`` replaces ``moe.experts`` (a ``GroupedExperts``): it keeps the call signature
 ``forward(x_sorted[N,H], num_tokens_per_expert[E]) -> y_sorted[N,H]`` with GLOBAL expert ids, holds
 only this EP rank's L experts (the contiguous ids ``plan.experts.local_experts(ep_rank)``, recorded in
-``global_expert_ids``) and keeps the parameter names ``w1``/``w2``/``w3``, so checkpoints and the
-engine see ``layers.i.mlp.experts.w1`` with the local shape [L, Fe, H]. One forward:
+``global_expert_ids``) and keeps the parameter names (``w13``/``w2``, or ``w1``/``w2`` for GELU), so
+checkpoints and the engine see ``layers.i.mlp.experts.w13`` with the local shape [L, 2Fe, H]. One forward:
 
   1. counts[E] -> counts_send[P, L]; one all-to-all -> counts_recv[P, L] (what each source sends me)
   2. x_sorted is grouped by expert id, hence by destination rank (experts are contiguous per rank)
@@ -146,14 +146,13 @@ class ExpertParallelExperts(GroupedExperts):
             raise ValueError(
                 f"expert ids {global_expert_ids} are not a contiguous 1/{ep_size} block of {num_global} experts"
             )
-        with torch.device(experts.w1.device):
+        with torch.device(experts.w2.device):
             super().__init__(local, experts.hidden, experts.inner, experts.activation)
         self.impl = experts.impl
         lo, hi = global_expert_ids.start, global_expert_ids.stop
         # Copies of this rank's block, so the full [E, ...] tensors can be freed.
-        self.w1 = nn.Parameter(experts.w1.detach()[lo:hi].clone())
-        self.w2 = nn.Parameter(experts.w2.detach()[lo:hi].clone())
-        self.w3 = nn.Parameter(experts.w3.detach()[lo:hi].clone()) if experts.w3 is not None else None
+        for name, w in experts.named_parameters(recurse=False):
+            setattr(self, name, nn.Parameter(w.detach()[lo:hi].clone()))
         for p in self.parameters():
             p.expert_parallel = True  # type: ignore[attr-defined]
         self.num_global_experts = num_global
@@ -208,8 +207,7 @@ class ExpertParallelExperts(GroupedExperts):
             # so this rank still joins the backward all-to-alls and its weights get zero (not None) grads.
             y_local = x_local.new_zeros(0, self.hidden)
             if torch.is_grad_enabled():
-                weights = [w for w in (self.w1, self.w2, self.w3) if w is not None]
-                y_local = _KeepInGraph.apply(y_local, x_recv, *weights)
+                y_local = _KeepInGraph.apply(y_local, x_recv, *self.parameters(recurse=False))
         elif self.checkpoint_compute and torch.is_grad_enabled():
             y_local = checkpoint(GroupedExperts.forward, self, x_local, local_counts, use_reentrant=False)
         else:

@@ -22,7 +22,7 @@ def _worker(rank: int, world: int) -> dict:
 
     torch.manual_seed(0)  # same full expert weights on both ranks
     full = GroupedExperts(4, 16, 24, Activation.swiglu)
-    for w in (full.w1, full.w2, full.w3):
+    for w in (full.w13, full.w2):
         torch.nn.init.normal_(w, std=0.2)
     group = dist.new_group([0, 1])
     g = torch.Generator().manual_seed(100 + rank)
@@ -53,7 +53,7 @@ def _worker(rank: int, world: int) -> dict:
         y, s = ex.forward_with_side(xi, counts, side)
         (y.square().sum() + s.sum()).backward()
         out[overlap] = {"y": y.detach(), "s": s.detach(), "gx": xi.grad, "gsw": sw.grad,
-                        "gw": [w.grad for w in (ex.w1, ex.w2, ex.w3)], "in_flight": in_flight}
+                        "gw": [w.grad for w in (ex.w13, ex.w2)], "in_flight": in_flight}
         started.clear()
     return out
 

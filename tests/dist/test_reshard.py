@@ -80,4 +80,4 @@ def test_reshard_across_dp_ep_tp_pp_and_zero(tmp_path):
     saved_b = PortableCheckpoint(tmp_path / "b" / "checkpoints" / final).saved_coords
     assert {c["pp"] for c in saved_b.values()} == {0, 1}
     assert "does not fit this model" in out["error"]
-    assert "layers.0.mlp.experts.w1: checkpoint [8, 256, 128] vs model [8, 192, 128]" in out["error"]
+    assert "layers.0.mlp.experts.w13: checkpoint [8, 512, 128] vs model [8, 384, 128]" in out["error"]

@@ -82,8 +82,11 @@ def test_grouped_mlp_matches_per_expert_loop(activation: str) -> None:
     gy = torch.randn(n, h, device="cuda", generator=g).bfloat16()
     use_w3 = activation == "swiglu"
     assert moe_gpu.grouped_mm_ok(x, h, f)
-    y = moe_gpu.grouped_mlp(x, counts, w1, w3 if use_w3 else None, w2)
+    w_in = torch.cat([w1, w3], dim=1).detach().requires_grad_(True) if use_w3 else w1  # gate rows, then up
+    y = moe_gpu.grouped_mlp(x, counts, w_in, w2, swiglu=use_w3)
     y.backward(gy)
+    if use_w3:
+        w1.grad, w3.grad = w_in.grad[:, :f], w_in.grad[:, f:]
 
     xr, w1r, w3r, w2r = (t.detach().float().requires_grad_(True) for t in (x, w1, w3, w2))
     outs = []
@@ -157,7 +160,7 @@ def test_moe_forward_matches_module_forward(device: str) -> None:
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert rel(yb, ya) < tol and rel(xb.grad, xa.grad) < tol
     assert rel(fast.aux_loss, ref.aux_loss) < 1e-5
-    for name in ("experts.w1", "experts.w2", "experts.w3", "router.gate.weight", "shared.w1.weight"):
+    for name in ("experts.w13", "experts.w2", "router.gate.weight", "shared.w1.weight"):
         pa = dict(ref.named_parameters())[name]
         pb = dict(fast.named_parameters())[name]
         assert rel(pb.grad, pa.grad) < tol, name
@@ -174,16 +177,23 @@ def test_moe_forward_refuses_capacity_dropping() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 def test_fused_swiglu_matches_torch_ops() -> None:
+    """The packed SwiGLU kernel (gate columns, then up columns of one [N, 2F] tensor; F not a multiple
+    of the kernel's column block) against the torch ops in fp32, forward and the packed gradient."""
     g = torch.Generator(device="cuda").manual_seed(2)
-    h1 = torch.randn(1001, 777, device="cuda", generator=g).bfloat16().requires_grad_(True)
-    h3 = torch.randn(1001, 777, device="cuda", generator=g).bfloat16().requires_grad_(True)
-    gy = torch.randn(1001, 777, device="cuda", generator=g).bfloat16()
-    y = moe_gpu.swiglu(h1, h3)
+    h = torch.randn(1001, 2 * 1111, device="cuda", generator=g).bfloat16().requires_grad_(True)
+    gy = torch.randn(1001, 1111, device="cuda", generator=g).bfloat16()
+    y = moe_gpu.packed_swiglu(h)
     y.backward(gy)
-    r1, r3 = h1.detach().float().requires_grad_(True), h3.detach().float().requires_grad_(True)
-    yr = F.silu(r1) * r3
+    r = h.detach().float().requires_grad_(True)
+    yr = F.silu(r[:, :1111]) * r[:, 1111:]
     yr.backward(gy.float())
-    assert rel(y, yr) < 5e-3 and rel(h1.grad, r1.grad) < 5e-3 and rel(h3.grad, r3.grad) < 5e-3
+    assert rel(y, yr) < 5e-3 and rel(h.grad, r.grad) < 5e-3
+    assert rel(h.grad[:, :1111], r.grad[:, :1111]) < 5e-3 and rel(h.grad[:, 1111:], r.grad[:, 1111:]) < 5e-3
+
+
+def test_packed_swiglu_refuses_an_odd_width() -> None:
+    with pytest.raises(ValueError, match="even width, got 7 columns"):
+        moe_gpu.packed_swiglu(torch.randn(3, 7))
 
 
 def test_expert_counts_equal_bincount() -> None:

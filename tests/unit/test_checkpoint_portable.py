@@ -63,6 +63,32 @@ def test_pieces_assemble_into_logical_tensors(saved):
     assert ck.saved_coords[1]["ep"] == 1
 
 
+def test_split_gate_and_up_of_an_older_checkpoint_read_as_packed_w13(tmp_path):
+    """Checkpoints from before the packed SwiGLU layout store experts.w1 and experts.w3 [E, F, H], split
+    by expert rows over two ranks; they read as experts.w13 [E, 2F, H] (gate rows, then up rows), whole
+    or by expert rows, moments too, and fit a model that expects w13. A GELU w1 (no w3) stays w1."""
+    g = torch.Generator().manual_seed(1)
+    w1, w3, m1, m3 = (torch.randn(E, F, H, generator=g) for _ in range(4))
+    gelu = torch.randn(E, F, H, generator=g)
+    names = ("layers.1.mlp.experts.w1", "layers.1.mlp.experts.w3")
+    for rank, (lo, hi) in enumerate(((0, 2), (2, 4))):
+        part = RankPart(rank=rank, coords={"tp": 0, "pp": 0, "dp": rank, "ep": rank, "edp": 0},
+                        adam_step={n: 7.0 for n in names})
+        for name, p, m in zip(names, (w1, w3), (m1, m3)):
+            part.pieces += [Piece(name, "param", p[lo:hi], (E, F, H), (lo, hi)),
+                            Piece(name, "exp_avg", m[lo:hi], (E, F, H), (lo, hi))]
+        part.pieces.append(Piece("layers.2.mlp.experts.w1", "param", gelu[lo:hi], (E, F, H), (lo, hi)))
+        write_part(tmp_path, part)
+    ck = PortableCheckpoint(tmp_path)
+    w13 = "layers.1.mlp.experts.w13"
+    assert ck.names() == {w13, "layers.2.mlp.experts.w1"}
+    assert torch.equal(ck.read(w13), torch.cat([w1, w3], dim=1))
+    assert torch.equal(ck.read(w13, "exp_avg", rows=(1, 3)), torch.cat([m1, m3], dim=1)[1:3])
+    assert torch.equal(ck.read("layers.2.mlp.experts.w1"), gelu)
+    assert ck.adam_step[w13] == 7.0
+    ck.check_compatible({w13: (E, 2 * F, H), "layers.2.mlp.experts.w1": (E, F, H)})
+
+
 def test_layout_json_records_expert_rows(saved):
     path, _ = saved
     doc = json.loads((path / "layout" / "rank00001.json").read_text())

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -62,10 +63,10 @@ CASES = {
 @torch.no_grad()
 def randomize_(state: dict[str, torch.Tensor], seed: int, with_bias: bool) -> None:
     """Weights of visible size everywhere; router weights large so routing is decisive and skewed."""
-    gen = torch.Generator().manual_seed(seed)
     for k, v in state.items():
         if "rotary" in k or v.dtype != torch.float32:
             continue
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(k.encode()))  # per tensor name
         if k.endswith("norm.weight") or "layernorm" in k:
             v.copy_(1.0 + 0.3 * torch.randn(v.shape, generator=gen))
         elif "gate.weight" in k and "proj" not in k:  # router (hpframe router.gate / HF mlp.gate)

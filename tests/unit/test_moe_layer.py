@@ -28,7 +28,8 @@ def make_moe(hidden: int = 8, inner: int = 6, seed: int = 0, **kw: object) -> Mo
 
 def expert_ref(ex: GroupedExperts, e: int, x: torch.Tensor) -> torch.Tensor:
     """Expert e on rows x[n,H], written out plainly."""
-    return (F.silu(x @ ex.w1[e].T) * (x @ ex.w3[e].T)) @ ex.w2[e].T
+    w1, w3 = ex.gate_up()
+    return (F.silu(x @ w1[e].T) * (x @ w3[e].T)) @ ex.w2[e].T
 
 
 def moe_ref(moe: MoE, x: torch.Tensor, kept: set[tuple[int, int]] | None = None) -> torch.Tensor:
@@ -152,7 +153,7 @@ def test_shared_experts_add_to_routed_output() -> None:
     torch.testing.assert_close(moe(x), routed_only, rtol=1e-5, atol=1e-6)
     moe.shared = shared
     with torch.no_grad():
-        for w in (moe.experts.w1, moe.experts.w3, moe.experts.w2):
+        for w in (moe.experts.w13, moe.experts.w2):
             w.zero_()
     torch.testing.assert_close(moe(x), shared(x))
 
@@ -219,9 +220,25 @@ def test_expert_implementations_give_the_same_gradients() -> None:
         ex.impl = impl
         x = x0.clone().requires_grad_(True)
         (ex(x, counts) * gy).sum().backward()
-        grads[impl] = [x.grad, ex.w1.grad, ex.w3.grad, ex.w2.grad]
-    assert ref.w1.shape == (4, 8, 8)
+        grads[impl] = [x.grad, ex.w13.grad, ex.w2.grad]
+    assert ref.w13.shape == (4, 16, 8)  # gate rows 0-7, up rows 8-15
     for impl in ("grouped_mm", "padded_bmm"):
         for a, b in zip(grads[impl], grads["loop"]):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     assert torch.all(grads["loop"][1][1] == 0)  # the empty expert gets no gradient
+
+
+def test_state_dict_with_split_gate_and_up_loads_into_the_packed_w13() -> None:
+    """SwiGLU experts hold one w13 [E, 2F, H] (gate rows, then up rows); a state dict from before,
+    with w1 and w3 [E, F, H], loads into it, and the layer computes the same as with those weights."""
+    src = make_moe(inner=8, num_experts=4, seed=5)
+    w1, w3 = (w.detach().clone() for w in src.experts.gate_up())
+    legacy = {k: v for k, v in src.state_dict().items() if not k.endswith("experts.w13")}
+    legacy["experts.w1"], legacy["experts.w3"] = w1, w3
+    dst = make_moe(inner=8, num_experts=4, seed=6)
+    dst.load_state_dict(legacy)  # strict: nothing missing, nothing unexpected
+    assert torch.equal(dst.experts.w13[:, :8], w1) and torch.equal(dst.experts.w13[:, 8:], w3)
+    x = torch.randn(2, 5, 8)
+    torch.testing.assert_close(dst(x), src(x))
+    with pytest.raises(RuntimeError, match="experts.w13"):
+        dst.load_state_dict({k: v for k, v in legacy.items() if k != "experts.w3"})
