@@ -243,6 +243,10 @@ class TrainConfig:
     """Write TensorBoard event files in the run directory."""
     compile: bool = False
     """torch.compile the transformer blocks."""
+    gc_interval: int = 0
+    """Python garbage collection: 0 = automatic (Python's own thresholds; a collection can pause the host
+    at any point of a step); N > 0 = automatic collection off during training and one full collection
+    every N steps, between steps."""
     profile_from_step: int = 0
     """Trace ``profile_num_steps`` steps from this one with torch.profiler, into RUN_DIR/profile/; 0 = off."""
     profile_num_steps: int = 3

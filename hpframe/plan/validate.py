@@ -117,6 +117,9 @@ def validate_train(cfg: RunConfig, warnings: list[str]) -> None:
     if t.profile_from_step < 0:
         raise PlanError(f"train.profile_from_step={t.profile_from_step} must be >= 0 (0 = off)",
                         key="train.profile_from_step", values={"train.profile_from_step": t.profile_from_step})
+    if t.gc_interval < 0:
+        raise PlanError(f"train.gc_interval={t.gc_interval} must be >= 0 (0 = Python's automatic collection)",
+                        key="train.gc_interval", values={"train.gc_interval": t.gc_interval})
     if t.profile_from_step > 0 and t.profile_num_steps < 1:
         raise PlanError(f"train.profile_num_steps={t.profile_num_steps} must be >= 1",
                         key="train.profile_num_steps", values={"train.profile_num_steps": t.profile_num_steps})

@@ -8,11 +8,12 @@ line of metrics.jsonl is ``step`` 1, and a checkpoint taken at step k resumes wi
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
@@ -142,6 +143,55 @@ def engine_on_cuda(engine: Any) -> bool:
     return p is not None and p.is_cuda
 
 
+class StepClock:
+    """``step_time_s``: the period between the ends of consecutive steps, so the host's work between
+    them (metrics, logging, the next batch, a garbage collection) counts, as it does for the run's
+    throughput. The first step, and the first after an evaluation or a checkpoint (``reset``), run from
+    their own start."""
+
+    def __init__(self, now: Callable[[], float] = time.perf_counter) -> None:
+        self._now = now
+        self._prev_end: float | None = None
+        self._t0 = 0.0
+
+    def start(self) -> None:
+        self._t0 = self._now()
+
+    def stop(self) -> float:
+        end = self._now()
+        elapsed = end - (self._prev_end if self._prev_end is not None else self._t0)
+        self._prev_end = end
+        return elapsed
+
+    def reset(self) -> None:
+        self._prev_end = None
+
+
+class ManualGC:
+    """``train.gc_interval``: 0 leaves Python's automatic garbage collection on; N > 0 collects once
+    before training, freezes what survives (the model, the engine and the libraries are never scanned
+    again), turns the automatic collection off (its pauses land anywhere in a step, also where the GPU
+    waits for the host) and collects every N steps between steps; ``close`` undoes both."""
+
+    def __init__(self, interval: int) -> None:
+        self.interval = interval
+        self._was_enabled = gc.isenabled()
+        if interval > 0:
+            gc.collect()
+            gc.freeze()  # what exists now (model, engine, libraries) is never scanned again
+            gc.disable()
+
+    def after_step(self, step: int) -> None:
+        if self.interval > 0 and step % self.interval == 0:
+            gc.collect()
+
+    def close(self) -> None:
+        if self.interval > 0:
+            gc.unfreeze()
+            if self._was_enabled:
+                gc.enable()
+
+
 def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> TrainResult:
     """Run ``train.steps`` optimizer steps (resuming if asked); returns the metrics written."""
     run_dir = Path(cfg.output_dir)
@@ -186,14 +236,16 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
 
     t = cfg.train
     nonfinite, last_saved, last_eval = 0, start, -1
+    clock = StepClock()
+    collector = ManualGC(t.gc_interval)
     try:
         for step in range(start + 1, t.steps + 1):
             lr = lr_at(step - 1, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, total_steps=t.steps)
             engine.set_lr(lr)
             profiler.before_step(step)
-            t0 = time.perf_counter()
+            clock.start()
             out = engine.train_step(as_pairs(data.train.next_step()))
-            elapsed = time.perf_counter() - t0
+            elapsed = clock.stop()
             profiler.after_step(step)
             consumed += tokens_per_step
             record = step_record(out, step=step, lr=lr, elapsed=elapsed, tokens=tokens_per_step, consumed=consumed,
@@ -206,17 +258,21 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
             progress.update(record, log_line=step % t.log_interval == 0 or step == t.steps)
             result.steps_done = step
             faults.maybe_fail(t.fail_at_step, step)  # restart tests only; no-op when 0
+            collector.after_step(step)  # between steps, inside the next step's measured period
             if t.eval_interval and step % t.eval_interval == 0:
                 evaluate(step)
                 last_eval = step
+                clock.reset()
             if interval and step % interval == 0:
                 save(step)
                 last_saved = step
+                clock.reset()
         if result.steps_done > start and last_eval != result.steps_done:
             evaluate(result.steps_done)
         if checkpointer is not None and last_saved != result.steps_done:
             save(result.steps_done)
     finally:
+        collector.close()
         profiler.close()
         if checkpointer is not None:
             checkpointer.close()  # the last asynchronous save is committed before the process ends
