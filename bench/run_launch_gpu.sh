@@ -29,6 +29,8 @@
 #            grouped_mm Mixtral, then launch.py plain bf16 (steps 28-30 profiled) and fp32 master weights
 #   final8   (1 GPU, STEPS=40) transformers' grouped_mm Mixtral, then launch.py plain bf16 with Python's
 #            automatic garbage collection and with train.gc_interval=20, and fp32 master weights
+#   final9   (1 GPU, STEPS=40) GPU tests, bench/kernel_sweep.py, the MoE layer bench, transformers' grouped_mm
+#            Mixtral, then launch.py plain bf16 and fp32 master weights
 #   probe    (2 GPUs, STEPS=80) bench/kernel_choices.py, then plain bf16 on one GPU and at dp2 x ep2
 #            with the aux-loss-free bias at rates 0.005 and 0.01
 #   trace    (1 GPU) GPU tests, the MoE layer bench, the plain bf16 update profiled with Python stacks
@@ -197,6 +199,15 @@ case $SET in
     CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16 200 $pure
     CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16_gc 200 $pure train.gc_interval=20
     CUDA_VISIBLE_DEVICES=0 run gpu1_fp32master_gc 200 train.gc_interval=20
+    ;;
+  final9)  # 1 GPU: after the counting sort of the dispatch order
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -2
+    timeout 150 python3 bench/kernel_sweep.py --out kernel_sweep.json 2>&1 | tail -30
+    timeout 240 python3 bench/moe_layer.py --impls roofline_gemm hpframe --out moe_layer.json 2>&1 | tail -7
+    timeout 240 python3 bench/train_e2e.py --impls hf_grouped_mm --steps 10 --out train_e2e.json 2>&1 | tail -1
+    pure="train.master_dtype=bf16 parallel.zero_stage=0"
+    CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16 200 $pure
+    CUDA_VISIBLE_DEVICES=0 run gpu1_fp32master 200
     ;;
   probe)  # 2 GPUs, STEPS=80: the dense kernels' choices, then EP weak scaling over a longer balanced run
     timeout 240 python3 bench/kernel_choices.py --out kernel_choices.json 2>&1 | tail -30

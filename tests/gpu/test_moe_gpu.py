@@ -216,3 +216,26 @@ def test_moe_forward_runs_a_subclass_experts_own_forward() -> None:
     doubled.load_state_dict(m.experts.state_dict())
     m.experts = doubled
     assert rel(moe_gpu.moe_forward(m, x), 2 * y_plain) < 1e-6
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("n,e,skew", [(32768, 8, False), (1000, 6, True), (49152, 64, False), (65536 + 77, 256, True),
+                                      (130, 8, "one"), (1, 4, False)])
+def test_dispatch_order_is_the_stable_argsort(device: str, n: int, e: int, skew) -> None:
+    """The counting sort (Triton on CUDA) against torch.argsort(stable=True), its inverse and bincount:
+    sizes that are not a multiple of the chunk, non-power-of-two expert counts, skewed and one-expert
+    routing, empty experts."""
+    g = torch.Generator().manual_seed(n + e)
+    if skew == "one":
+        flat = torch.full((n,), e - 1, dtype=torch.int64)
+    elif skew:
+        flat = torch.multinomial(torch.linspace(1.0, 20.0, e) ** 2, n, replacement=True, generator=g)
+        flat[flat == 1] = 2  # an empty expert
+    else:
+        flat = torch.randint(0, e, (n,), generator=g)
+    flat = flat.to(device)
+    order, inv, counts = moe_gpu.dispatch_order(flat, e)
+    ref = torch.argsort(flat, stable=True)
+    assert torch.equal(order, ref)
+    assert torch.equal(inv[ref], torch.arange(n, device=device))
+    assert torch.equal(counts, torch.bincount(flat, minlength=e)) and counts.dtype == torch.int64
