@@ -31,6 +31,8 @@
 #            automatic garbage collection and with train.gc_interval=20, and fp32 master weights
 #   final9   (1 GPU, STEPS=40) GPU tests, bench/kernel_sweep.py, the MoE layer bench, transformers' grouped_mm
 #            Mixtral, then launch.py plain bf16 and fp32 master weights
+#   final10  (1 GPU, STEPS=40) GPU tests, transformers' grouped_mm Mixtral, launch.py plain bf16 twice and
+#            fp32 master weights
 #   probe    (2 GPUs, STEPS=80) bench/kernel_choices.py, then plain bf16 on one GPU and at dp2 x ep2
 #            with the aux-loss-free bias at rates 0.005 and 0.01
 #   trace    (1 GPU) GPU tests, the MoE layer bench, the plain bf16 update profiled with Python stacks
@@ -207,6 +209,14 @@ case $SET in
     timeout 240 python3 bench/train_e2e.py --impls hf_grouped_mm --steps 10 --out train_e2e.json 2>&1 | tail -1
     pure="train.master_dtype=bf16 parallel.zero_stage=0"
     CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16 200 $pure
+    CUDA_VISIBLE_DEVICES=0 run gpu1_fp32master 200
+    ;;
+  final10)  # 1 GPU: AdamW and norm kernels at the swept launch shapes, aux loss from the sort's counts
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -2
+    timeout 240 python3 bench/train_e2e.py --impls hf_grouped_mm --steps 10 --out train_e2e.json 2>&1 | tail -1
+    pure="train.master_dtype=bf16 parallel.zero_stage=0"
+    CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16 200 $pure
+    CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16_b 200 $pure
     CUDA_VISIBLE_DEVICES=0 run gpu1_fp32master 200
     ;;
   probe)  # 2 GPUs, STEPS=80: the dense kernels' choices, then EP weak scaling over a longer balanced run

@@ -29,7 +29,7 @@ except ImportError:
     triton = None
     tl = None
 
-_BLOCK = 4096  # elements per program
+_BLOCK = 1024  # elements per program (with 4 warps: the fastest of 12 launch shapes, bench/kernel_sweep.py)
 
 
 if triton is not None:
@@ -64,7 +64,7 @@ if triton is not None:
         tl.store(out_ptr + tl.program_id(0), tl.sum(g * g, axis=0))
 
 
-_SQ_BLOCK = 8192  # elements per partial sum of the norm kernel
+_SQ_BLOCK = 2048  # elements per partial sum of the norm kernel (4 warps; bench/kernel_sweep.py)
 
 
 def sq_sum_ok(grads: list[torch.Tensor]) -> bool:
@@ -79,7 +79,7 @@ def sq_sum_ok(grads: list[torch.Tensor]) -> bool:
 def sq_sum(grads: list[torch.Tensor]) -> torch.Tensor:
     """Sum of the squares of every element of ``grads``: a 0-dim fp64 tensor on their device.
 
-    One kernel per tensor writes fp32 partial sums of 8192 squares each into one buffer, which is then
+    One kernel per tensor writes fp32 partial sums of 2048 squares each into one buffer, which is then
     summed in fp64: one read of every gradient at the memory bandwidth, no host synchronization, the
     same value on every run (no atomics). torch's ``_foreach_norm`` read bf16 gradients at ~2.3 TB/s on
     an H200 (3.1 ms per step for 3.58 B of them, docs/performance.md section 8).
@@ -90,7 +90,7 @@ def sq_sum(grads: list[torch.Tensor]) -> torch.Tensor:
     for g, k in zip(grads, sizes):
         if k:
             g = g if g.is_contiguous() else g.contiguous()
-            _sq_sum_kernel[(k,)](g, partial[start:start + k], g.numel(), BLOCK=_SQ_BLOCK, num_warps=8)
+            _sq_sum_kernel[(k,)](g, partial[start:start + k], g.numel(), BLOCK=_SQ_BLOCK, num_warps=4)
         start += k
     return partial.sum(dtype=torch.float64)
 
@@ -120,4 +120,4 @@ def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs:
         g = g if g.is_contiguous() else g.contiguous()
         grid = (triton.cdiv(n, _BLOCK),)
         _adamw_kernel[grid](p, g, m, v, s, coef, bad, n, lr, beta1, beta2, eps, weight_decay, BLOCK=_BLOCK,
-                            num_warps=8)
+                            num_warps=4)

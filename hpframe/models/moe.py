@@ -90,15 +90,19 @@ def dispatch_order(
     return order, routed.clamp(max=capacity), routed
 
 
-def switch_aux_loss(scores: torch.Tensor, topk_idx: torch.Tensor, score_func: ScoreFunc) -> torch.Tensor:
+def switch_aux_loss(scores: torch.Tensor, topk_idx: torch.Tensor, score_func: ScoreFunc,
+                    counts: torch.Tensor | None = None) -> torch.Tensor:
     """Switch/GShard balance loss E * sum_e f_e * P_e (1.0 when perfectly uniform).
 
     f_e = fraction of the T*k assignments routed to e (no grad), P_e = mean over tokens of the
-    router probability of e (sigmoid scores are normalized over experts first).
+    router probability of e (sigmoid scores are normalized over experts first). ``counts[E]``: the
+    assignments per expert when the caller has them already (before any capacity drop).
     """
     t, e = scores.shape
     probs = scores if ScoreFunc(score_func) == ScoreFunc.softmax else scores / scores.sum(-1, keepdim=True)
-    frac = moe_gpu.expert_counts(topk_idx.reshape(-1), e).to(scores.dtype) / topk_idx.numel()
+    if counts is None:
+        counts = moe_gpu.expert_counts(topk_idx.reshape(-1), e)
+    frac = counts.to(scores.dtype) / topk_idx.numel()
     return e * (frac * probs.mean(0)).sum()
 
 
@@ -409,7 +413,7 @@ class MoE(nn.Module):
         c = self.cfg
         losses: dict[str, torch.Tensor] = {}
         if c.aux_loss_coef > 0:
-            losses["aux_loss"] = c.aux_loss_coef * switch_aux_loss(r.scores, r.topk_idx, self.router.score_func)
+            losses["aux_loss"] = c.aux_loss_coef * switch_aux_loss(r.scores, r.topk_idx, self.router.score_func, routed)
         if c.importance_loss_coef > 0:
             losses["importance_loss"] = c.importance_loss_coef * importance_loss(
                 r.topk_weight, r.topk_idx, self.num_experts

@@ -2,13 +2,15 @@
 
 Single-device code (no torch.distributed). Shape legend: T tokens, H hidden, k top_k, E experts,
 F expert inner size, N = T*k assignments (dropless: every assignment kept). An assignment id is
-a = t*k + j. ``order[N]`` lists assignment ids grouped by expert (``dispatch_order``); ``inv[N]``
+a = t*k + j. ``order[N]`` lists assignment ids grouped by expert (``sort_by_expert``); ``inv[N]``
 is its inverse: row ``inv[a]`` of the expert-sorted tensors holds assignment a.
 
 What it changes against the generic path in ``moe.py`` (same function, fewer passes over memory):
   permute   x_sorted = x[order // k]; backward gathers the k gradient rows of each token and sums
             them in fp32 (deterministic) instead of an atomic index_put.
-  counts    a scatter-add instead of torch.bincount, which syncs with the host on CUDA.
+  order     a counting sort (two Triton kernels) gives the order, its inverse and the per-expert counts
+            at once, in place of a radix sort, a scatter and torch.bincount (which syncs with the host
+            on CUDA).
   experts   torch._grouped_mm on the unpadded rows: the group offsets need no 16-row alignment
             (only the base pointers and strides do, which [N,H] row-major tensors with H % 8 == 0
             satisfy), so the scatter into a padded buffer and the gather back are gone. The gate and
@@ -248,7 +250,7 @@ if triton is not None:
 _SORT_BLOCK = 128  # assignments per program of the counting sort
 
 
-def dispatch_order(flat_e: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def sort_by_expert(flat_e: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(order, inv, counts) of expert ids flat_e[N]: order[N] the assignment ids grouped by expert
     (ascending), each expert's in position order (= ``torch.argsort(flat_e, stable=True)``), inv its
     inverse, counts[E] (int64). A counting sort of two Triton kernels where Triton runs (per-chunk
@@ -403,7 +405,7 @@ def moe_forward(moe: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     xf = x.reshape(b * s, h)
     r = moe.router(xf)
     flat_e = r.topk_idx.reshape(-1)  # [N] expert of assignment a = t*k + j
-    order, inv, counts = dispatch_order(flat_e, moe.num_experts)  # tokens of one expert in position order
+    order, inv, counts = sort_by_expert(flat_e, moe.num_experts)  # tokens of one expert in position order
     x_sorted = permute(xf, order, inv, moe.top_k)  # [N,H]
     ex = moe.experts
     # exact type: an expert-parallel subclass must run its own forward (the all-to-all exchange)

@@ -221,7 +221,7 @@ def test_moe_forward_runs_a_subclass_experts_own_forward() -> None:
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n,e,skew", [(32768, 8, False), (1000, 6, True), (49152, 64, False), (65536 + 77, 256, True),
                                       (130, 8, "one"), (1, 4, False)])
-def test_dispatch_order_is_the_stable_argsort(device: str, n: int, e: int, skew) -> None:
+def test_sort_by_expert_is_the_stable_argsort(device: str, n: int, e: int, skew) -> None:
     """The counting sort (Triton on CUDA) against torch.argsort(stable=True), its inverse and bincount:
     sizes that are not a multiple of the chunk, non-power-of-two expert counts, skewed and one-expert
     routing, empty experts."""
@@ -234,7 +234,7 @@ def test_dispatch_order_is_the_stable_argsort(device: str, n: int, e: int, skew)
     else:
         flat = torch.randint(0, e, (n,), generator=g)
     flat = flat.to(device)
-    order, inv, counts = moe_gpu.dispatch_order(flat, e)
+    order, inv, counts = moe_gpu.sort_by_expert(flat, e)
     ref = torch.argsort(flat, stable=True)
     assert torch.equal(order, ref)
     assert torch.equal(inv[ref], torch.arange(n, device=device))
