@@ -33,7 +33,7 @@
 #            Mixtral, then launch.py plain bf16 and fp32 master weights
 #   final10  (1 GPU, STEPS=40) GPU tests, transformers' grouped_mm Mixtral, launch.py plain bf16 twice and
 #            fp32 master weights
-#   profile2 (1 GPU, STEPS=30) launch.py plain bf16 with steps 28-30 profiled
+#   profile2 (1 GPU, STEPS=30) GPU tests, launch.py plain bf16 with steps 28-30 profiled
 #   probe    (2 GPUs, STEPS=80) bench/kernel_choices.py, then plain bf16 on one GPU and at dp2 x ep2
 #            with the aux-loss-free bias at rates 0.005 and 0.01
 #   trace    (1 GPU) GPU tests, the MoE layer bench, the plain bf16 update profiled with Python stacks
@@ -220,7 +220,8 @@ case $SET in
     CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16_b 200 $pure
     CUDA_VISIBLE_DEVICES=0 run gpu1_fp32master 200
     ;;
-  profile2)  # 1 GPU: the kernel breakdown of the tree as committed
+  profile2)  # 1 GPU: the kernel breakdown of the tree as committed (GPU tests first)
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -2
     CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16 200 train.master_dtype=bf16 parallel.zero_stage=0 \
       train.profile_from_step=$((STEPS - 2)) train.profile_num_steps=3
     ;;

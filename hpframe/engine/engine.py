@@ -49,7 +49,9 @@ def to_device(t: torch.Tensor, device: Any) -> torch.Tensor:
     dev = torch.device(device)
     if dev.type != "cuda" or t.is_cuda:
         return t.to(dev)
-    return t.pin_memory().to(dev, non_blocking=True)
+    # contiguous first: a strided tensor (a batch's tokens are a slice of [B, S+1]) would be made
+    # contiguous again, in pageable memory, by the copy itself
+    return t.contiguous().pin_memory().to(dev, non_blocking=True)
 
 
 class Engine:

@@ -232,9 +232,22 @@ if triton is not None:
         tl.store(hist_ptr + c * E_P2 + bins, counts)
 
     @triton.jit
-    def _chunk_place_kernel(e_ptr, start_ptr, order_ptr, inv_ptr, n, E_P2: tl.constexpr, BLOCK: tl.constexpr):
-        # row of assignment a = start[c, e_a] + (earlier assignments of the chunk with the same expert)
+    def _chunk_place_kernel(e_ptr, hist_ptr, order_ptr, inv_ptr, counts_ptr, n, chunks, E: tl.constexpr,
+                            E_P2: tl.constexpr, BLOCK: tl.constexpr, TILE: tl.constexpr):
+        # row of assignment a = (rows of smaller experts) + (rows of e_a in earlier chunks)
+        #                       + (earlier assignments of this chunk with the same expert)
         c = tl.program_id(0)
+        bins = tl.arange(0, E_P2)
+        total = tl.zeros([E_P2], dtype=tl.int32)
+        before = tl.zeros([E_P2], dtype=tl.int32)
+        for c0 in range(0, chunks, TILE):
+            rows = c0 + tl.arange(0, TILE)
+            h = tl.load(hist_ptr + rows[:, None] * E_P2 + bins[None, :], mask=(rows < chunks)[:, None], other=0)
+            total += tl.sum(h, axis=0)
+            before += tl.sum(tl.where((rows < c)[:, None], h, 0), axis=0)
+        start = tl.cumsum(total, axis=0) - total + before  # [E_P2] first row of each expert in this chunk
+        if c == 0:
+            tl.store(counts_ptr + bins, total.to(tl.int64), mask=bins < E)
         idx = tl.arange(0, BLOCK)
         offs = c * BLOCK + idx
         mask = offs < n
@@ -242,35 +255,38 @@ if triton is not None:
         e_other = tl.load(e_ptr + offs, mask=mask, other=E_P2 + 1).to(tl.int32)  # a different pad: no match
         same_before = (e[:, None] == e_other[None, :]) & (idx[None, :] < idx[:, None])
         rank = tl.sum(same_before.to(tl.int32), axis=1)
-        row = tl.load(start_ptr + c * E_P2 + e, mask=mask, other=0) + rank
+        # start[e] for each assignment: select from the [E_P2] vector by a one-hot product
+        row = tl.sum(tl.where(e[:, None] == bins[None, :], start[None, :], 0), axis=1) + rank
         tl.store(order_ptr + row, offs.to(tl.int64), mask=mask)
         tl.store(inv_ptr + offs, row.to(tl.int64), mask=mask)
 
 
 _SORT_BLOCK = 128  # assignments per program of the counting sort
+_SORT_TILE = 64  # chunk histograms read at a time
 
 
 def sort_by_expert(flat_e: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(order, inv, counts) of expert ids flat_e[N]: order[N] the assignment ids grouped by expert
     (ascending), each expert's in position order (= ``torch.argsort(flat_e, stable=True)``), inv its
     inverse, counts[E] (int64). A counting sort of two Triton kernels where Triton runs (per-chunk
-    histograms, then each assignment's row); a radix sort, its inverse and a scatter-add took 5 kernels
-    and ~0.15 ms per layer on mixtral_h200 (docs/performance.md, section 8). No host synchronization."""
+    histograms; then each chunk sums the histograms before it and places its assignments), in place of
+    a radix sort, its inverse and a scatter-add (1.5 ms per step on mixtral_h200, docs/performance.md
+    section 8). No host synchronization."""
     n = flat_e.numel()
-    if not triton_ok(flat_e) or n == 0 or num_experts > 1024:
+    if not triton_ok(flat_e) or n == 0 or num_experts > 256:
         order = torch.argsort(flat_e, stable=True)
         return order, inverse_order(order), expert_counts(flat_e, num_experts)
     e_p2 = triton.next_power_of_2(num_experts)
     chunks = triton.cdiv(n, _SORT_BLOCK)
     flat_e = flat_e.contiguous()
-    hist = torch.empty(chunks, e_p2, dtype=torch.int32, device=flat_e.device)
+    dev = flat_e.device
+    hist = torch.empty(chunks, e_p2, dtype=torch.int32, device=dev)
     _chunk_hist_kernel[(chunks,)](flat_e, hist, n, E_P2=e_p2, BLOCK=_SORT_BLOCK)
-    counts = hist.sum(0, dtype=torch.int64)  # [E_P2]
-    before_chunk = hist.cumsum(0, dtype=torch.int64) - hist  # [C, E_P2] rows of e in earlier chunks
-    start = before_chunk + (counts.cumsum(0) - counts)[None, :]  # + rows of smaller experts
-    order, inv = torch.empty(n, dtype=torch.int64, device=flat_e.device), torch.empty(n, dtype=torch.int64, device=flat_e.device)
-    _chunk_place_kernel[(chunks,)](flat_e, start, order, inv, n, E_P2=e_p2, BLOCK=_SORT_BLOCK)
-    return order, inv, counts[:num_experts]
+    order, inv = torch.empty(n, dtype=torch.int64, device=dev), torch.empty(n, dtype=torch.int64, device=dev)
+    counts = torch.empty(num_experts, dtype=torch.int64, device=dev)
+    _chunk_place_kernel[(chunks,)](flat_e, hist, order, inv, counts, n, chunks, E=num_experts, E_P2=e_p2,
+                                   BLOCK=_SORT_BLOCK, TILE=_SORT_TILE)
+    return order, inv, counts
 
 
 def inverse_order(order: torch.Tensor) -> torch.Tensor:
