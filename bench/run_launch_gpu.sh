@@ -34,6 +34,7 @@
 #   final10  (1 GPU, STEPS=40) GPU tests, transformers' grouped_mm Mixtral, launch.py plain bf16 twice and
 #            fp32 master weights
 #   profile2 (1 GPU, STEPS=30) GPU tests, launch.py plain bf16 with steps 28-30 profiled
+#   profile10 (1 GPU, STEPS=30) launch.py plain bf16 with steps 18-27 profiled (step-to-step variation)
 #   probe    (2 GPUs, STEPS=80) bench/kernel_choices.py, then plain bf16 on one GPU and at dp2 x ep2
 #            with the aux-loss-free bias at rates 0.005 and 0.01
 #   trace    (1 GPU) GPU tests, the MoE layer bench, the plain bf16 update profiled with Python stacks
@@ -224,6 +225,10 @@ case $SET in
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -2
     CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16 200 train.master_dtype=bf16 parallel.zero_stage=0 \
       train.profile_from_step=$((STEPS - 2)) train.profile_num_steps=3
+    ;;
+  profile10)  # 1 GPU: ten profiled steps, to see where the slower steps lose their time
+    CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16 200 train.master_dtype=bf16 parallel.zero_stage=0 \
+      train.profile_from_step=18 train.profile_num_steps=10
     ;;
   probe)  # 2 GPUs, STEPS=80: the dense kernels' choices, then EP weak scaling over a longer balanced run
     timeout 240 python3 bench/kernel_choices.py --out kernel_choices.json 2>&1 | tail -30
