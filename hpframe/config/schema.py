@@ -306,6 +306,11 @@ class ClusterConfig:
     """Per-GPU bandwidth inside a node (NVLink), GB/s one direction."""
     inter_node_bw_GBps: float = 50.0
     """Per-GPU bandwidth across nodes (network), GB/s one direction."""
+    all_to_all_efficiency: float = 1.0
+    """Fraction of the link bandwidth (intra_node_bw_GBps / inter_node_bw_GBps) that an all-to-all's
+    bytes move at; with ``collective_latency_us`` it gives the planner's all-to-all time."""
+    collective_latency_us: float = 0.0
+    """Fixed time per all-to-all call, microseconds (start-up, synchronization of the ranks)."""
     peak_tflops: float = 989.0
     """Dense bf16 peak per device in TFLOP/s (used for MFU and time estimates)."""
     storage_bw_GBps: float = 10.0

@@ -21,6 +21,7 @@ e = bytes of the train dtype, ga = grad_accum micro-batches per step):
 * PP: each micro-batch's activations forward (not from the last stage) and their gradients backward
   (not from the first stage), T*H values each.
 A group that spans several nodes counts as inter-node: the ring runs at the slowest link.
+All-to-all calls are counted too (``estimate_time`` charges each a fixed latency).
 """
 
 from __future__ import annotations
@@ -59,6 +60,16 @@ def moe_all_to_all(cfg: RunConfig, plan: ParallelPlan, stage: StagePlan) -> dict
     exchanges = 6 if cfg.parallel.recompute == Recompute.full else 4
     per_copy = plan.micro_batch_size * plan.seq_len * h * e * exchanges * plan.grad_accum * n_moe
     return {"intra": int(per_copy * intra_copies), "inter": int(per_copy * inter_copies)}
+
+
+def moe_all_to_all_calls(cfg: RunConfig, plan: ParallelPlan, stage: StagePlan) -> int:
+    """All-to-all calls of one rank of ``stage`` per step: per MoE layer and micro-batch, the row
+    exchanges (4, 6 with full recompute) and the forward's exchange of the split sizes."""
+    n_moe = sum(1 for i in stage.layers if i in plan.moe_layers)
+    if plan.experts is None or n_moe == 0 or plan.ep == 1:
+        return 0
+    exchanges = 6 if cfg.parallel.recompute == Recompute.full else 4
+    return (exchanges + 1) * n_moe * plan.grad_accum
 
 
 def move_experts(cfg: RunConfig, plan: ParallelPlan, stage: StagePlan) -> dict[str, int]:
@@ -128,6 +139,7 @@ def estimate_comm(cfg: RunConfig, plan: ParallelPlan) -> CommEstimate:
             },
             moe_move_experts=move_experts(cfg, plan, st),
             stage=st.index,
+            all_to_all_calls=moe_all_to_all_calls(cfg, plan, st),
         )
         if best is None or est.total > best.total:
             best = est

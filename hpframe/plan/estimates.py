@@ -4,7 +4,9 @@ Time: compute = (flops_per_token + (tp - 1) x the MoE MLPs' FLOPs, which every T
 tokens per step / (world * peak * assumed MFU), stretched by the
 1F1B bubble (pp - 1) / (grad_accum + pp - 1), times 4/3 under full recompute (selective adds one more
 forward of the MoE MLPs); comm = intra-node bytes / intra_node_bw + inter-node
-bytes / inter_node_bw of the busiest stage, with no overlap; step = compute + comm (an upper bound).
+bytes / inter_node_bw of the busiest stage, with no overlap, the all-to-all's bytes at
+cluster.all_to_all_efficiency of the link and cluster.collective_latency_us per all-to-all call;
+step = compute + comm (an upper bound).
 Checkpoint: bytes = total params * 12 (fp32 master weight + two fp32 Adam moments: the portable
 checkpoint hpframe writes, independent of dtype and layout); write = bytes /
 storage_bw; job MTBF = gpu_mtbf_hours / world_size; Young/Daly interval = sqrt(2 * write * MTBF).
@@ -38,9 +40,13 @@ def estimate_time(cfg: RunConfig, plan: ParallelPlan, comm: CommEstimate) -> Tim
     ideal = redo * work * tokens / (plan.world_size * c.peak_tflops * 1e12 * mfu)
     bubble = (plan.pp - 1) / (plan.grad_accum + plan.pp - 1)
     compute = ideal / (1 - bubble)
-    intra = sum(p["intra"] for p in comm.parts.values())
-    inter = sum(p["inter"] for p in comm.parts.values())
-    comm_s = intra / (c.intra_node_bw_GBps * 1e9) + inter / (c.inter_node_bw_GBps * 1e9)
+    a2a = comm.parts.get("moe_all_to_all", {"intra": 0, "inter": 0})
+    intra = sum(p["intra"] for p in comm.parts.values()) - a2a["intra"]
+    inter = sum(p["inter"] for p in comm.parts.values()) - a2a["inter"]
+    eff = c.all_to_all_efficiency
+    comm_s = (intra + a2a["intra"] / eff) / (c.intra_node_bw_GBps * 1e9)
+    comm_s += (inter + a2a["inter"] / eff) / (c.inter_node_bw_GBps * 1e9)
+    comm_s += comm.all_to_all_calls * c.collective_latency_us * 1e-6
     return TimeEstimate(
         assumed_mfu=mfu,
         compute_seconds=compute,

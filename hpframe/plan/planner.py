@@ -10,7 +10,7 @@ from hpframe.plan.params import moe_layers
 from hpframe.plan.pipeline import make_pipeline
 from hpframe.plan.ranks import RankLayout, parse_axis_order
 from hpframe.plan.types import ParallelPlan
-from hpframe.plan.validate import validate_model, validate_parallel, validate_train
+from hpframe.plan.validate import validate_cluster, validate_model, validate_parallel, validate_train
 
 
 def make_plan(cfg: RunConfig, world_size: int | None = None) -> ParallelPlan:
@@ -22,6 +22,7 @@ def make_plan(cfg: RunConfig, world_size: int | None = None) -> ParallelPlan:
     warnings: list[str] = []
     validate_model(cfg, warnings)
     validate_train(cfg, warnings)
+    validate_cluster(cfg)
     order = parse_axis_order(cfg.parallel.axis_order)
     d = resolve_degrees(cfg, world_size)
     validate_parallel(cfg, d, warnings)

@@ -121,6 +121,7 @@ def plan_to_dict(plan: ParallelPlan, cfg: RunConfig) -> dict[str, Any]:
             **{k: dict(v) for k, v in comm.parts.items()},
             "total": comm.total,
             "moe_move_experts": dict(comm.moe_move_experts),
+            "all_to_all_calls": comm.all_to_all_calls,
         },
         "time": {
             "assumed_mfu": plan.time.assumed_mfu,

@@ -102,6 +102,8 @@ class CommEstimate:
     """The alternative to all-to-all: gathering remote experts' weights and reducing their grads."""
     stage: int
     """The pipeline stage these figures are for (the one that sends the most)."""
+    all_to_all_calls: int = 0
+    """All-to-all calls of one rank per step (the rows' exchanges and each layer's count exchange)."""
 
     @property
     def total(self) -> int:
@@ -115,7 +117,9 @@ class TimeEstimate:
     """Per step, at assumed_mfu, pipeline bubble included."""
     bubble_fraction: float
     comm_seconds: float
-    """Per step, intra bytes at intra_node_bw plus inter bytes at inter_node_bw, no overlap."""
+    """Per step, no overlap: intra bytes at intra_node_bw plus inter bytes at inter_node_bw, the
+    all-to-all bytes at ``cluster.all_to_all_efficiency`` of those and ``cluster.collective_latency_us``
+    per all-to-all call."""
     step_seconds: float
     """compute + comm (an upper bound: no overlap)."""
     tokens_per_step: int

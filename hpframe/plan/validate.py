@@ -129,6 +129,18 @@ def validate_train(cfg: RunConfig, warnings: list[str]) -> None:
                         f"ends at step {last} > train.steps={t.steps}: nothing will be profiled")
 
 
+def validate_cluster(cfg: RunConfig) -> None:
+    """Cost-model figures of ``cluster`` that would make the estimates meaningless."""
+    c = cfg.cluster
+    if not 0.0 < c.all_to_all_efficiency <= 1.0:
+        raise PlanError(f"cluster.all_to_all_efficiency={c.all_to_all_efficiency} must be in (0, 1] "
+                        "(the fraction of the link bandwidth an all-to-all achieves)",
+                        key="cluster.all_to_all_efficiency", values={"cluster.all_to_all_efficiency": c.all_to_all_efficiency})
+    if c.collective_latency_us < 0:
+        raise PlanError(f"cluster.collective_latency_us={c.collective_latency_us} must be >= 0",
+                        key="cluster.collective_latency_us", values={"cluster.collective_latency_us": c.collective_latency_us})
+
+
 def needs_zero_optimizer(cfg: RunConfig) -> bool:
     """bf16 with fp32 master weights: the master copy lives in DeepSpeed's BF16/ZeRO optimizers, so
     ZeRO stage >= 1 is required (and stage 1 does something even at dp = 1)."""

@@ -4,6 +4,7 @@ stated in docs/planner.md (small debug models on the cpu cluster). No processes.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
@@ -132,3 +133,32 @@ def test_tp_replicates_the_moe(compose_cfg) -> None:
     # grad_accum 2, half of the top-2 copies leave the rank)
     comm = make_plan(compose_cfg("recipe=mixtral_debug", "parallel=tp2_pp2_dp2")).comm
     assert comm.parts["moe_all_to_all"] == {"intra": 1024 * 2 * 128 * 4 * 4 * 2 * 2 // 2, "inter": 0}
+
+
+def test_all_to_all_time_uses_the_calibrated_efficiency_and_call_latency(compose_cfg) -> None:
+    """EP all-to-all: bytes at cluster.all_to_all_efficiency of the link plus a latency per call
+    (4 row exchanges + 1 count exchange per MoE layer and micro-batch); the other parts at link speed."""
+    over = ("recipe=mixtral_h200", "cluster.gpus_per_node=2", "parallel.dp=2", "parallel.ep=2")
+    plan = make_plan(compose_cfg(*over))
+    assert plan.comm.all_to_all_calls == 5 * 12 * plan.grad_accum
+    a2a, dp = plan.comm.parts["moe_all_to_all"]["intra"], plan.comm.parts["dp"]["intra"]
+    assert a2a == 4 * 12 * (4 * 4096) * 2 * 2048 * 2 // 2  # exchanges x layers x tokens x top-2 x H x bf16 x (ep-1)/ep
+    expected = a2a / (0.66 * 450e9) + dp / 450e9 + 60 * 113e-6
+    assert plan.time.comm_seconds == pytest.approx(expected, rel=1e-9)
+    # an ideal network: the plain bytes-over-bandwidth model
+    ideal = make_plan(compose_cfg(*over, "cluster.all_to_all_efficiency=1.0", "cluster.collective_latency_us=0"))
+    assert ideal.time.comm_seconds == pytest.approx((a2a + dp) / 450e9, rel=1e-9)
+    # one GPU: no all-to-all
+    assert make_plan(compose_cfg("recipe=mixtral_h200")).comm.all_to_all_calls == 0
+
+
+@pytest.mark.parametrize("override,message", [
+    ("cluster.all_to_all_efficiency=0", "cluster.all_to_all_efficiency=0.0 must be in (0, 1]"),
+    ("cluster.all_to_all_efficiency=1.5", "cluster.all_to_all_efficiency=1.5 must be in (0, 1]"),
+    ("cluster.collective_latency_us=-1", "cluster.collective_latency_us=-1.0 must be >= 0"),
+])
+def test_bad_cluster_cost_figures_are_refused(compose_cfg, override, message) -> None:
+    from hpframe.plan import PlanError
+
+    with pytest.raises(PlanError, match=re.escape(message)):
+        make_plan(compose_cfg("recipe=mixtral_debug", override))
