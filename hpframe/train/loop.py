@@ -146,8 +146,8 @@ def engine_on_cuda(engine: Any) -> bool:
 class StepClock:
     """``step_time_s``: the period between the ends of consecutive steps, so the host's work between
     them (metrics, logging, the next batch, a garbage collection) counts, as it does for the run's
-    throughput. The first step, and the first after an evaluation or a checkpoint (``reset``), run from
-    their own start."""
+    throughput. The first step, and the first after an evaluation, a checkpoint or a written profile
+    (``reset``), run from their own start."""
 
     def __init__(self, now: Callable[[], float] = time.perf_counter) -> None:
         self._now = now
@@ -246,7 +246,8 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
             clock.start()
             out = engine.train_step(as_pairs(data.train.next_step()))
             elapsed = clock.stop()
-            profiler.after_step(step)
+            if profiler.after_step(step):  # the trace was written: not the next step's time
+                clock.reset()
             consumed += tokens_per_step
             record = step_record(out, step=step, lr=lr, elapsed=elapsed, tokens=tokens_per_step, consumed=consumed,
                                  module=engine.module, plan=plan, cfg=cfg)

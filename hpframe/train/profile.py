@@ -62,9 +62,11 @@ class StepProfiler:
         self._prof = torch.profiler.profile(activities=activities, with_stack=self.with_stack)
         self._prof.__enter__()
 
-    def after_step(self, step: int) -> None:
+    def after_step(self, step: int) -> bool:
+        """Stop and write the profile after its last step; True when it did (seconds of host work
+        that the next step's time must not include)."""
         if self._prof is None or step != self.last:
-            return
+            return False
         if self.cuda:
             torch.cuda.synchronize()
         prof, self._prof = self._prof, None
@@ -72,6 +74,7 @@ class StepProfiler:
         self.written = self._write(prof)
         if self.rank == 0:
             log.info(f"profile of steps {self.first}-{self.last} written to {self.dir}")
+        return True
 
     def close(self) -> None:
         """Stop a profile the run ended inside (fewer steps than asked): nothing is written."""

@@ -11,20 +11,24 @@ import torch
 from hpframe.train.profile import StepProfiler, phase
 
 
-def _steps(prof: StepProfiler, n: int) -> None:
+def _steps(prof: StepProfiler, n: int) -> list[int]:
+    """Run n steps; returns the steps after which the profiler wrote its files."""
     x = torch.randn(64, 64)
+    wrote = []
     for step in range(1, n + 1):
         prof.before_step(step)
         with phase("forward"):
             y = x @ x
         with phase("optimizer"):
             y.add_(1.0)
-        prof.after_step(step)
+        if prof.after_step(step):
+            wrote.append(step)
+    return wrote
 
 
 def test_profiles_the_asked_steps(tmp_path) -> None:
     prof = StepProfiler(tmp_path, first=2, count=3, rank=0, cuda=False)
-    _steps(prof, 6)
+    assert _steps(prof, 6) == [4]  # the loop keeps the writing out of step 5's time
     names = sorted(p.name for p in (tmp_path / "profile").iterdir())
     assert names == ["rank0_ops.txt", "rank0_phases.txt", "rank0_trace.json.gz"]
     phases = (tmp_path / "profile" / "rank0_phases.txt").read_text()
