@@ -286,9 +286,7 @@ class GroupedExperts(nn.Module):
 
     def _act(self, h: torch.Tensor) -> torch.Tensor:
         """The activation of the input projection's output h[..., 2Fe] (SwiGLU) or h[..., Fe] (GELU)."""
-        if self.swiglu:
-            return F.silu(h[..., : self.inner]) * h[..., self.inner:]
-        return F.gelu(h)
+        return moe_gpu.swiglu_torch(h) if self.swiglu else F.gelu(h)
 
     def pick_impl(self, x: torch.Tensor) -> str:
         """The implementation ``forward`` uses for this input."""

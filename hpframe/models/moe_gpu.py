@@ -135,15 +135,20 @@ class _SwiGLU(torch.autograd.Function):
         return dh
 
 
+def swiglu_torch(h: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of a packed h[..., 2F] (gate columns first) with torch ops (any shape, dtype, device)."""
+    f = h.shape[-1] // 2
+    return F.silu(h[..., :f]) * h[..., f:]
+
+
 def packed_swiglu(h: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up of a packed h[N, 2F] (gate columns first): one Triton kernel each way where
-    Triton runs, else the torch ops."""
+    Triton runs, else ``swiglu_torch``."""
     if h.shape[-1] % 2:
         raise ValueError(f"swiglu needs a packed gate|up tensor of even width, got {h.shape[-1]} columns")
     if triton_ok(h) and h.dim() == 2:
         return _SwiGLU.apply(h)
-    f = h.shape[-1] // 2
-    return F.silu(h[..., :f]) * h[..., f:]
+    return swiglu_torch(h)
 
 
 def gather_sum(src: torch.Tensor, idx: torch.Tensor, top_k: int, weight: torch.Tensor | None = None) -> torch.Tensor:

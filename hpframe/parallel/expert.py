@@ -41,7 +41,7 @@ from torch.autograd import Function
 from torch.utils.checkpoint import checkpoint
 
 from hpframe.models.moe import GroupedExperts
-from hpframe.models.moe_gpu import inverse_order
+from hpframe.models.moe_gpu import sort_by_expert
 
 
 class _AllToAllSingle(Function):
@@ -198,8 +198,7 @@ class ExpertParallelExperts(GroupedExperts):
             counts_recv.reshape(-1).to(x.device),
             output_size=sum(out_splits),
         )
-        perm = torch.argsort(recv_expert, stable=True)
-        inv = inverse_order(perm)
+        perm, inv, _ = sort_by_expert(recv_expert, e_local)
         x_local = _PermuteRows.apply(x_recv, perm, inv)
         local_counts = counts_recv.sum(0)
         if x_local.shape[0] == 0:
