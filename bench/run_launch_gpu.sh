@@ -37,6 +37,8 @@
 #   profile10 (1 GPU, STEPS=30) launch.py plain bf16 with steps 18-27 profiled (step-to-step variation)
 #   probe    (2 GPUs, STEPS=80) bench/kernel_choices.py, then plain bf16 on one GPU and at dp2 x ep2
 #            with the aux-loss-free bias at rates 0.005 and 0.01
+#   autotune (1 GPU) GPU tests, bench/grouped_autotune.py (torch's grouped GEMMs against inductor's
+#            autotuned choice, six forms, three shapes)
 #   trace    (1 GPU) GPU tests, the MoE layer bench, the plain bf16 update profiled with Python stacks
 #            and its kernels grouped by caller (bench/trace_callers.py), fp32 master weights
 # Copies each run's metrics.jsonl, log and profile tables to $OUT and prints a summary.
@@ -229,6 +231,12 @@ case $SET in
   profile10)  # 1 GPU: ten profiled steps, to see where the slower steps lose their time
     CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16 200 train.master_dtype=bf16 parallel.zero_stage=0 \
       train.profile_from_step=18 train.profile_num_steps=10
+    ;;
+  autotune)  # 1 GPU: GPU tests, then the six expert GEMMs against inductor's autotuned grouped GEMMs
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -2
+    timeout 500 python3 bench/grouped_autotune.py --compile-shapes "${COMPILE_SHAPES:-mixtral_h200,dsv2lite,dsv3}" \
+      --out grouped_autotune.json > "$OUT/grouped_autotune.log" 2>&1
+    echo "exit $?"; grep -E "TFLOP|all six|Error" "$OUT/grouped_autotune.log"
     ;;
   probe)  # 2 GPUs, STEPS=80: the dense kernels' choices, then EP weak scaling over a longer balanced run
     timeout 240 python3 bench/kernel_choices.py --out kernel_choices.json 2>&1 | tail -30
