@@ -47,7 +47,7 @@ def forms(x, act, g13, gy, w13, w2):
     }
 
 
-def run(name: str, device: str, tokens: int, compile_: bool) -> dict:
+def run(name: str, device: str, tokens: int, compile_: bool, out: dict) -> dict:
     t, k, e, h, f = SHAPES[name]
     t = tokens or t
     n = t * k
@@ -64,8 +64,8 @@ def run(name: str, device: str, tokens: int, compile_: bool) -> dict:
 
     x, act, g13, gy = rand(n, h), rand(n, f), rand(n, 2 * f), rand(n, h)
     w13, w2 = rand(e, 2 * f, h, scale=h**-0.5), rand(e, h, f, scale=f**-0.5)
-    out = {"shape": name, "rows": n, "experts": e, "rows_per_expert_max": int(counts.max()),
-           "rows_per_expert_min": int(counts.min()), "forms": {}}
+    out.update(shape=name, rows=n, experts=e, rows_per_expert_max=int(counts.max()),
+               rows_per_expert_min=int(counts.min()), forms={})
     total = {"eager": 0.0, "eager_balanced": 0.0, "autotuned": 0.0}
 
     def timed(fn, *args) -> float:
@@ -116,11 +116,17 @@ def main() -> None:
                     help="shapes that also get the autotuned compile (each form costs 10-30 s of autotuning)")
     ap.add_argument("--no-compile", action="store_true", help="eager only (the CPU smoke run)")
     args = ap.parse_args()
-    rows = []
-    for s in args.shapes.split(","):
-        rows.append(run(s, args.device, args.tokens, not args.no_compile and s in args.compile_shapes.split(",")))
-        if args.out:  # after every shape, so a run cut short keeps what it measured
-            common.write_json(args.out, {"env": common.environment(), "command": " ".join(sys.argv), "rows": rows})
+    rows: list[dict] = []
+    try:
+        for s in args.shapes.split(","):
+            rows.append({})
+            run(s, args.device, args.tokens, not args.no_compile and s in args.compile_shapes.split(","), rows[-1])
+            if args.out:  # after every shape, so a run cut short keeps what it measured
+                common.write_json(args.out, {"env": common.environment(), "command": " ".join(sys.argv), "rows": rows})
+    except Exception as exc:  # keep the forms measured before the failure, then fail
+        if args.out:
+            common.write_json(args.out, {"command": " ".join(sys.argv), "rows": rows, "error": repr(exc)[:2000]})
+        raise
 
 
 if __name__ == "__main__":
