@@ -37,6 +37,7 @@
 #   profile10 (1 GPU, STEPS=30) launch.py plain bf16 with steps 18-27 profiled (step-to-step variation)
 #   probe    (2 GPUs, STEPS=80) bench/kernel_choices.py, then plain bf16 on one GPU and at dp2 x ep2
 #            with the aux-loss-free bias at rates 0.005 and 0.01
+#   overlap  (1 GPU, STEPS=40) GPU tests, plain bf16 without and with train.overlap_optimizer, twice each
 #   autotune (1 GPU) GPU tests, bench/grouped_autotune.py (torch's grouped GEMMs against inductor's
 #            autotuned choice, six forms, three shapes)
 #   trace    (1 GPU) GPU tests, the MoE layer bench, the plain bf16 update profiled with Python stacks
@@ -231,6 +232,14 @@ case $SET in
   profile10)  # 1 GPU: ten profiled steps, to see where the slower steps lose their time
     CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16 200 train.master_dtype=bf16 parallel.zero_stage=0 \
       train.profile_from_step=18 train.profile_num_steps=10
+    ;;
+  overlap)  # 1 GPU: GPU tests, then plain bf16 without and with train.overlap_optimizer, alternating
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -3
+    pure="train.master_dtype=bf16 parallel.zero_stage=0"
+    CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16 200 $pure
+    CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16_overlap 200 $pure train.overlap_optimizer=true
+    CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16_b 200 $pure
+    CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16_overlap_b 200 $pure train.overlap_optimizer=true
     ;;
   autotune)  # 1 GPU: GPU tests, then the six expert GEMMs against inductor's autotuned grouped GEMMs
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -2

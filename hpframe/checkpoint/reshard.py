@@ -70,6 +70,7 @@ def logical_name(local: str, num_layers: int, pipelined: bool) -> tuple[str, boo
 
 def local_tensors(engine: Any) -> Iterator[LocalTensor]:
     """Every parameter and persistent buffer of the engine's module, in module order."""
+    engine.optimizer.wait_for_update()  # an update still queued on a side stream (train.overlap_optimizer)
     module: nn.Module = engine.module
     pipelined = engine.plan.pp > 1
     num_layers = _num_layers(engine)
@@ -183,6 +184,7 @@ def _gather_tp(x: torch.Tensor, group: Any, dim: int) -> torch.Tensor:
 
 def capture(engine: Any) -> RankPart:
     """This rank's part of a portable checkpoint: host copies of the tensors it writes (collective)."""
+    engine.optimizer.wait_for_update()
     plan, rank = engine.plan, dist.get_rank()
     coords = plan.ranks.coords(rank)
     with_moments = _has_adam_state(engine)

@@ -243,6 +243,10 @@ class TrainConfig:
     """Write TensorBoard event files in the run directory."""
     compile: bool = False
     """torch.compile the transformer blocks."""
+    overlap_optimizer: bool = False
+    """On CUDA with the plain update (parallel.zero_stage=0, parallel.pp=1): run each step's AdamW update
+    on a side stream, block by block, so that the next step's forward starts once the embedding and
+    the first block are updated and the rest of the update runs beside it (same results bit for bit)."""
     gc_interval: int = 0
     """Python garbage collection: 0 = automatic (Python's own thresholds; a collection can pause the host
     at any point of a step); N > 0 = automatic collection off during training and one full collection

@@ -96,6 +96,11 @@ def build_engine(model: nn.Module, plan: Any, groups: Any, cfg: Any) -> Any:
         config_class=DeepSpeedConfig(ds_cfg, mpu),
     )
     bf16_grads.install(ds.optimizer)
+    if t.overlap_optimizer and device == "cuda":  # (the planner allows it with ZeRO 0 and pp 1 only)
+        if ds.optimizer is not optimizer:
+            raise ValueError(f"train.overlap_optimizer: DeepSpeed wrapped the optimizer in {type(ds.optimizer).__name__}; "
+                             "the overlap needs hpframe's AdamW to update the parameters itself")
+        optimizer.overlap_with_forward(module)
     coords = plan.ranks.coords(dist.get_rank())
     guard = StepGuard(ds, optimizer, groups, grad_clip=t.grad_clip, tp_rank=coords["tp"])
     return Engine(ds=ds, plan=plan, groups=groups, optimizer=optimizer, guard=guard, loss_fn=loss_fn,

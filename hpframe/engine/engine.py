@@ -249,6 +249,7 @@ class Engine:
         """Mean LM loss over the micro-batches of every dp rank (identical on every rank)."""
         if not micro_batches:
             raise ValueError("eval_step needs at least one micro-batch")
+        self.optimizer.wait_for_update()
         if self.plan.pp > 1:
             batches = [(self._device_batch(x), self._device_batch(y)) for x, y in micro_batches]
             self.ds.eval_batch(iter(batches), num_micro_batches=len(batches))
@@ -275,6 +276,7 @@ class Engine:
         (edp rank 0) also writes its local expert weights to ``experts_pp{p}_tp{t}_ep{e}.pt``.
         Optimizer state is DeepSpeed's: per EP rank for ZeRO 0, per rank for ZeRO 1/2.
         """
+        self.optimizer.wait_for_update()  # parameters and moments as updated (train.overlap_optimizer)
         self.ds.save_checkpoint(path, tag=self.TAG, client_state=client_state)
         if self.plan.experts is not None and self.plan.ep > 1:
             c = self.plan.ranks.coords(self.rank)
@@ -284,6 +286,7 @@ class Engine:
 
     def load_checkpoint(self, path: str) -> dict:
         """Restore what ``save_checkpoint(path, ...)`` wrote; returns its client_state."""
+        self.optimizer.wait_for_update()  # no queued update may land on what is loaded
         load_path, client_state = self.ds.load_checkpoint(path, tag=self.TAG)
         if load_path is None:
             raise ValueError(f"no checkpoint found under {path}")
@@ -305,4 +308,5 @@ class Engine:
     def _expert_state(self, live: bool = False) -> dict[str, torch.Tensor]:
         from hpframe.engine.moe_bridge import expert_parameters
 
+        self.optimizer.wait_for_update()
         return {n: (p if live else p.detach().cpu().clone()) for n, p in expert_parameters(self.ds.module)}

@@ -62,6 +62,67 @@ class SkippableAdamW(torch.optim.AdamW):
         super().__init__(*args, **kwargs)
         self._control: tuple[torch.Tensor, torch.Tensor] | None = None
         self._kernel: bool | None = None  # hpframe's Triton AdamW (adamw_kernel.py); decided at the first step
+        # overlap_with_forward: the side stream, the parameters of each forward unit, their events
+        self._stream: Any = None
+        self._units: list[list[nn.Parameter]] = []
+        self._unit_groups: list[list[list[nn.Parameter]]] = []
+        self._events: list[Any] = []
+
+    def overlap_with_forward(self, model: nn.Module) -> int:
+        """Run the update on a side stream, unit by unit in the model's forward order, so that the next
+        forward starts as soon as its first unit is updated and the rest of the update runs beside it.
+
+        ``model``'s units (``forward_units``) each get a forward pre-hook that makes the current stream
+        wait for the event recorded after that unit's parameters were updated, and for nothing else.
+        Parameters the units do not cover are updated first and waited for by the model's own hook.
+        Results are the same bit for bit: the same kernel updates each tensor with the same inputs.
+        Anything else that reads parameters or optimizer state between an update and the next forward
+        (checkpoints, evaluation, exports) calls ``wait_for_update`` first. Only the fused Triton path
+        overlaps (CUDA); elsewhere the update runs in place as before. Returns the number of units
+        (0 when the parameters are not on CUDA).
+        """
+        params = [p for g in self.param_groups for p in g["params"]]
+        if not params or not params[0].is_cuda:
+            return 0
+        units = forward_units(model)
+        mine = {id(p) for p in params}
+        seen: set[int] = set()
+        unit_params: list[list[nn.Parameter]] = []
+        for _, mod in units:
+            own = []
+            for p in mod.parameters():
+                if id(p) in mine and id(p) not in seen:
+                    seen.add(id(p))
+                    own.append(p)
+            unit_params.append(own)
+        rest = [p for p in params if id(p) not in seen]
+        self._units = [rest] + unit_params
+        self._events = [None] * len(self._units)
+        self._stream = torch.cuda.Stream(device=params[0].device)
+        model.register_forward_pre_hook(lambda mod, args: self._wait_unit(0))
+        for i, (_, mod) in enumerate(units, start=1):
+            mod.register_forward_pre_hook(lambda mod, args, i=i: self._wait_unit(i))
+        return len(units)
+
+    def _wait_unit(self, i: int) -> None:
+        ev = self._events[i] if self._events else None
+        if ev is not None:
+            torch.cuda.current_stream(self._stream.device).wait_event(ev)
+            self._events[i] = None
+
+    def wait_for_update(self) -> None:
+        """Make the current stream wait for every queued update (a no-op without overlap)."""
+        if self._stream is not None and any(ev is not None for ev in self._events):
+            torch.cuda.current_stream(self._stream.device).wait_stream(self._stream)
+            self._events = [None] * len(self._events)
+
+    def state_dict(self) -> dict[str, Any]:
+        self.wait_for_update()
+        return super().state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.wait_for_update()
+        super().load_state_dict(state_dict)
 
     @property
     def fused(self) -> bool:
@@ -115,10 +176,32 @@ class SkippableAdamW(torch.optim.AdamW):
         return self._kernel
 
     def _kernel_step(self, coef: torch.Tensor, bad: torch.Tensor) -> None:
-        """The update through ``adamw_kernel.adamw_step_`` with torch AdamW's state layout."""
+        """The update through ``adamw_kernel.adamw_step_`` with torch AdamW's state layout; with
+        ``overlap_with_forward``, on the side stream, one unit after the other."""
+        if self._stream is None:
+            self._update(self.param_groups, coef, bad)
+            return
+        side = self._stream
+        self.wait_for_update()  # a unit the last forward did not reach (never, in training) is done first
+        side.wait_stream(torch.cuda.current_stream(side.device))  # gradients, coef and bad are ready
+        if len(self._unit_groups) != len(self._units):  # each unit's share of every param group, once
+            members = [{id(p) for p in unit} for unit in self._units]
+            self._unit_groups = [[[p for p in g["params"] if id(p) in ids] for g in self.param_groups] for ids in members]
+        with torch.cuda.stream(side):
+            for i, shares in enumerate(self._unit_groups):
+                self._update([{**g, "params": ps} for g, ps in zip(self.param_groups, shares) if ps], coef, bad)
+                ev = torch.cuda.Event()
+                ev.record(side)
+                self._events[i] = ev
+        # the gradients are freed on the current stream after this step: not reused before the side
+        # stream has read them
+        for t in [p.grad for unit in self._units for p in unit if p.grad is not None] + [coef, bad]:
+            t.record_stream(side)
+
+    def _update(self, param_groups: list[dict], coef: torch.Tensor, bad: torch.Tensor) -> None:
         from hpframe.engine.adamw_kernel import adamw_step_
 
-        for group in self.param_groups:
+        for group in param_groups:
             ps, gs, ms, vs, steps = [], [], [], [], []
             for p in group["params"]:
                 if p.grad is None:
@@ -136,6 +219,18 @@ class SkippableAdamW(torch.optim.AdamW):
             beta1, beta2 = group["betas"]
             adamw_step_(ps, gs, ms, vs, steps, lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
                         eps=float(group["eps"]), weight_decay=float(group["weight_decay"]), coef=coef, bad=bad)
+
+
+def forward_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The model's children in registration order (for hpframe's models, forward order: embedding,
+    blocks, final norm, head), each element of a ModuleList or Sequential a unit of its own."""
+    units: list[tuple[str, nn.Module]] = []
+    for name, child in model.named_children():
+        if isinstance(child, (nn.ModuleList, nn.Sequential)):
+            units.extend((f"{name}.{i}", m) for i, m in enumerate(child))
+        else:
+            units.append((name, child))
+    return units
 
 
 class _HostCopy:

@@ -163,6 +163,13 @@ def validate_precision(cfg: RunConfig, d: Degrees) -> None:
         raise PlanError(
             "train.master_dtype=bf16 with parallel.zero_stage=3: bf16 master weights run with ZeRO stages 0-2",
             key="train.master_dtype, parallel.zero_stage", values={"train.master_dtype": master, "parallel.zero_stage": 3})
+    if t.overlap_optimizer and (d.zero_stage != 0 or d.pp > 1):
+        raise PlanError(
+            f"train.overlap_optimizer=true with parallel.zero_stage={d.zero_stage} and parallel.pp={d.pp}: the "
+            "update overlaps the next forward only when hpframe's AdamW updates the parameters in place, "
+            "i.e. parallel.zero_stage=0 and parallel.pp=1",
+            key="train.overlap_optimizer, parallel.zero_stage, parallel.pp",
+            values={"train.overlap_optimizer": True, "parallel.zero_stage": d.zero_stage, "parallel.pp": d.pp})
     if t.master_dtype == DType.bf16 and d.zero_stage == 0 and d.pp > 1:
         raise PlanError(
             f"train.master_dtype=bf16 with parallel.zero_stage=0 and parallel.pp={d.pp}: the plain bf16 update runs "

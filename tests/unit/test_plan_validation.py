@@ -51,6 +51,10 @@ CASES = [
                            "parallel.zero_stage=3"], "train.master_dtype", ["parallel.zero_stage=3"]),
     ("bf16_plain_pp", ["recipe=mixtral_debug", "parallel.pp=2", "train.dtype=bf16", "train.master_dtype=bf16",
                        "parallel.zero_stage=0"], "parallel.pp", ["parallel.pp=2", "zero_stage=0"]),
+    ("overlap_zero1", ["recipe=mixtral_debug", "train.overlap_optimizer=true", "parallel.zero_stage=1"],
+     "train.overlap_optimizer", ["parallel.zero_stage=1", "parallel.pp=1", "zero_stage=0"]),
+    ("overlap_pp", ["recipe=mixtral_debug", "parallel.pp=2", "train.overlap_optimizer=true", "parallel.zero_stage=0"],
+     "parallel.pp", ["parallel.pp=2", "parallel.zero_stage=0"]),
     ("memory", ["recipe=mixtral_8x7b", "cluster=h200x1", "parallel.tp=1", "parallel.pp=1", "parallel.ep=1", "parallel.global_batch_size=-1"],
      "cluster.gpu_memory_gb", ["cluster.gpu_memory_gb=139", "GiB per GPU", "plan.memory_check=false"]),
 ]

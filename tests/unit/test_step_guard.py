@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hpframe.engine.step import SkippableAdamW
+from hpframe.engine.step import SkippableAdamW, forward_units
 
 SHAPES = [(64, 32), (32,), (8, 8, 4)]
 
@@ -84,3 +84,33 @@ def test_verdict_holds_for_every_group_call(fused: bool) -> None:
         ref.step()
     torch.testing.assert_close(a.detach(), ref_a.detach())
     torch.testing.assert_close(b.detach(), ref_b.detach())
+
+
+def test_forward_units_cover_every_parameter_once_in_forward_order(compose_cfg) -> None:
+    from hpframe.models import build_model
+
+    for recipe, tied in (("mixtral_debug", False), ("gpt_debug", True)):
+        cfg = compose_cfg(f"recipe={recipe}", f"model.tie_embeddings={str(tied).lower()}")
+        model = build_model(cfg.model, cfg.moe)
+        units = forward_units(model)
+        names = [n for n, _ in units]
+        blocks = [f"layers.{i}" for i in range(cfg.model.num_layers)]
+        assert names == ["embed", *blocks, "norm"] + ([] if tied else ["head"]), names
+        owners: dict[int, str] = {}
+        for name, mod in units:
+            for p in mod.parameters():
+                owners.setdefault(id(p), name)
+        assert set(owners) == {id(p) for p in model.parameters()}
+
+
+def test_overlap_is_off_for_cpu_parameters(compose_cfg) -> None:
+    """On the CPU there is no stream to overlap on: no hooks, and the update runs in place as before."""
+    from hpframe.models import build_model
+
+    cfg = compose_cfg("recipe=mixtral_debug")
+    model = build_model(cfg.model, cfg.moe)
+    opt = SkippableAdamW(model.parameters(), lr=1e-3, fused=True)
+    assert opt.overlap_with_forward(model) == 0
+    assert not model._forward_pre_hooks and not model.layers[0]._forward_pre_hooks
+    opt.wait_for_update()  # a no-op without overlap
+    assert opt.state_dict()["state"] == {}
