@@ -38,6 +38,8 @@
 #   probe    (2 GPUs, STEPS=80) bench/kernel_choices.py, then plain bf16 on one GPU and at dp2 x ep2
 #            with the aux-loss-free bias at rates 0.005 and 0.01
 #   overlap  (1 GPU, STEPS=40) GPU tests, plain bf16 without and with train.overlap_optimizer, twice each
+#   overlap2 (2 GPUs, STEPS=80) GPU tests, dp2 x ep2 plain bf16 with the aux-loss-free bias, without and
+#            with train.overlap_optimizer (the update beside a forward that waits on all-to-alls)
 #   autotune (1 GPU) GPU tests, bench/grouped_autotune.py (torch's grouped GEMMs against inductor's
 #            autotuned choice, six forms, three shapes)
 #   trace    (1 GPU) GPU tests, the MoE layer bench, the plain bf16 update profiled with Python stacks
@@ -240,6 +242,16 @@ case $SET in
     CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16_overlap 200 $pure train.overlap_optimizer=true
     CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16_b 200 $pure
     CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16_overlap_b 200 $pure train.overlap_optimizer=true
+    ;;
+  overlap2)  # 2 GPUs, STEPS=80: dp2 x ep2 plain bf16 (balanced by the bias) without and with train.overlap_optimizer
+    pure="train.master_dtype=bf16 parallel.zero_stage=0 moe.bias_update_rate=0.005"
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -3
+    if [ "$NGPU" -ge 2 ]; then
+      run gpu2_ep2_pure_bf16 240 cluster.gpus_per_node=2 parallel.dp=2 parallel.ep=2 $pure
+      run gpu2_ep2_pure_bf16_overlap 240 cluster.gpus_per_node=2 parallel.dp=2 parallel.ep=2 $pure train.overlap_optimizer=true
+    else
+      echo "overlap2 needs 2 GPUs, found $NGPU"
+    fi
     ;;
   autotune)  # 1 GPU: GPU tests, then the six expert GEMMs against inductor's autotuned grouped GEMMs
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -2
