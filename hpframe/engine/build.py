@@ -23,6 +23,7 @@ from torch import nn
 
 from hpframe.engine import bf16_grads
 from hpframe.engine.ds_env import init_deepspeed_comm
+from hpframe.logging import get_logger
 from hpframe.plan.deepspeed_config import deepspeed_config
 
 
@@ -96,7 +97,9 @@ def build_engine(model: nn.Module, plan: Any, groups: Any, cfg: Any) -> Any:
         config_class=DeepSpeedConfig(ds_cfg, mpu),
     )
     bf16_grads.install(ds.optimizer)
-    if t.overlap_optimizer and device == "cuda":  # (the planner allows it with ZeRO 0 and pp 1 only)
+    if t.overlap_optimizer and device != "cuda":
+        get_logger(__name__).warning("train.overlap_optimizer has no effect on the CPU (no streams): the update runs in place")
+    elif t.overlap_optimizer:  # (the planner allows it with ZeRO 0 and pp 1 only)
         if ds.optimizer is not optimizer:
             raise ValueError(f"train.overlap_optimizer: DeepSpeed wrapped the optimizer in {type(ds.optimizer).__name__}; "
                              "the overlap needs hpframe's AdamW to update the parameters itself")
