@@ -53,7 +53,8 @@ def main() -> None:
             def adamw() -> None:
                 for p, gr, m, v in zip(ps, gs, ms_, vs):
                     ak._adamw_kernel[(triton.cdiv(p.numel(), block),)](
-                        p, gr, m, v, step, coef, bad, p.numel(), 1e-6, 0.9, 0.95, 1e-8, 0.0, BLOCK=block, num_warps=warps)
+                        p, gr, m, v, p, step, coef, bad, p.numel(), 1e-6, 0.9, 0.95, 1e-8, 0.0, HAS_LP=False,
+                        BLOCK=block, num_warps=warps)
             t = common.time_cuda(adamw, warmup=2, min_reps=10, max_reps=10)["median_ms"]
             rows.append({"kernel": "adamw", "block": block, "warps": warps, "ms": t, "gbps": 14 * n / t / 1e6})
             print(f"adamw  block {block:5d} warps {warps:2d}: {t:7.3f} ms {14 * n / t / 1e6:7.0f} GB/s", flush=True)

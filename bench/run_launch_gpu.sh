@@ -38,6 +38,7 @@
 #   probe    (2 GPUs, STEPS=80) bench/kernel_choices.py, then plain bf16 on one GPU and at dp2 x ep2
 #            with the aux-loss-free bias at rates 0.005 and 0.01
 #   overlap  (1 GPU, STEPS=40) GPU tests, plain bf16 without and with train.overlap_optimizer, twice each
+#   master   (1 GPU, STEPS=40) GPU tests, fp32 master weights, plain bf16, fp32 master weights again
 #   overlap2 (2 GPUs, STEPS=80) GPU tests, dp2 x ep2 plain bf16 with the aux-loss-free bias, without and
 #            with train.overlap_optimizer (the update beside a forward that waits on all-to-alls)
 #   autotune (1 GPU) GPU tests, bench/grouped_autotune.py (torch's grouped GEMMs against inductor's
@@ -242,6 +243,12 @@ case $SET in
     CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16_overlap 200 $pure train.overlap_optimizer=true
     CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16_b 200 $pure
     CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16_overlap_b 200 $pure train.overlap_optimizer=true
+    ;;
+  master)  # 1 GPU: GPU tests, then fp32 master weights twice and the plain bf16 update once
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tail -3
+    CUDA_VISIBLE_DEVICES=0 run gpu1_fp32master 200
+    CUDA_VISIBLE_DEVICES=0 run gpu1_pure_bf16 200 train.master_dtype=bf16 parallel.zero_stage=0
+    CUDA_VISIBLE_DEVICES=0 run gpu1_fp32master_b 200
     ;;
   overlap2)  # 2 GPUs, STEPS=80: dp2 x ep2 plain bf16 (balanced by the bias) without and with train.overlap_optimizer
     pure="train.master_dtype=bf16 parallel.zero_stage=0 moe.bias_update_rate=0.005"

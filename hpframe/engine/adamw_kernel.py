@@ -35,8 +35,8 @@ _BLOCK = 1024  # elements per program (with 4 warps: the fastest of 12 launch sh
 if triton is not None:
 
     @triton.jit
-    def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, step_ptr, coef_ptr, bad_ptr, n, lr, beta1, beta2, eps,
-                      weight_decay, BLOCK: tl.constexpr):
+    def _adamw_kernel(p_ptr, g_ptr, m_ptr, v_ptr, lp_ptr, step_ptr, coef_ptr, bad_ptr, n, lr, beta1, beta2, eps,
+                      weight_decay, HAS_LP: tl.constexpr, BLOCK: tl.constexpr):
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         keep = tl.load(bad_ptr) == 0
         mask = (offs < n) & keep  # a skipped step reads and writes nothing
@@ -53,6 +53,8 @@ if triton is not None:
         bc2_sqrt = tl.sqrt(1.0 - tl.exp(step * tl.log(beta2)))
         p = p - (lr / bc1) * m / (tl.sqrt(v) / bc2_sqrt + eps)
         tl.store(p_ptr + offs, p.to(p_ptr.dtype.element_ty), mask=mask)
+        if HAS_LP:  # the low-precision copy of a master weight, rounded as copy_ rounds it (to nearest even)
+            tl.store(lp_ptr + offs, p.to(lp_ptr.dtype.element_ty), mask=mask)
         tl.store(m_ptr + offs, m.to(m_ptr.dtype.element_ty), mask=mask)
         tl.store(v_ptr + offs, v.to(v_ptr.dtype.element_ty), mask=mask)
 
@@ -106,18 +108,27 @@ def kernel_ok(params: list[torch.Tensor]) -> bool:
 @torch.no_grad()
 def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                 exp_avg_sqs: list[torch.Tensor], steps: list[torch.Tensor], *, lr: float, beta1: float,
-                beta2: float, eps: float, weight_decay: float, coef: torch.Tensor, bad: torch.Tensor) -> None:
-    """One AdamW update of every tensor in place; ``coef``/``bad`` are 0-dim fp32 tensors on the device."""
+                beta2: float, eps: float, weight_decay: float, coef: torch.Tensor, bad: torch.Tensor,
+                lps: list[torch.Tensor | None] | None = None) -> None:
+    """One AdamW update of every tensor in place; ``coef``/``bad`` are 0-dim fp32 tensors on the device.
+
+    ``lps[i]``, when given and not None, is a contiguous tensor of ``params[i]``'s size (bf16 for fp32
+    master weights) that receives the updated values in its own dtype in the same pass: the copy that
+    DeepSpeed's BF16_Optimizer otherwise makes after the update (read 4 bytes, write 2 per parameter).
+    """
     if not params:
         return
     # step counts advance unless the step is skipped (as torch's fused AdamW does with found_inf)
     torch._foreach_add_(steps, 1.0)
     torch._foreach_sub_(steps, [bad] * len(steps))
-    for p, g, m, v, s in zip(params, grads, exp_avgs, exp_avg_sqs, steps):
+    for i, (p, g, m, v, s) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, steps)):
         n = p.numel()
         if n == 0:
             continue
         g = g if g.is_contiguous() else g.contiguous()
+        lp = lps[i] if lps is not None else None
+        if lp is not None and (lp.numel() != n or not lp.is_contiguous()):
+            raise ValueError(f"adamw_step_: low-precision copy {tuple(lp.shape)} does not match parameter {tuple(p.shape)}")
         grid = (triton.cdiv(n, _BLOCK),)
-        _adamw_kernel[grid](p, g, m, v, s, coef, bad, n, lr, beta1, beta2, eps, weight_decay, BLOCK=_BLOCK,
-                            num_warps=4)
+        _adamw_kernel[grid](p, g, m, v, p if lp is None else lp, s, coef, bad, n, lr, beta1, beta2, eps, weight_decay,
+                            HAS_LP=lp is not None, BLOCK=_BLOCK, num_warps=4)

@@ -10,6 +10,15 @@ fp32 accumulation) for the next ones, each as one multi-tensor call over all par
 stores is what DeepSpeed's method stores; the bookkeeping (``_hp_grad``,
 ``fp32_groups_has_gradients``) is kept the same.
 
+Because every buffer is overwritten (copied, or zeroed for a parameter without a gradient) by the
+first hand-over of a step before anything reads it, ``clear_hp_grads`` only resets the bookkeeping:
+DeepSpeed's version zero-fills all fp32 gradients twice per step (after its step and in
+``zero_grad``), 4 bytes per parameter each time.
+
+With hpframe's Triton AdamW as the inner optimizer, ``update_lp_params`` no longer copies the fp32
+master partitions into the bf16 ones: the update kernel writes the bf16 values in its own pass
+(``_fuse_lp_copy``).
+
 It also replaces ``step`` by one without DeepSpeed's own gradient norm (``_step_without_norm``).
 Only the delayed path is replaced: with ``immediate_grad_update`` DeepSpeed does the hand-over in
 gradient hooks and its ``update_hp_grads`` returns at once (hpframe's config leaves it off).
@@ -33,19 +42,23 @@ def install(optimizer: Any) -> bool:
 
     @torch.no_grad()
     def update_hp_grads(clear_lp_grads: bool = False) -> None:
-        copy_dst, copy_src, add_dst, add_src = [], [], [], []
+        copy_dst, copy_src, add_dst, add_src, stale = [], [], [], [], []
         for i, group in enumerate(optimizer.bf16_groups):
             has = optimizer.fp32_groups_has_gradients[i]
             for j, lp in enumerate(group):
-                if lp.grad is None:
-                    continue
                 hp = optimizer.fp32_groups_gradients[i][j]
+                if lp.grad is None:
+                    if not has[j]:  # no gradient yet this step: the buffer still holds the last step's
+                        stale.append(hp)
+                    continue
                 dst, src = (add_dst, add_src) if has[j] else (copy_dst, copy_src)
                 dst.append(hp)
                 src.append(lp.grad.view(hp.shape))
                 lp._hp_grad = hp
                 has[j] = True
         # multi-tensor kernels where torch has them for this dtype pair, one kernel per tensor otherwise
+        if stale:
+            torch._foreach_zero_(stale)
         if copy_dst:
             torch._foreach_copy_(copy_dst, copy_src)
         if add_dst:
@@ -53,10 +66,58 @@ def install(optimizer: Any) -> bool:
         if clear_lp_grads and (copy_src or add_src):
             torch._foreach_zero_(copy_src + add_src)
 
+    def clear_hp_grads() -> None:
+        # forget which buffers hold a gradient; the next update_hp_grads overwrites or zeroes each one
+        # before anything reads it, so the two 4-byte-per-parameter zero fills per step go
+        for i, group in enumerate(optimizer.fp32_groups_gradients):
+            optimizer.fp32_groups_has_gradients[i] = [False] * len(group)
+
     optimizer.update_hp_grads = update_hp_grads
+    optimizer.clear_hp_grads = clear_hp_grads
+    _fuse_lp_copy(optimizer)
     if not getattr(optimizer, "_uses_muon", False) and not optimizer.clip_grad > 0:
         optimizer.step = _step_without_norm(optimizer)
     return True
+
+
+def _fuse_lp_copy(optimizer: Any) -> None:
+    """Let hpframe's AdamW kernel write each bf16 partition as it updates its fp32 master partition.
+
+    BF16_Optimizer's ``update_lp_params`` copies every fp32 master partition into this rank's bf16
+    partition after the update (read 4 bytes, write 2 per parameter), then all-gathers the bf16
+    partitions over data parallelism. Where the inner optimizer is ``SkippableAdamW`` and its Triton
+    kernel ran, the kernel has written the same rounded values (round to nearest even, as ``copy_``)
+    in the update's own pass; the replaced method then copies only the partitions the kernel did not
+    write and all-gathers as before.
+    """
+    from deepspeed import comm as dist
+    from deepspeed.runtime import bf16_optimizer as ds_bf16
+
+    from hpframe.engine.step import SkippableAdamW
+
+    inner = optimizer.optimizer
+    if not isinstance(inner, SkippableAdamW):
+        return
+    pairs = []  # (fp32 master partition, this rank's bf16 partition)
+    for i, (bf16_parts, fp32_part) in enumerate(zip(optimizer.bf16_partitioned_groups, optimizer.fp32_groups_flat_partition)):
+        lp = bf16_parts[dist.get_rank(group=optimizer.real_dp_process_group[i])]
+        pairs.append((fp32_part, lp))
+        if lp.numel() == fp32_part.numel() and lp.is_contiguous():
+            inner.lp_copies[id(fp32_part)] = lp
+
+    @torch.no_grad()
+    def update_lp_params() -> None:
+        written = inner.take_lp_written()
+        for fp32_part, lp in pairs:
+            if id(fp32_part) not in written:
+                lp.data.copy_(fp32_part.data)
+        ds_bf16.all_gather_dp_groups(groups_flat=optimizer.bf16_groups_flat,
+                                     partitioned_param_groups=optimizer.bf16_partitioned_groups,
+                                     dp_process_group=optimizer.real_dp_process_group,
+                                     start_alignment_factor=optimizer.nccl_start_alignment_factor,
+                                     allgather_bucket_size=optimizer.allgather_bucket_size)
+
+    optimizer.update_lp_params = update_lp_params
 
 
 def _step_without_norm(optimizer: Any) -> Any:

@@ -67,6 +67,14 @@ class SkippableAdamW(torch.optim.AdamW):
         self._units: list[list[nn.Parameter]] = []
         self._unit_groups: list[list[list[nn.Parameter]]] = []
         self._events: list[Any] = []
+        # fp32 master partitions whose low-precision copy the kernel writes (engine/bf16_grads.py)
+        self.lp_copies: dict[int, torch.Tensor] = {}
+        self._lp_written: set[int] = set()
+
+    def take_lp_written(self) -> set[int]:
+        """ids of the parameters whose ``lp_copies`` entry the last update wrote; cleared by the call."""
+        written, self._lp_written = self._lp_written, set()
+        return written
 
     def overlap_with_forward(self, model: nn.Module) -> int:
         """Run the update on a side stream, unit by unit in the model's forward order, so that the next
@@ -202,7 +210,7 @@ class SkippableAdamW(torch.optim.AdamW):
         from hpframe.engine.adamw_kernel import adamw_step_
 
         for group in param_groups:
-            ps, gs, ms, vs, steps = [], [], [], [], []
+            ps, gs, ms, vs, steps, lps = [], [], [], [], [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -216,9 +224,12 @@ class SkippableAdamW(torch.optim.AdamW):
                 ms.append(st["exp_avg"])
                 vs.append(st["exp_avg_sq"])
                 steps.append(st["step"])
+                lps.append(self.lp_copies.get(id(p)))
             beta1, beta2 = group["betas"]
             adamw_step_(ps, gs, ms, vs, steps, lr=float(group["lr"]), beta1=float(beta1), beta2=float(beta2),
-                        eps=float(group["eps"]), weight_decay=float(group["weight_decay"]), coef=coef, bad=bad)
+                        eps=float(group["eps"]), weight_decay=float(group["weight_decay"]), coef=coef, bad=bad,
+                        lps=lps if any(lp is not None for lp in lps) else None)
+            self._lp_written.update(id(p) for p, lp in zip(ps, lps) if lp is not None)
 
 
 def forward_units(model: nn.Module) -> list[tuple[str, nn.Module]]:

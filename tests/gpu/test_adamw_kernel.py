@@ -69,3 +69,32 @@ def test_sq_sum_matches_fp64_reference() -> None:
         broken = [t.clone() for t in grads]
         broken[1][5] = bad
         assert not torch.isfinite(sq_sum(broken))
+
+
+def test_low_precision_copy_written_in_the_same_pass() -> None:
+    """fp32 master weights with bf16 copies (DeepSpeed's BF16_Optimizer partitions): the kernel's bf16
+    output equals ``copy_`` of its fp32 result bit for bit, the fp32 update is the one without copies,
+    and a skipped step leaves the copy as it was."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    shapes = [(1000, 384), (4097,)]
+    with_copy = [torch.randn(s, device="cuda", generator=g).requires_grad_(True) for s in shapes]
+    without = [p.detach().clone().requires_grad_(True) for p in with_copy]
+    lps = [torch.full(s, 9.0, device="cuda", dtype=torch.bfloat16) for s in shapes]
+    opt, ref = (SkippableAdamW(ps, lr=3e-3, weight_decay=0.1, fused=True) for ps in (with_copy, without))
+    opt.lp_copies = {id(p): lp for p, lp in zip(with_copy, lps)}
+    for coef, bad in [(1.0, 0.0), (0.5, 0.0), (0.5, 1.0)]:
+        for a, b in zip(with_copy, without):
+            a.grad = torch.randn(a.shape, device="cuda", generator=g)
+            b.grad = a.grad.clone()
+        before = [lp.clone() for lp in lps]
+        for o in (opt, ref):
+            o.control(torch.tensor(coef, device="cuda"), torch.tensor([bad], device="cuda"))
+            o.step()
+            o.control(None)
+        assert opt.take_lp_written() == {id(p) for p in with_copy} and opt.take_lp_written() == set()
+        for a, b, lp, old in zip(with_copy, without, lps, before):
+            assert torch.equal(a, b)
+            assert torch.equal(lp, old if bad else a.detach().to(torch.bfloat16))
+    with pytest.raises(ValueError, match="does not match parameter"):
+        opt.lp_copies = {id(with_copy[0]): torch.zeros(7, device="cuda", dtype=torch.bfloat16)}
+        opt.step()
