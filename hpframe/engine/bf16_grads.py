@@ -98,25 +98,32 @@ def _fuse_lp_copy(optimizer: Any) -> None:
     inner = optimizer.optimizer
     if not isinstance(inner, SkippableAdamW):
         return
-    pairs = []  # (fp32 master partition, this rank's bf16 partition)
-    for i, (bf16_parts, fp32_part) in enumerate(zip(optimizer.bf16_partitioned_groups, optimizer.fp32_groups_flat_partition)):
-        lp = bf16_parts[dist.get_rank(group=optimizer.real_dp_process_group[i])]
-        pairs.append((fp32_part, lp))
-        if lp.numel() == fp32_part.numel() and lp.is_contiguous():
-            inner.lp_copies[id(fp32_part)] = lp
+
+    def pairs() -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(fp32 master partition, this rank's bf16 partition) per group, as the optimizer holds them now."""
+        return [(fp32_part, bf16_parts[dist.get_rank(group=optimizer.real_dp_process_group[i])])
+                for i, (bf16_parts, fp32_part) in enumerate(zip(optimizer.bf16_partitioned_groups,
+                                                                optimizer.fp32_groups_flat_partition))]
+
+    def link() -> None:
+        inner.lp_copies = {id(f): lp for f, lp in pairs() if lp.numel() == f.numel() and lp.is_contiguous()}
 
     @torch.no_grad()
     def update_lp_params() -> None:
+        # a partition the kernel did not write (another path, or a tensor the optimizer replaced, as a
+        # checkpoint load might) is copied as DeepSpeed copies it
         written = inner.take_lp_written()
-        for fp32_part, lp in pairs:
+        for fp32_part, lp in pairs():
             if id(fp32_part) not in written:
                 lp.data.copy_(fp32_part.data)
+        link()
         ds_bf16.all_gather_dp_groups(groups_flat=optimizer.bf16_groups_flat,
                                      partitioned_param_groups=optimizer.bf16_partitioned_groups,
                                      dp_process_group=optimizer.real_dp_process_group,
                                      start_alignment_factor=optimizer.nccl_start_alignment_factor,
                                      allgather_bucket_size=optimizer.allgather_bucket_size)
 
+    link()
     optimizer.update_lp_params = update_lp_params
 
 
