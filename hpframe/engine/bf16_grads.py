@@ -105,25 +105,25 @@ def _fuse_lp_copy(optimizer: Any) -> None:
                 for i, (bf16_parts, fp32_part) in enumerate(zip(optimizer.bf16_partitioned_groups,
                                                                 optimizer.fp32_groups_flat_partition))]
 
-    def link() -> None:
-        inner.lp_copies = {id(f): lp for f, lp in pairs() if lp.numel() == f.numel() and lp.is_contiguous()}
+    def link(current: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        inner.lp_copies = {id(f): lp for f, lp in current if lp.numel() == f.numel() and lp.is_contiguous()}
 
     @torch.no_grad()
     def update_lp_params() -> None:
         # a partition the kernel did not write (another path, or a tensor the optimizer replaced, as a
         # checkpoint load might) is copied as DeepSpeed copies it
-        written = inner.take_lp_written()
-        for fp32_part, lp in pairs():
+        written, current = inner.take_lp_written(), pairs()
+        for fp32_part, lp in current:
             if id(fp32_part) not in written:
                 lp.data.copy_(fp32_part.data)
-        link()
+        link(current)
         ds_bf16.all_gather_dp_groups(groups_flat=optimizer.bf16_groups_flat,
                                      partitioned_param_groups=optimizer.bf16_partitioned_groups,
                                      dp_process_group=optimizer.real_dp_process_group,
                                      start_alignment_factor=optimizer.nccl_start_alignment_factor,
                                      allgather_bucket_size=optimizer.allgather_bucket_size)
 
-    link()
+    link(pairs())
     optimizer.update_lp_params = update_lp_params
 
 

@@ -62,9 +62,8 @@ class SkippableAdamW(torch.optim.AdamW):
         super().__init__(*args, **kwargs)
         self._control: tuple[torch.Tensor, torch.Tensor] | None = None
         self._kernel: bool | None = None  # hpframe's Triton AdamW (adamw_kernel.py); decided at the first step
-        # overlap_with_forward: the side stream, the parameters of each forward unit, their events
+        # overlap_with_forward: the side stream; per unit, its share of every param group; their events
         self._stream: Any = None
-        self._units: list[list[nn.Parameter]] = []
         self._unit_groups: list[list[list[nn.Parameter]]] = []
         self._events: list[Any] = []
         # fp32 master partitions whose low-precision copy the kernel writes (engine/bf16_grads.py)
@@ -95,17 +94,14 @@ class SkippableAdamW(torch.optim.AdamW):
         units = forward_units(model)
         mine = {id(p) for p in params}
         seen: set[int] = set()
-        unit_params: list[list[nn.Parameter]] = []
+        owned: list[set[int]] = []  # a parameter shared by two units (a tied weight) belongs to the first
         for _, mod in units:
-            own = []
-            for p in mod.parameters():
-                if id(p) in mine and id(p) not in seen:
-                    seen.add(id(p))
-                    own.append(p)
-            unit_params.append(own)
-        rest = [p for p in params if id(p) not in seen]
-        self._units = [rest] + unit_params
-        self._events = [None] * len(self._units)
+            ids = {id(p) for p in mod.parameters() if id(p) in mine} - seen
+            seen |= ids
+            owned.append(ids)
+        members = [mine - seen] + owned  # the parameters no unit holds are updated first
+        self._unit_groups = [[[p for p in g["params"] if id(p) in ids] for g in self.param_groups] for ids in members]
+        self._events = [None] * len(self._unit_groups)
         self._stream = torch.cuda.Stream(device=params[0].device)
         model.register_forward_pre_hook(lambda mod, args: self._wait_unit(0))
         for i, (_, mod) in enumerate(units, start=1):
@@ -192,9 +188,6 @@ class SkippableAdamW(torch.optim.AdamW):
         side = self._stream
         self.wait_for_update()  # a unit the last forward did not reach (never, in training) is done first
         side.wait_stream(torch.cuda.current_stream(side.device))  # gradients, coef and bad are ready
-        if len(self._unit_groups) != len(self._units):  # each unit's share of every param group, once
-            members = [{id(p) for p in unit} for unit in self._units]
-            self._unit_groups = [[[p for p in g["params"] if id(p) in ids] for g in self.param_groups] for ids in members]
         with torch.cuda.stream(side):
             for i, shares in enumerate(self._unit_groups):
                 self._update([{**g, "params": ps} for g, ps in zip(self.param_groups, shares) if ps], coef, bad)
@@ -203,7 +196,7 @@ class SkippableAdamW(torch.optim.AdamW):
                 self._events[i] = ev
         # the gradients are freed on the current stream after this step: not reused before the side
         # stream has read them
-        for t in [p.grad for unit in self._units for p in unit if p.grad is not None] + [coef, bad]:
+        for t in [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None] + [coef, bad]:
             t.record_stream(side)
 
     def _update(self, param_groups: list[dict], coef: torch.Tensor, bad: torch.Tensor) -> None:
