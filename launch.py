@@ -48,6 +48,18 @@ def main(cfg: DictConfig) -> None:
         sys.exit(code)
 
 
+def expand_from_hf(argv: list[str]) -> list[str]:
+    """``model.from_hf=DIR`` completed by the fields of DIR/config.json (``hpframe.config.hf_config``);
+    a contradicting override or an unsupported config.json ends the process with exit code 2."""
+    from hpframe.config.hf_config import HFConfigError, expand_overrides
+
+    try:
+        return argv[:1] + expand_overrides(argv[1:])
+    except HFConfigError as err:
+        print(f"hpframe: invalid configuration: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    sys.argv = strip_local_rank(sys.argv)
+    sys.argv = expand_from_hf(strip_local_rank(sys.argv))
     main()
