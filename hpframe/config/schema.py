@@ -1,6 +1,6 @@
 """The configuration schema of hpframe: one dataclass per Hydra config group.
 
-Every YAML file under ``conf/`` and ``recipes/`` is validated against these classes when Hydra
+Every YAML file under ``hpframe/conf/`` and ``hpframe/recipes/`` is validated against these classes when Hydra
 composes the configuration, so a misspelled key or a value of the wrong type fails at compose time.
 Choices are ``str``-valued Enums (OmegaConf validates them by name, and they compare equal to
 their string value). Counts start with ``num_``. ``-1`` means "derive it" wherever a field says so.
@@ -339,7 +339,7 @@ class PlanConfig:
 
 @dataclass
 class RunConfig:
-    """The whole run. Hydra composes it from conf/config.yaml, a recipe and command-line overrides."""
+    """The whole run. Hydra composes it from hpframe/conf/config.yaml, a recipe and command-line overrides."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
