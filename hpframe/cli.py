@@ -34,9 +34,15 @@ def strip_local_rank(argv: list[str]) -> list[str]:
     return out
 
 
+_TASK_STARTED = False
+"""Set once Hydra has composed the config and called ``hydra_main``: later exceptions are not composition errors."""
+
+
 @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
 def hydra_main(cfg: DictConfig) -> None:
     """Hydra's entry: run the composed config; exit with the run's code."""
+    global _TASK_STARTED
+    _TASK_STARTED = True
     from hpframe.launcher import exit_worker, under_launcher
     from hpframe.run import main_from_hydra
 
@@ -48,10 +54,23 @@ def hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    """Console entry (``hpframe``, ``python launch.py``): register the configs, then let Hydra compose and run."""
+    """Console entry (``hpframe``, ``python launch.py``): register the configs, then let Hydra compose and run.
+
+    A composition error (misspelled key, wrong type, unknown recipe) is one line and exit code 2, as
+    the planner's refusals are; any other exception is a bug in hpframe and keeps its traceback."""
+    from hpframe.config.errors import CONFIG_ERRORS, describe_config_error
+    from hpframe.run import EXIT_USER_ERROR
+
     register_configs()
     sys.argv = strip_local_rank(sys.argv)
-    hydra_main()
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra re-raises instead of printing and exiting 1
+    try:
+        hydra_main()
+    except CONFIG_ERRORS as err:
+        if _TASK_STARTED:  # raised by hpframe's own code, not by composition: a bug
+            raise
+        print(f"hpframe: invalid configuration: {describe_config_error(err)}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from hpframe.config.convert import to_run_config
 from hpframe.config.schema import PlanFormat, RunConfig
+from hpframe.errors import UserError
 from hpframe.logging import get_logger
 
 log = get_logger(__name__)
@@ -30,7 +31,11 @@ def main_from_hydra(cfg: DictConfig) -> int:
     """Hydra entry: convert, fill in the run directory, run. Returns the process exit code."""
     from hydra.core.hydra_config import HydraConfig
 
-    run_cfg = to_run_config(cfg)
+    try:
+        run_cfg = to_run_config(cfg)
+    except UserError as err:
+        print(f"hpframe: invalid configuration: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
     if HydraConfig.initialized():
         run_cfg.output_dir = HydraConfig.get().runtime.output_dir
     return main(run_cfg)
@@ -45,11 +50,11 @@ def _render(plan: object, cfg: RunConfig) -> str:
 def main(cfg: RunConfig) -> int:
     """Plan, then (unless a dry run) train, starting local processes when the plan needs them."""
     from hpframe.launcher import launch_local, single_process_env, under_launcher
-    from hpframe.plan import PlanError, make_plan
+    from hpframe.plan import make_plan
 
     try:
         plan = make_plan(cfg)
-    except PlanError as err:
+    except UserError as err:
         print(f"hpframe: invalid configuration: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     if cfg.plan.dry_run:
@@ -127,9 +132,9 @@ def train_main(cfg: RunConfig, plan: "object") -> int:
     except NonFiniteLossError as err:
         log.error(f"hpframe: stopping: {err}")
         return EXIT_NONFINITE
-    except ValueError as err:
-        # one clear line for the user; the traceback goes to a file, so an internal error that
-        # happens to be a ValueError is not lost
+    except UserError as err:
+        # one clear line for the user; the traceback goes to a file. Any other exception is a bug
+        # in hpframe and propagates with its traceback.
         where = _save_traceback(cfg.output_dir)
         log.error(f"hpframe: invalid configuration: {err}" + (f" (traceback in {where})" if where else ""))
         return EXIT_USER_ERROR
