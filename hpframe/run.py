@@ -62,6 +62,15 @@ def main(cfg: RunConfig) -> int:
         return 0
     if not under_launcher() or (os.environ.get("RANK") == "0" and PLAN_SHOWN not in os.environ):
         print(_render(plan, cfg), flush=True)
+    if not under_launcher():  # before any process starts: GPUs and cores for plan.world_size processes
+        from hpframe.machine import check_placement, probe
+
+        try:
+            for warning in check_placement(cfg, probe(), plan.world_size):
+                log.warning(warning)
+        except UserError as err:
+            print(f"hpframe: invalid configuration: {err}", file=sys.stderr)
+            return EXIT_USER_ERROR
     if not under_launcher() and plan.world_size > 1:
         os.environ[PLAN_SHOWN] = "1"  # inherited by the workers: rank 0 need not print it again
         return launch_local(cfg, plan.world_size)
@@ -102,13 +111,19 @@ def train_main(cfg: RunConfig, plan: "object") -> int:
     from hpframe.data import build_data
     from hpframe.engine import build_engine
     from hpframe.launcher import agree_on_run_dir
+    from hpframe.machine import check_memory_now, oom_report, prepare_process
     from hpframe.models import build_model
     from hpframe.parallel import init_distributed, parallelize
     from hpframe.train.loop import EXIT_NONFINITE, NonFiniteLossError, train
 
     try:
+        where, warnings = prepare_process(cfg, local_procs=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         groups = init_distributed(plan)
+        memory_warning = check_memory_now(cfg, plan, dist.get_rank())
         cfg.output_dir = agree_on_run_dir(cfg.output_dir)
+        log.info(f"runs on: {where}")
+        for warning in [*warnings, *([memory_warning] if memory_warning else [])]:
+            log.warning(warning)
         log.info(f"plan: {plan.world_size} processes, tp={plan.tp} pp={plan.pp} dp={plan.dp} ep={plan.ep} "
                  f"zero={plan.zero_stage}, global batch {plan.global_batch_size} x {cfg.data.seq_len} tokens "
                  f"({plan.micro_batch_size} per micro-batch x {plan.grad_accum} accumulation x {plan.dp} dp); run dir {cfg.output_dir}")
@@ -129,6 +144,11 @@ def train_main(cfg: RunConfig, plan: "object") -> int:
         log.info(f"done: {result.steps_done} steps, metrics in {cfg.output_dir}/metrics.jsonl")
         _log_peak_memory(plan)
         return 0
+    except torch.OutOfMemoryError:
+        where = _save_traceback(cfg.output_dir)
+        log.error(oom_report(cfg, plan, dist.get_rank() if dist.is_initialized() else 0)
+                  + (f" Traceback in {where}." if where else ""))
+        return EXIT_USER_ERROR
     except NonFiniteLossError as err:
         log.error(f"hpframe: stopping: {err}")
         return EXIT_NONFINITE

@@ -229,6 +229,11 @@ class TrainConfig:
     weights directly with bf16 moments (ZeRO 1/2 only): 8 bytes less per parameter and no copies, but
     updates smaller than a bf16 step of a weight are lost."""
     device: Device = Device.auto
+    """auto (cuda when the machine has a GPU), cpu or cuda. A plan for a GPU cluster (cluster.device=cuda)
+    is refused on a machine without GPUs unless train.device=cpu asks for the CPU explicitly."""
+    num_threads: int = 0
+    """torch intra-op threads per process; 0 = OMP_NUM_THREADS when set, else the cores left free by the
+    load and the other local processes, 1 when fewer than two are free."""
     log_interval: int = 1
     """Steps between log lines."""
     eval_interval: int = 0
