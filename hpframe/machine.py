@@ -191,7 +191,7 @@ def check_memory_now(cfg: RunConfig, plan: Any, rank: int) -> str | None:
     """``check_device_memory`` for this rank's stage against the current CUDA device's free memory; None off CUDA."""
     import torch
 
-    if plan.memory is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+    if plan.memory is None or cfg.train.device == Device.cpu or not torch.cuda.is_available():
         return None
     stage = plan.ranks.coords(rank)["pp"]
     free, total = torch.cuda.mem_get_info()
