@@ -61,6 +61,11 @@ def main() -> None:
     from hpframe.config.errors import CONFIG_ERRORS, describe_config_error
     from hpframe.run import EXIT_USER_ERROR
 
+    if any(arg in ("--help", "-h") for arg in sys.argv[1:]):
+        from hpframe.config.help import render_help
+
+        print(render_help())
+        return
     register_configs()
     sys.argv = strip_local_rank(sys.argv)
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra re-raises instead of printing and exiting 1

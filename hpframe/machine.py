@@ -174,6 +174,10 @@ def prepare_process(cfg: RunConfig, *, local_procs: int, machine: Machine | None
 
     machine = machine or probe()
     warnings = check_placement(cfg, machine, local_procs)
+    if cfg.train.wandb:  # on every rank, before anything is built (only rank 0 logs)
+        from hpframe.train.metrics import require_wandb
+
+        require_wandb()
     threads = resolve_num_threads(cfg.train.num_threads, machine, local_procs=local_procs,
                                   env_threads=os.environ.get("OMP_NUM_THREADS"))
     torch.set_num_threads(threads)

@@ -15,6 +15,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException, Ove
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
+from hpframe.config import schema
 from hpframe.errors import UserError, did_you_mean
 
 CONFIG_ERRORS = (ConfigCompositionException, MissingConfigException, OverrideParseException, OmegaConfBaseException)
@@ -54,6 +55,10 @@ def describe_config_error(err: BaseException) -> str:
     cause = err.__cause__ if isinstance(err, ConfigCompositionException) and err.__cause__ is not None else err
     override = re.search(r"(?:Could not override|Error merging override) '?([^'\s]+)'?", str(err))
     key = override.group(1) if override else str(getattr(cause, "full_key", "") or "")
+    nested = re.search(r"^In '([^']+)': \w+ raised while composing config:\s+Key '\w+' not in '(\w+)'\s+full_key: (\S+)", str(err))
+    if nested:  # a misspelled key inside a YAML file (a recipe, a group option): Hydra keeps only the text
+        where, cls, full_key = nested.groups()
+        return f"{_unknown_key(full_key, getattr(schema, cls, None))} (in {where}.yaml)"
     if isinstance(cause, (ConfigKeyError, AttributeError)) and "not in" in str(cause):
         key = str(getattr(cause, "full_key", "") or key.split("=", 1)[0])
         return _unknown_key(key, getattr(cause, "object_type", None))

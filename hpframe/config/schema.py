@@ -246,6 +246,12 @@ class TrainConfig:
     """Rich progress bar on rank 0."""
     tensorboard: bool = True
     """Write TensorBoard event files in the run directory."""
+    wandb: bool = False
+    """Also log the step figures to Weights & Biases (needs ``pip install wandb``; rank 0 only)."""
+    wandb_project: str = "hpframe"
+    """Weights & Biases project of the run."""
+    wandb_mode: str = "online"
+    """online, or offline: written under RUN_DIR/wandb without a network (upload later with ``wandb sync``)."""
     compile: bool = False
     """torch.compile the transformer blocks."""
     overlap_optimizer: bool = False
@@ -272,6 +278,7 @@ class DataConfig:
     """Training data."""
 
     kind: DataKind = DataKind.synthetic
+    """synthetic (built-in corpus) or tokenized (shards written by `python -m hpframe.data.prepare`)."""
     path: str = ""
     """Directory of a tokenized dataset (kind=tokenized)."""
     seq_len: int = 128
@@ -287,6 +294,7 @@ class DataConfig:
 @dataclass
 class CheckpointConfig:
     enabled: bool = True
+    """Write checkpoints (and resume from them, see resume)."""
     dir: str = "checkpoints"
     """Directory of checkpoints, relative to the run directory unless absolute."""
     interval: int = 0
@@ -305,6 +313,7 @@ class ClusterConfig:
 
     name: str = MISSING
     nodes: int = 1
+    """Machines in the job."""
     gpus_per_node: int = MISSING
     """Devices (GPUs, or CPU processes) per node; -1 = as many as the parallel degrees need (local runs)."""
     device: Device = Device.cuda
