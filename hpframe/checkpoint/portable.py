@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hpframe.checkpoint import store
 from hpframe.checkpoint.store import fsync_path
 
 FORMAT_VERSION = 1
@@ -124,15 +125,39 @@ class _Stored:
     rows: tuple[int, int] | None
 
 
+def listed_files(directory: Path) -> set[str]:
+    """The files of a committed checkpoint that its MANIFEST.json lists; ValueError naming any other file.
+
+    Only listed files (whose sizes and checksums ``store.verify`` checks) are ever read: a file added
+    to a committed checkpoint afterwards (an extra layout JSON and tensors file) would otherwise join
+    the merged index and change the loaded weights.
+    """
+    directory = Path(directory)
+    try:
+        manifest = store.verify(directory, checksums=False)
+    except store.CheckpointError as err:
+        raise ValueError(str(err)) from err
+    listed = set(manifest["files"])
+    for p in sorted(directory.rglob("*")):
+        rel = p.relative_to(directory).as_posix()
+        if p.is_file() and rel != store.MANIFEST and rel not in listed:
+            raise ValueError(f"{p}: not listed in {directory / store.MANIFEST} (added after the save?); "
+                             f"refusing to load a checkpoint with unlisted files")
+    return listed
+
+
 class PortableCheckpoint:
     """Read side: the merged index of every rank's layout JSON; tensors read lazily by slice.
 
+    Only a committed checkpoint is read, and only the files its manifest lists (``listed_files``).
     Safetensors files are memory-mapped headers plus raw bytes: reading never executes code.
     """
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
-        layouts = sorted((self.directory / "layout").glob("rank*.json"))
+        listed = listed_files(self.directory)
+        layouts = [self.directory / rel for rel in sorted(listed)
+                   if rel.startswith("layout/rank") and rel.endswith(".json")]
         if not layouts:
             raise ValueError(f"{self.directory}: no layout/rank*.json: not a portable hpframe checkpoint")
         self.shapes: dict[tuple[str, str], tuple[int, ...]] = {}
@@ -141,6 +166,8 @@ class PortableCheckpoint:
         self.saved_coords: dict[int, dict[str, int]] = {}
         for path in layouts:
             doc = json.loads(path.read_text())
+            if doc["file"] not in listed:
+                raise ValueError(f"{path}: names {doc['file']}, which {store.MANIFEST} does not list")
             self.saved_coords[int(doc["rank"])] = doc["coords"]
             self.adam_step.update(doc["adam_step"])
             for key, meta in doc["tensors"].items():

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from hpframe.checkpoint import store
 from hpframe.checkpoint.portable import (
     Piece,
     PortableCheckpoint,
@@ -44,6 +45,7 @@ def saved(tmp_path):
     r1.pieces = [Piece("w", "param", experts[2:], (E, F, H), (2, 4)), Piece("w", "exp_avg", moment[2:], (E, F, H), (2, 4))]
     write_part(tmp_path, r0)
     write_part(tmp_path, r1)
+    store.write_manifest(tmp_path, step=3)
     return tmp_path, {"embed.weight": dense, "bias": bias, "w": experts, "w.exp_avg": moment}
 
 
@@ -79,6 +81,7 @@ def test_split_gate_and_up_of_an_older_checkpoint_read_as_packed_w13(tmp_path):
                             Piece(name, "exp_avg", m[lo:hi], (E, F, H), (lo, hi))]
         part.pieces.append(Piece("layers.2.mlp.experts.w1", "param", gelu[lo:hi], (E, F, H), (lo, hi)))
         write_part(tmp_path, part)
+    store.write_manifest(tmp_path, step=7)
     ck = PortableCheckpoint(tmp_path)
     w13 = "layers.1.mlp.experts.w13"
     assert ck.names() == {w13, "layers.2.mlp.experts.w1"}
@@ -99,6 +102,7 @@ def test_layout_json_records_expert_rows(saved):
 def test_missing_rows_are_an_error(saved):
     path, _ = saved
     (path / "layout" / "rank00001.json").unlink()
+    store.write_manifest(path, step=3)  # a checkpoint committed without rank 1's part
     ck = PortableCheckpoint(path)
     with pytest.raises(ValueError, match=r"param w rows \[0, 4\) are not all stored"):
         ck.read("w")
@@ -117,8 +121,32 @@ def test_incompatible_model_names_every_tensor(saved):
 
 
 def test_not_a_portable_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="no MANIFEST.json"):
+        PortableCheckpoint(tmp_path)
+    store.write_manifest(tmp_path, step=0)
     with pytest.raises(ValueError, match="no layout/rank"):
         PortableCheckpoint(tmp_path)
+
+
+def test_files_outside_the_manifest_are_refused(saved, tmp_path_factory):
+    """An extra rank part (layout JSON + tensors overriding ``embed.weight`` and expert rows) injected into
+    a committed checkpoint is never merged into the index: loading names the unlisted file instead. A
+    listed file that goes missing is named too; the untouched checkpoint still reads as saved."""
+    path, ref = saved
+    assert torch.equal(PortableCheckpoint(path).read("w"), ref["w"])
+    evil = RankPart(rank=7, coords={"tp": 0, "pp": 0, "dp": 7, "ep": 0, "edp": 0})
+    evil.pieces = [Piece("embed.weight", "param", torch.zeros(5, H), (5, H)), Piece("w", "param", torch.zeros(2, F, H), (E, F, H), (0, 2))]
+    other = tmp_path_factory.mktemp("evil")
+    write_part(other, evil)
+    for rel in ("layout/rank00007.json", tensor_file(7)):
+        (path / rel).write_bytes((other / rel).read_bytes())
+        with pytest.raises(ValueError, match=rf"{path / rel}: not listed in {path / 'MANIFEST.json'}"):
+            PortableCheckpoint(path)
+        (path / rel).unlink()
+    assert torch.equal(PortableCheckpoint(path).read("embed.weight"), ref["embed.weight"])
+    (path / tensor_file(1)).unlink()
+    with pytest.raises(ValueError, match=rf"{path / tensor_file(1)}: listed in the manifest but missing"):
+        PortableCheckpoint(path)
 
 
 def test_safetensors_header_is_json_not_pickle(saved):
