@@ -3,7 +3,7 @@
 ``Checkpointer.save(step, client_state)`` on every rank (CheckFreq-style when ``async_save``):
   1. wait for the previous save of this rank to finish (at most one in flight)
   2. rank 0 removes a staging directory a dead save left behind; barrier
-  3. snapshot: ``reshard.capture`` (collective: ZeRO partitions and TP shards gathered) into host
+  3. snapshot: ``reshard.capture`` (this rank's own ZeRO partition, TP chunk, expert rows) into host
      copies, plus this rank's RNG states
   -- training may continue from here; the rest runs inline (sync) or in a background thread (async) --
   4. every rank writes its safetensors file and RNG JSON into the staging directory, then its layout

@@ -96,7 +96,72 @@ def test_layout_json_records_expert_rows(saved):
     path, _ = saved
     doc = json.loads((path / "layout" / "rank00001.json").read_text())
     assert doc["expert_rows"] == [[2, 4]] and doc["coords"]["ep"] == 1
-    assert doc["tensors"]["param/w@2-4"] == {"name": "w", "kind": "param", "shape": [E, F, H], "rows": [2, 4], "dtype": "float32"}
+    assert doc["tensors"]["param/w@2-4"] == {"name": "w", "kind": "param", "shape": [E, F, H], "rows": [2, 4], "dtype": "float32",
+                                             "box": {"offset": [2, 0, 0], "size": [2, F, H]}, "flat": None}
+
+
+def _fragments(x: torch.Tensor, count: int) -> list[tuple[int, int]]:
+    n = x.numel()
+    return [(i * n // count, (i + 1) * n // count) for i in range(count)]
+
+
+def test_every_rank_writes_its_fragments(tmp_path):
+    """Version 2 as written by every rank: a [6, 4] weight split in two TP chunks along dim 1, each chunk's
+    flattening split over 3 data-parallel ranks (ZeRO partitions); expert rows [0, 2) and [2, 4) each split
+    over 2 ranks. Whole tensors and any row range read back exactly; with one fragment's rank missing,
+    rows that need it name the box and the uncovered elements, while rows outside it still read."""
+    g = torch.Generator().manual_seed(2)
+    w, experts = torch.randn(6, 4, generator=g), torch.randn(E, F, H, generator=g)
+    parts: dict[int, RankPart] = {}
+
+    def add(rank: int, piece: Piece) -> None:
+        parts.setdefault(rank, RankPart(rank=rank, coords={"dp": rank})).pieces.append(piece)
+
+    for tp, chunk in enumerate(w.chunk(2, dim=1)):
+        for dp, (lo, hi) in enumerate(_fragments(chunk, 3)):
+            add(3 * tp + dp, Piece("w", "param", chunk.flatten()[lo:hi].clone(), (6, 4), tp=(1, tp, 2), flat=(lo, hi)))
+    for ep, (a, b) in enumerate(((0, 2), (2, 4))):
+        rows = experts[a:b]
+        for edp, (lo, hi) in enumerate(_fragments(rows, 2)):
+            add(2 * ep + edp, Piece("x", "param", rows.flatten()[lo:hi].clone(), (E, F, H), rows=(a, b), flat=(lo, hi)))
+    for part in parts.values():
+        write_part(tmp_path, part)
+    store.write_manifest(tmp_path, step=1)
+    ck = PortableCheckpoint(tmp_path)
+    assert torch.equal(ck.read("w"), w) and torch.equal(ck.read("x"), experts)
+    assert torch.equal(ck.read("w", rows=(1, 5)), w[1:5]) and torch.equal(ck.read("x", rows=(1, 3)), experts[1:3])
+    # rank 4 (TP chunk 1, fragment 1 of 3 = elements [4, 8) of the chunk = its rows 2-3) lost
+    (tmp_path / "layout" / "rank00004.json").unlink()
+    store.write_manifest(tmp_path, step=1)
+    ck = PortableCheckpoint(tmp_path)
+    assert torch.equal(ck.read("w", rows=(0, 2)), w[:2])
+    with pytest.raises(ValueError, match=r"param w: the fragments of box offset \[0, 2\] size \[6, 2\] cover 8 of elements \[0, 12\)"):
+        ck.read("w")
+
+
+def test_a_version_1_checkpoint_still_loads(tmp_path):
+    """A checkpoint written before every rank wrote (format version 1): dp-rank 0 wrote whole tensors and
+    expert rows, layout entries without ``box``/``flat``. The files below are what that writer produced."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(3)
+    dense, experts = torch.randn(5, H, generator=g), torch.randn(E, F, H, generator=g)
+    for rank, (a, b) in enumerate(((0, 2), (2, 4))):
+        tensors = {f"param/w@{a}-{b}": experts[a:b].clone()}
+        entries = {f"param/w@{a}-{b}": {"name": "w", "kind": "param", "shape": [E, F, H], "rows": [a, b], "dtype": "float32"}}
+        if rank == 0:
+            tensors["param/embed.weight"] = dense
+            entries["param/embed.weight"] = {"name": "embed.weight", "kind": "param", "shape": [5, H], "rows": None, "dtype": "float32"}
+        (tmp_path / "tensors").mkdir(exist_ok=True)
+        (tmp_path / "layout").mkdir(exist_ok=True)
+        save_file(tensors, str(tmp_path / tensor_file(rank)), metadata={"format": "hpframe-portable", "version": "1"})
+        (tmp_path / "layout" / f"rank{rank:05d}.json").write_text(json.dumps({
+            "version": 1, "rank": rank, "coords": {"dp": rank}, "file": tensor_file(rank), "tensors": entries,
+            "expert_rows": [[a, b]], "adam_step": {}}))
+    store.write_manifest(tmp_path, step=2)
+    ck = PortableCheckpoint(tmp_path)
+    assert torch.equal(ck.read("embed.weight"), dense) and torch.equal(ck.read("w"), experts)
+    assert torch.equal(ck.read("w", rows=(1, 3)), experts[1:3])
 
 
 def test_missing_rows_are_an_error(saved):
