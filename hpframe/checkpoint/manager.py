@@ -3,7 +3,7 @@
 Layout under the checkpoint root (``checkpoint.dir``, relative to the run directory): the crash-safe
 directories of ``hpframe.checkpoint.store`` (staging, manifest, atomic commit, ``latest``), each
 holding a portable checkpoint (``hpframe.checkpoint.portable``: every logical tensor once, fp32 master
-weights and Adam moments in safetensors, TP shards gathered, experts by global id; client_state.json;
+weights and Adam moments in safetensors, each rank writing its own shard; client_state.json;
 one RNG JSON per rank). See docs/checkpointing.md.
 
 API: ``save(engine, step, client_state, root=...)`` (or a ``Checkpointer`` for asynchronous saves),

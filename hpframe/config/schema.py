@@ -305,6 +305,10 @@ class CheckpointConfig:
     """'auto' (newest good checkpoint in dir, if any), 'none', or a checkpoint path."""
     async_save: bool = False
     """Snapshot to host memory and persist in a background thread."""
+    save_timeout_s: float = 0.0
+    """Bound on every wait of the save protocol (a rank waiting for the others at a barrier, rank 0 for
+    every rank's part, the previous background write); past it the save fails naming the missing ranks.
+    0 = derived from the plan: max(60 s, 10 x the planned write time of one checkpoint)."""
 
 
 @dataclass

@@ -64,6 +64,11 @@ def checkpoint_interval(cfg: RunConfig, plan: "ParallelPlan") -> int:
     return max(1, int(plan.checkpoint.interval_steps))
 
 
+def save_timeout(plan: "ParallelPlan") -> float:
+    """Bound on each wait of the save protocol (checkpoint.save_timeout_s or the plan's derived figure)."""
+    return plan.checkpoint.save_timeout_seconds if plan.checkpoint is not None else 600.0
+
+
 def _resume_path(cfg: RunConfig, root: Path) -> Path | None:
     choice = cfg.checkpoint.resume
     if choice == "none":
@@ -209,7 +214,8 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
         log.info(f"checkpoints {f'every {interval} steps and ' if interval else ''}at the end in {ckpt_root}")
     # one Checkpointer for the run: with checkpoint.async_save at most one save is in flight
     checkpointer = (
-        Checkpointer(engine, ckpt_root, keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save)
+        Checkpointer(engine, ckpt_root, keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save,
+                     timeout_s=save_timeout(plan))
         if cfg.checkpoint.enabled else None
     )
     rank0 = current_rank() == 0
