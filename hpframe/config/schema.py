@@ -44,6 +44,12 @@ class DropPolicy(str, Enum):
     position = "position"  # over capacity, keep the earliest tokens in the batch
 
 
+class Dispatch(str, Enum):
+    tokens = "tokens"  # experts stay on their EP rank; tokens travel there and back (all-to-all)
+    experts = "experts"  # tokens stay; each rank fetches the experts' weights and returns their gradients
+    auto = "auto"  # the planner picks from its byte/time/memory model (see docs/planner.md)
+
+
 class Recompute(str, Enum):
     none = "none"
     selective = "selective"  # recompute attention core and MoE expert activations only
@@ -169,6 +175,9 @@ class MoEConfig:
     """Node-limited routing: a token reaches experts in at most this many groups/nodes; 0 = off."""
     moe_layer_freq: int = 1
     """Every n-th block after first_k_dense is MoE (1 = all)."""
+    dispatch: Dispatch = Dispatch.tokens
+    """With parallel.ep > 1: move tokens to the experts (all-to-all), move the experts' weights to the
+    tokens (fetched per node, gradients returned to their owners), or let the planner choose (auto)."""
 
 
 @dataclass
