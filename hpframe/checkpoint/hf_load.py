@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from hpframe.config.hf_config import check_quantization, read_config
+from hpframe.errors import UserError
 from hpframe.models.hf_adapter import Source, hf_sources
 
 FP8_DTYPES = {"F8_E4M3": torch.float8_e4m3fn}
@@ -59,7 +60,7 @@ class HFCheckpoint:
                 with safe_open(str(f), framework="pt") as handle:
                     self.files |= {name: f for name in handle.keys()}
         if not self.files:
-            raise ValueError(f"model.from_hf={self.root}: no *.safetensors files")
+            raise UserError(f"model.from_hf={self.root}: no *.safetensors files")
         self._handles: dict[Path, Any] = {}
         self.sources: dict[str, Source] = {}
         self.vocab_size = int(self.config.get("vocab_size", 0))
@@ -70,7 +71,7 @@ class HFCheckpoint:
         f = self.files[name]
         if f not in self._handles:
             if not f.is_file():
-                raise ValueError(f"model.from_hf={self.root}: {f.name} (listed in the index for {name}) is missing")
+                raise UserError(f"model.from_hf={self.root}: {f.name} (listed in the index for {name}) is missing")
             self._handles[f] = safe_open(str(f), framework="pt")
         return self._handles[f].get_slice(name)
 
@@ -124,7 +125,7 @@ class HFCheckpoint:
         for ``model`` (an unsharded Transformer, on the meta device or not)."""
         self.sources = hf_sources(model.model_cfg, model.moe_cfg)
         if model.model_cfg.vocab_size != self.vocab_size:
-            raise ValueError(f"model.vocab_size={model.model_cfg.vocab_size} but {self.root}/config.json has {self.vocab_size}")
+            raise UserError(f"model.vocab_size={model.model_cfg.vocab_size} but {self.root}/config.json has {self.vocab_size}")
         expected = self._expected(model)
         num_layers = model.model_cfg.num_layers
         missing = sorted(n for n in expected if n not in self.files)
@@ -142,7 +143,7 @@ class HFCheckpoint:
             problems.append(_listing("FP8 tensors without a weight_scale_inv or without quantization_config "
                                      "(refused: they would load as garbage)", unscaled))
         if problems:
-            raise ValueError(f"model.from_hf={self.root} does not match the model of its config.json: " + "; ".join(problems))
+            raise UserError(f"model.from_hf={self.root} does not match the model of its config.json: " + "; ".join(problems))
 
     # ---- loading shards ----------------------------------------------------------------------------
 

@@ -20,6 +20,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from hpframe.errors import UserError
+
 FAMILIES = ("mixtral", "deepseek_v3", "qwen3_moe")
 DEFAULT_THETA = {"mixtral": 1_000_000.0, "deepseek_v3": 10_000.0, "qwen3_moe": 10_000.0}
 DEFAULT_EPS = {"mixtral": 1e-5, "deepseek_v3": 1e-6, "qwen3_moe": 1e-6}
@@ -28,8 +30,8 @@ MAX_SEQ_LEN_DEFAULT = 4096
 max_seq_len x head_dim/2 per layer; raise it with model.max_seq_len=N for longer sequences)."""
 
 
-class HFConfigError(ValueError):
-    """A config.json hpframe cannot reproduce, or an override contradicting it."""
+class HFConfigError(UserError):
+    """A config.json hpframe cannot reproduce, or an override contradicting it (exit code 2)."""
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
