@@ -111,7 +111,8 @@ def _is_int(x: Any) -> bool:
 def _shape_error(m: Any) -> str | None:
     """Why a parsed manifest does not have the shape ``write_manifest`` writes (None if it does)."""
     if not isinstance(m, dict):
-        return f"a JSON {type(m).__name__} instead of an object"
+        kind = {type(None): "null", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+        return f"a JSON {kind.get(type(m), type(m).__name__)} instead of an object"
     if not _is_int(m.get("step")) or m["step"] < 0:
         return f"'step' is {m.get('step')!r}, not a step number"
     if not isinstance(m.get("files"), dict):

@@ -19,8 +19,9 @@ STEP_KEYS = (
     "step", "loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "expert_load_cv",
     "dropped_token_frac", "ep_load_imbalance", "skipped", "consumed_tokens", "step_time_s",
 )
-"""Keys of every step line of metrics.jsonl. Other lines: evaluation (``step``, ``eval_loss``) and
-checkpoint saves (``step``, ``ckpt_stall_s``: seconds training waited for the save)."""
+"""Keys of every step line of metrics.jsonl (plus ``rerun: true`` on a step the file already held when the
+run started: re-run after a resume). Other lines: evaluation (``step``, ``eval_loss``) and checkpoint
+saves (``step``, ``ckpt_stall_s``: seconds training waited for the save)."""
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, world_size: int, peak_tflops: float) -> float:
