@@ -1,4 +1,5 @@
-"""Crash-safe checkpoint directories (hpframe.checkpoint.store), on the local filesystem, no torch.
+"""Crash-safe checkpoint directories (hpframe.checkpoint.store), on the local filesystem; the store needs no
+torch (the manager and metrics checks at the end import it).
 
 Checks: commit is atomic and moves `latest` last; a staging directory left by a killed save is never
 picked; truncation and bit flips are detected with the file named; discovery falls back to the newest
@@ -216,3 +217,14 @@ def test_malformed_manifest_is_a_failed_verification(tmp_path, content):
     assert sel.path == a2 and str(a4 / store.MANIFEST) in sel.skipped[0]
     store.prune(tmp_path, keep_last=1)  # cannot tell the line: removes nothing
     assert store.checkpoint_dirs(tmp_path) == [a2, a4]
+
+
+def test_logged_steps_for_rerun_marks(tmp_path):
+    """The steps a resumed run marks ``rerun``: training records only; a line torn by a killed writer is skipped."""
+    from hpframe.train.loop import logged_steps
+
+    assert logged_steps(tmp_path / "metrics.jsonl") == set()
+    (tmp_path / "metrics.jsonl").write_text(
+        '{"step": 1, "loss": 5.0}\n{"step": 2, "eval_loss": 4.0}\n{"step": 2, "ckpt_stall_s": 0.1}\n'
+        '{"step": 2, "loss": 4.9}\n{"step": 3, "lo')
+    assert logged_steps(tmp_path / "metrics.jsonl") == {1, 2}
