@@ -320,6 +320,7 @@ def select_for_resume(root: Path, *, checksums: bool = True) -> Selection | None
     head = next((e for e in entries if e.path.name == name), None) if name else None
     if name is not None and head is None:
         head = Entry(root / name, int(step_of_tag(name) or 0), None, f"{root / name}: named by {LATEST} but missing")
+        why[root / LATEST] = f"names {name}, which does not exist"
     if head is None:
         why.setdefault(root / LATEST, "missing")
         skipped = [f"{root / LATEST}: {why[root / LATEST]}; taking the newest checkpoint that verifies"]

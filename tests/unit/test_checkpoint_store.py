@@ -161,6 +161,11 @@ def test_latest_missing_or_unreadable(tmp_path):
     (tmp_path / "latest").write_text("step_00000009\n")  # names a directory that is gone
     sel = store.select_for_resume(tmp_path)
     assert sel.path == a4 and sel.skipped == (f"{tmp_path / 'step_00000009'}: named by latest but missing",)
+    empty = tmp_path / "emptied"  # every checkpoint deleted, `latest` left: refuse, do not restart from 0
+    empty.mkdir()
+    (empty / "latest").write_text("step_00000009\n")
+    with pytest.raises(store.CheckpointError, match="latest: names step_00000009, which does not exist"):
+        store.select_for_resume(empty)
 
 
 def test_refuses_when_checkpoints_exist_but_none_verifies(tmp_path):
