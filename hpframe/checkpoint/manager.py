@@ -94,7 +94,8 @@ def _decide(choice: str, root: Path) -> tuple[str | None, dict[str, Any], list[s
         sel = store.select_for_resume(root)  # CheckpointError (every checkpoint and why) when none is usable
         if sel is None:
             return None, store.line_after_resume(root, None, None), [], False
-        notes = [f"skipping a damaged checkpoint: {reason}" for reason in sel.skipped]
+        about_latest = f"{root / store.LATEST}:"
+        notes = [r if r.startswith(about_latest) else f"skipping a damaged checkpoint: {r}" for r in sel.skipped]
         if not sel.from_latest:
             notes.append(f"checkpoint.resume=auto: resuming from {sel.path} (step {sel.step}) instead of what "
                          f"{store.LATEST} names, because {sel.skipped[0] if sel.skipped else '?'}; this run starts a new line")

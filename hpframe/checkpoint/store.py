@@ -289,7 +289,7 @@ class Selection:
 
 def _unusable(root: Path, entries: list[Entry], why: dict[Path, str], latest: str | None) -> CheckpointError:
     """The refusal when checkpoints exist but none can be resumed: every one, with its reason."""
-    lines = [f"{root / LATEST}: {why[root / LATEST]}"] if root / LATEST in why else []
+    lines = [why[root / LATEST]] if root / LATEST in why else []
     for e in entries:
         reason = why.get(e.path) or e.error
         if reason is None:
@@ -320,10 +320,10 @@ def select_for_resume(root: Path, *, checksums: bool = True) -> Selection | None
     head = next((e for e in entries if e.path.name == name), None) if name else None
     if name is not None and head is None:
         head = Entry(root / name, int(step_of_tag(name) or 0), None, f"{root / name}: named by {LATEST} but missing")
-        why[root / LATEST] = f"names {name}, which does not exist"
+        why[root / LATEST] = f"{root / LATEST}: names {name}, which does not exist"
     if head is None:
-        why.setdefault(root / LATEST, "missing")
-        skipped = [f"{root / LATEST}: {why[root / LATEST]}; taking the newest checkpoint that verifies"]
+        why.setdefault(root / LATEST, f"{root / LATEST}: missing")
+        skipped = [f"{why[root / LATEST]}; taking the newest checkpoint that verifies"]
         candidates = sorted(entries, key=lambda e: -e.step)
     else:
         skipped, candidates = [], [head, *lineage(entries, head)]
