@@ -3,7 +3,7 @@
 Layout under the checkpoint root (``checkpoint.dir``, relative to the run directory): the crash-safe
 directories of ``hpframe.checkpoint.store`` (staging, manifest, atomic commit, ``latest``), each
 holding a portable checkpoint (``hpframe.checkpoint.portable``: every logical tensor once, fp32 master
-weights and Adam moments in safetensors, TP shards gathered, experts by global id; client_state.json;
+weights and Adam moments in safetensors, each rank writing its own shard; client_state.json;
 one RNG JSON per rank). See docs/checkpointing.md.
 
 API for the loop: ``resume_point(choice, root)`` (which checkpoint ``checkpoint.resume`` selects, and
@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 from hpframe.checkpoint import reshard, store
 from hpframe.checkpoint.portable import CLIENT_STATE, PortableCheckpoint, rng_file, set_rng_state_json
+from hpframe.errors import UserError
 from hpframe.logging import get_logger
 
 log = get_logger(__name__)
@@ -110,12 +111,12 @@ def resume_point(choice: str, root: str | Path) -> ResumePoint:
 
     ``auto``: the checkpoint ``latest`` names; when it fails verification, the newest verified
     checkpoint of its lineage, with the reasons logged; checkpoints exist but none verifies: a
-    ValueError listing each one and why (a silent restart from step 0 would lose the run). Collective:
+    UserError listing each one and why (a silent restart from step 0 would lose the run). Collective:
     rank 0 decides (checksums read once) and every rank gets the same answer.
     """
     decided, error = _on_rank0(lambda: _decide(choice, Path(root)))
     if error is not None:
-        raise ValueError(f"checkpoint.resume={choice!r}: {error}")
+        raise UserError(f"checkpoint.resume={choice!r}: {error}", key="checkpoint.resume")
     path, lineage, notes, verified = decided
     for note in notes:
         log.warning(note)
@@ -137,13 +138,13 @@ def load(engine: Any, path: str | Path, *, plan_fingerprint: str | None = None, 
     if checksums:  # rank 0 reads every file once; the other ranks check sizes below
         _, error = _on_rank0(lambda: store.verify(path, checksums=True) and None)
         if error is not None:
-            raise ValueError(f"checkpoint.resume={str(path)!r}: {error}")
+            raise UserError(f"checkpoint.resume={str(path)!r}: {error}")
     try:
         manifest = store.verify(path, checksums=False)
     except store.CheckpointError as err:
-        raise ValueError(f"checkpoint.resume={str(path)!r}: {err}") from err
+        raise UserError(f"checkpoint.resume={str(path)!r}: {err}") from err
     if not (path / CLIENT_STATE).is_file():
-        raise ValueError(f"checkpoint.resume={str(path)!r}: no {CLIENT_STATE}: not a portable hpframe checkpoint")
+        raise UserError(f"checkpoint.resume={str(path)!r}: no {CLIENT_STATE}: not a portable hpframe checkpoint")
     client_state = json.loads((path / CLIENT_STATE).read_text())
     saved_fp = manifest.get("plan_fingerprint")
     same_layout = plan_fingerprint is None or saved_fp == plan_fingerprint
