@@ -185,11 +185,13 @@ def test_refuses_when_checkpoints_exist_but_none_verifies(tmp_path):
 
 def test_manager_refusal_and_resume_none(tmp_path):
     from hpframe.checkpoint import manager
+    from hpframe.errors import UserError
 
     a2 = _save(tmp_path, 2, lineage={"line": "a", "parent": None})
     bad = _truncate(a2)
-    with pytest.raises(ValueError, match=r"checkpoint.resume='auto': .*none usable for resuming") as info:
+    with pytest.raises(UserError, match=r"checkpoint.resume='auto': .*none usable for resuming") as info:
         manager.resume_point("auto", tmp_path)
+    assert info.value.key == "checkpoint.resume"
     assert f"{bad}: 693 bytes on disk, manifest says 700 (truncated?)" in str(info.value)
     fresh = manager.resume_point("none", tmp_path)
     assert fresh.path is None and fresh.lineage["parent"] is None and len(fresh.lineage["line"]) == 12
