@@ -346,9 +346,11 @@ class CheckpointConfig:
     interval: int = 0
     """Steps between saves; 0 = the planner's recommended interval (Young/Daly), at least once at the end."""
     keep_last: int = 3
-    """Keep this many newest checkpoints; older ones are pruned after a save completes."""
+    """Keep this many newest checkpoints of the run's line (0 = all); older ones of that line are pruned
+    after a save completes; what ``latest`` names and other lines' checkpoints never are."""
     resume: str = "auto"
-    """'auto' (newest good checkpoint in dir, if any), 'none', or a checkpoint path."""
+    """'auto' (what ``latest`` in dir names, else the newest verified checkpoint of its lineage; exit 2 when
+    checkpoints exist but none verifies), 'none' (start over), or a checkpoint path."""
     async_save: bool = False
     """Snapshot to host memory and persist in a background thread."""
     save_timeout_s: float = 0.0
