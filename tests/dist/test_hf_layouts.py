@@ -1,4 +1,4 @@
-"""model.from_hf at every layout: the initial logits of the sharded model equal transformers' (fp32, 1e-5).
+"""model.from_hf at every layout (expert parallelism with either dispatch, tokens or experts): the initial logits of the sharded model equal transformers' (fp32, 1e-5).
 
 The parent writes tiny random checkpoints with transformers' own classes (Mixtral, DeepSeek-V3 with
 YaRN, Qwen3-MoE with a dense block; ``hpframe.testing.hf_models``: odd shapes, a 101-token vocabulary
@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 FAMILIES = ("mixtral", "deepseek_v3", "qwen3_moe")
 LAYOUTS = {
     2: {"tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2", "parallel.grad_accum=2"],
-        "dp2_ep2": ["parallel.dp=2", "parallel.ep=2"]},
+        "dp2_ep2": ["parallel.dp=2", "parallel.ep=2"],
+        "dp2_ep2_fetch": ["parallel.dp=2", "parallel.ep=2", "moe.dispatch=experts"]},
     4: {"tp2_dp2_ep2": ["parallel.tp=2", "parallel.dp=2", "parallel.ep=2"],
         "pp2_tp2": ["parallel.pp=2", "parallel.tp=2", "parallel.grad_accum=2"],
         "pp2_dp2_ep2": ["parallel.pp=2", "parallel.dp=2", "parallel.ep=2", "parallel.grad_accum=2"],
