@@ -14,8 +14,10 @@ import hydra
 from omegaconf import DictConfig
 
 from hpframe.config.store import CONF_DIR, register_configs
+from hpframe.rundir import register_resolvers
 
 register_configs()
+register_resolvers()  # ${hpframe_pid:} in the run directory's name (conf/config.yaml)
 
 
 def strip_local_rank(argv: list[str]) -> list[str]:
