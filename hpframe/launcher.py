@@ -130,23 +130,24 @@ def shell_code(code: int) -> int:
 class LocalJob:
     """``nproc`` worker processes of one run on this machine (see ``launch_local``)."""
 
-    def __init__(self, cfg: RunConfig, nproc: int) -> None:
-        self.cfg, self.nproc = cfg, nproc
+    def __init__(self, nproc: int, *, grace_s: float) -> None:
+        self.nproc, self.grace_s = nproc, grace_s
         self.procs: dict[int, subprocess.Popen] = {}  # pid -> process
         self.ranks: dict[int, int] = {}  # pid -> rank
         self.exits: list[tuple[int, int]] = []  # (rank, return code) in the order the workers ended
         self.stopping = ""  # name of the stop signal forwarded to the workers
         self._kill_timer: threading.Timer | None = None
 
-    def start(self, config_path: Path) -> None:
+    def start(self, config_path: Path, *, argv: list[str] | None = None) -> None:
+        """Start the workers: ``python -m hpframe.launcher CONFIG`` (``argv`` replaces it, for tests)."""
+        argv = argv or [sys.executable, "-m", "hpframe.launcher", str(config_path)]
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(self.nproc),
                    LOCAL_WORLD_SIZE=str(self.nproc), GROUP_RANK="0", NODE_RANK="0")
         # two CPU processes per core would fight over OpenMP threads; torchrun makes the same choice
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.nproc)))
         for rank in range(self.nproc):
             env.update(RANK=str(rank), LOCAL_RANK=str(rank))
-            p = subprocess.Popen([sys.executable, "-m", "hpframe.launcher", str(config_path)], env=env,
-                                 preexec_fn=_child_setup(os.getpid()))
+            p = subprocess.Popen(argv, env=env, preexec_fn=_child_setup(os.getpid()))
             self.procs[p.pid], self.ranks[p.pid] = p, rank
 
     def forward(self, signum: int, frame: FrameType | None) -> None:
@@ -156,11 +157,10 @@ class LocalJob:
             log.warning(f"{name} received; already stopping the workers")
             return
         self.stopping = name
-        grace = self.cfg.checkpoint.preempt_grace_s
         log.warning(f"{name} received: the workers stop after their current step with a final checkpoint "
-                    f"(checkpoint.preempt_grace_s={grace:g} s)")
+                    f"(checkpoint.preempt_grace_s={self.grace_s:g} s)")
         self._signal_alive(signal.SIGTERM)
-        self._kill_later(grace + 10.0)  # a worker stuck past its own grace timer
+        self._kill_later(self.grace_s + 10.0)  # a worker stuck past its own grace timer
 
     def _signal_alive(self, sig: int) -> None:
         for pid, p in self.procs.items():
@@ -203,7 +203,7 @@ class LocalJob:
         rank, code = failed[0]
         later = ", ".join(f"rank {r} {describe_exit(c)}" for r, c in failed[1:])
         log.error(f"{len(failed)} of {self.nproc} processes failed; first: rank {rank} ({describe_exit(code)})"
-                  + (f"; then {later}" if later else ""))
+                  + (f"; then {later}" if later else ""), all_ranks=False)
         return shell_code(code)
 
 
@@ -219,7 +219,7 @@ def launch_local(cfg: RunConfig, nproc: int) -> int:
     worker gives 128 + signal), and the log names that rank.
     """
     path = write_run_config(cfg)
-    job = LocalJob(cfg, nproc)
+    job = LocalJob(nproc, grace_s=cfg.checkpoint.preempt_grace_s)
     log.info(f"starting {nproc} local processes, config {path}")
     previous = {sig: signal.signal(sig, job.forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
