@@ -234,6 +234,13 @@ def train_main(cfg: RunConfig, plan: "object") -> int:
     except CheckpointStorageError as err:
         log.error(f"hpframe: stopping: {err}")
         return EXIT_CHECKPOINT_FAILED
+    except RuntimeError as err:
+        if "timed out" not in str(err).lower():
+            raise
+        where = _save_traceback(cfg.output_dir)
+        log.error(f"hpframe: a collective timed out after {collective_timeout_s(cfg, plan):g} s (train.collective_timeout_s): "
+                  f"another rank stalled or died ({str(err).strip().splitlines()[-1]})" + (f"; traceback in {where}" if where else ""))
+        return 1
     except ValueError as err:
         # one clear line for the user; the traceback goes to a file, so an internal error that
         # happens to be a ValueError is not lost
