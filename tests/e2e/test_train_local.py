@@ -175,5 +175,5 @@ def test_cfg_job_and_multirun_dry_run(tmp_path):
     sweep = subprocess.run([sys.executable, "launch.py", "-m", "plan.dry_run=true", "parallel.dp=1,2",
                             f"hydra.sweep.dir={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert sweep.returncode == 0, sweep.stderr[-3000:]
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["0", "1"]
+    assert not [p.name for p in tmp_path.iterdir() if p.is_dir()]  # dry runs leave no job directory
     assert sweep.stdout.count("mixtral_debug on cpu") == 2
