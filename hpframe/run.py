@@ -87,13 +87,13 @@ def claim_run_dir(cfg: RunConfig, plan: Any) -> "RunLock":
     lock = RunLock(cfg.output_dir).acquire()
     try:
         run_dir = Path(cfg.output_dir)
-        log_to_file(run_dir / LOG_FILE)
-        (run_dir / PLAN_FILE).write_text(render_json(plan, cfg) + "\n")
-        log.info("plan:\n" + render_table(plan, cfg), console=False)
-        if cfg.checkpoint.enabled:
+        if cfg.checkpoint.enabled:  # before anything is written: a refused run leaves no directory
             root = Path(cfg.checkpoint.dir)
             check_checkpoint_dir(root if root.is_absolute() else run_dir / root,
                                  plan.checkpoint.bytes if plan.checkpoint is not None else 0)
+        log_to_file(run_dir / LOG_FILE)
+        (run_dir / PLAN_FILE).write_text(render_json(plan, cfg) + "\n")
+        log.info("plan:\n" + render_table(plan, cfg), console=False)
     except BaseException:
         lock.release()
         raise

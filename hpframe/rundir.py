@@ -81,12 +81,21 @@ class RunLock:
 
 
 def discard_if_unused(run_dir: str | Path) -> bool:
-    """Remove ``run_dir`` when it holds nothing but Hydra's ``.hydra`` files (a run that never started),
+    """Remove ``run_dir`` when it holds nothing but Hydra's ``.hydra`` files and a free lock (a run that never started),
     and, in Hydra's default layout, its folders ``outputs/DATE`` and ``outputs`` when they become empty.
     Returns whether it was removed."""
+    import fcntl
+
     path = Path(run_dir)
-    if not path.is_dir() or {p.name for p in path.iterdir()} - {HYDRA_DIR}:
+    if not path.is_dir() or {p.name for p in path.iterdir()} - {HYDRA_DIR, LOCK_FILE}:
         return False
+    if (path / LOCK_FILE).exists():
+        with open(path / LOCK_FILE) as f:
+            try:  # a job that has just claimed the directory keeps it
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            (path / LOCK_FILE).unlink()
     shutil.rmtree(path / HYDRA_DIR, ignore_errors=True)
     try:
         path.rmdir()

@@ -64,7 +64,7 @@ def after_failed_save(err: BaseException, *, step: int, root: Path, need_bytes: 
     if retry is not None:
         raise CheckpointStorageError(
             f"the checkpoint of step {step} failed ({type(err).__name__}: {err}) and the next one cannot succeed "
-            f"either ({retry}); stopping: newest committed checkpoint: {newest}") from err
+            f"either ({retry}); newest committed checkpoint: {newest}") from err
     log.error(f"hpframe: CHECKPOINT OF STEP {step} FAILED ({type(err).__name__}: {err}); {root} is writable and "
               f"has room for one again, so training continues and the next save retries; newest committed "
               f"checkpoint: {newest}")

@@ -137,3 +137,38 @@ def test_a_stalled_rank_is_detected_by_the_collective_timeout(tmp_path):
     assert code == 1, out[-4000:]
     assert "2 of 2 processes failed; first: rank 0 (exit code 1); then rank 1 killed by SIGKILL" in out
     assert "hpframe: a collective timed out after 5 s (train.collective_timeout_s): another rank stalled or died" in out
+
+
+def test_checkpoint_directory_lost_mid_run_stops_with_a_clear_error(tmp_path):
+    # one process; the checkpoint directory is replaced by a file after the first save: the next save fails,
+    # no later save can succeed, so the run stops (exit 6) instead of training on without checkpoints
+    run_dir, ckpts = tmp_path / "run", tmp_path / "ckpt"
+    proc = start(["parallel.dp=1", "checkpoint.interval=1", f"checkpoint.dir={ckpts}"], run_dir)
+    try:
+        wait_for(lambda: (ckpts / "latest").is_file(), "the first checkpoint", proc)
+        ckpts.rename(tmp_path / "ckpt_moved")
+        ckpts.write_text("not a directory\n")
+        code = proc.wait(timeout=WAIT_S)
+    finally:
+        proc.kill()
+    out = console(run_dir)
+    assert code == 6, out[-4000:]
+    assert f"cannot write checkpoints to {ckpts}" in out and "and the next one cannot succeed either" in out
+    failed = [r for r in steps(run_dir) if "checkpoint_error" in r]
+    assert len(failed) == 1 and failed[0]["continued"] is False
+
+
+def test_dry_run_and_unwritable_checkpoint_dir_leave_no_run_dir(tmp_path):
+    def launch(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(REPO / "launch.py"), *args], cwd=REPO, env=_env(), capture_output=True,
+                              text=True, timeout=WAIT_S)
+
+    dry = launch("plan.dry_run=true", f"hydra.run.dir={tmp_path / 'dry'}")
+    assert dry.returncode == 0 and "mixtral_debug on cpu" in dry.stdout
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    bad = launch("train=smoke", f"checkpoint.dir={blocker}/ckpt", f"hydra.run.dir={tmp_path / 'bad'}")
+    assert bad.returncode == 2, bad.stdout[-2000:] + bad.stderr[-2000:]
+    assert f"checkpoint.dir: cannot write checkpoints to {blocker}/ckpt: Not a directory" in bad.stderr
+    assert "INFO step 1/" not in bad.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # neither run left a directory
