@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 
 from hpframe.config.convert import to_run_config
 from hpframe.config.schema import PlanFormat, RunConfig
+from hpframe.errors import UserError
 from hpframe.logging import get_logger
 
 if TYPE_CHECKING:
@@ -47,7 +48,11 @@ def main_from_hydra(cfg: DictConfig) -> int:
 
     from hpframe.rundir import discard_if_unused
 
-    run_cfg = to_run_config(cfg)
+    try:
+        run_cfg = to_run_config(cfg)
+    except UserError as err:
+        print(f"hpframe: invalid configuration: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
     if HydraConfig.initialized():
         run_cfg.output_dir = HydraConfig.get().runtime.output_dir
     try:
@@ -77,7 +82,7 @@ def collective_timeout_s(cfg: RunConfig, plan: Any) -> float:
 
 def claim_run_dir(cfg: RunConfig, plan: Any) -> "RunLock":
     """Before anything runs: lock the run directory for this job, log to RUN/train.log, record the plan,
-    and check that checkpoints can be written there. Raises PlanError (RunDirBusyError) otherwise."""
+    and check that checkpoints can be written there. Raises UserError (RunDirBusyError, PlanError) otherwise."""
     from pathlib import Path
 
     from hpframe.logging import log_to_file
@@ -104,11 +109,15 @@ def main(cfg: RunConfig) -> int:
     """Plan, then (unless a dry run) train, starting local processes when the plan needs them."""
     from hpframe.launcher import launch_local, single_process_env, under_launcher, watch_parent
     from hpframe.logging import close_log_files
-    from hpframe.plan import PlanError, make_plan
+    from hpframe.plan import make_plan
+
+    from hpframe.config.hf_config import HFConfigError, check_run_config
 
     try:
+        if cfg.model.from_hf:
+            check_run_config(cfg.model, cfg.moe)
         plan = make_plan(cfg)
-    except PlanError as err:
+    except UserError as err:
         print(f"hpframe: invalid configuration: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     if cfg.plan.dry_run:
@@ -120,10 +129,14 @@ def main(cfg: RunConfig) -> int:
             print(_render(plan, cfg), flush=True)
         return train_main(cfg, plan)
     print(_render(plan, cfg), flush=True)
-    try:
+    from hpframe.machine import check_placement, probe
+
+    try:  # before any process starts: GPUs and cores for plan.world_size processes; the run directory
+        for warning in check_placement(cfg, probe(), plan.world_size):
+            log.warning(warning)
         lock = claim_run_dir(cfg, plan)
-    except PlanError as err:
-        print(f"hpframe: {err}", file=sys.stderr)
+    except UserError as err:
+        print(f"hpframe: invalid configuration: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     try:
         if plan.world_size > 1:
@@ -163,22 +176,37 @@ def _log_peak_memory(plan: Any) -> None:
         log.info(f"peak device memory {peak / 2**30:.2f} GiB (planner estimate {est / 2**30:.2f} GiB)", all_ranks=True)
 
 
+def resolve_vocab_padding(cfg: RunConfig, tp: int) -> None:
+    """model.vocab_pad_multiple=0 means parallel.tp: fix it in ``cfg`` (saved with checkpoints) before the
+    model is built, so that its shapes are those of the plan."""
+    if cfg.model.vocab_pad_multiple == 0:
+        cfg.model.vocab_pad_multiple = tp
+
+
+def open_hf_weights(path: str, model: Any) -> Any:
+    """The checked ``HFCheckpoint`` of model.from_hf for ``model`` (meta, unsharded); ValueError if it does not fit."""
+    from hpframe.checkpoint.hf_load import HFCheckpoint
+
+    weights = HFCheckpoint(path)
+    weights.check(model)
+    log.info(f"initial weights: {path} ({len(weights.files)} tensors), read slice by slice into this rank's shards")
+    return weights
+
+
 def _claim_on_rank0(cfg: RunConfig, plan: Any) -> "RunLock | None":
     """``claim_run_dir`` on rank 0 for a job started by an external launcher; every rank raises its refusal."""
     import torch.distributed as dist
-
-    from hpframe.plan import PlanError
 
     lock, error = None, [""]
     if dist.get_rank() == 0:
         try:
             lock = claim_run_dir(cfg, plan)
-        except PlanError as err:
+        except UserError as err:
             error = [str(err)]
     if dist.get_world_size() > 1:
         dist.broadcast_object_list(error, src=0)
     if error[0]:
-        raise PlanError(error[0], key="hydra.run.dir")
+        raise UserError(error[0], key="hydra.run.dir")
     return lock
 
 
@@ -190,6 +218,7 @@ def train_main(cfg: RunConfig, plan: "object") -> int:
     from hpframe.data import build_data
     from hpframe.engine import build_engine
     from hpframe.launcher import agree_on_run_dir
+    from hpframe.machine import check_memory_now, oom_report, prepare_process
     from hpframe.models import build_model
     from hpframe.parallel import init_distributed, parallelize
     from hpframe.logging import log_to_file
@@ -199,21 +228,30 @@ def train_main(cfg: RunConfig, plan: "object") -> int:
 
     lock = None
     try:
+        where, warnings = prepare_process(cfg, local_procs=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         groups = init_distributed(plan, timeout_s=collective_timeout_s(cfg, plan))
+        memory_warning = check_memory_now(cfg, plan, dist.get_rank())
         cfg.output_dir = agree_on_run_dir(cfg.output_dir)
         if RUN_DIR_CLAIMED not in os.environ:  # under torchrun / the DeepSpeed launcher rank 0 claims it
             lock = _claim_on_rank0(cfg, plan)
         log_to_file(os.path.join(cfg.output_dir, LOG_FILE))
+        log.info(f"runs on: {where}")
+        for warning in [*warnings, *([memory_warning] if memory_warning else [])]:
+            log.warning(warning)
         log.info(f"plan: {plan.world_size} processes, tp={plan.tp} pp={plan.pp} dp={plan.dp} ep={plan.ep} "
                  f"zero={plan.zero_stage}, global batch {plan.global_batch_size} x {cfg.data.seq_len} tokens "
                  f"({plan.micro_batch_size} per micro-batch x {plan.grad_accum} accumulation x {plan.dp} dp); run dir {cfg.output_dir}")
         log.info("groups: " + ", ".join(f"{axis} {groups.size(axis)}" for axis in ("tp", "pp", "dp", "ep", "edp"))
                  + f"; rank 0 coordinates {plan.ranks.coords(0)}")
-        # built on meta; parallelize materializes, initializes and shards this rank's parts block by block
+        # built on meta; parallelize materializes, initializes (or reads from model.from_hf) and shards
+        # this rank's parts block by block
+        resolve_vocab_padding(cfg, plan.tp)
         with torch.device("meta"):
             model = build_model(cfg.model, cfg.moe, routing_groups=plan.experts.routing_groups if plan.experts else None)
+        weights = open_hf_weights(cfg.model.from_hf, model) if cfg.model.from_hf else None
         model = parallelize(model, plan, groups, sequence_parallel=cfg.parallel.sequence_parallel, recompute=cfg.parallel.recompute,
-                            compile=cfg.train.compile, ep_overlap=cfg.parallel.ep_overlap, init_seed=cfg.train.seed)
+                            compile=cfg.train.compile, ep_overlap=cfg.parallel.ep_overlap, init_seed=cfg.train.seed,
+                            weights=weights)
         log.info(f"model: {cfg.model.name}, {sum(p.numel() for p in model.parameters() if not p.is_meta):,} "
                  "parameters on this rank")
         engine = build_engine(model, plan, groups, cfg)
@@ -224,6 +262,11 @@ def train_main(cfg: RunConfig, plan: "object") -> int:
         log.info(f"done: {result.steps_done} steps, metrics in {cfg.output_dir}/metrics.jsonl")
         _log_peak_memory(plan)
         return 0
+    except torch.OutOfMemoryError:
+        where = _save_traceback(cfg.output_dir)
+        log.error(oom_report(cfg, plan, dist.get_rank() if dist.is_initialized() else 0)
+                  + (f" Traceback in {where}." if where else ""))
+        return EXIT_USER_ERROR
     except NonFiniteLossError as err:
         log.error(f"hpframe: stopping: {err}")
         return EXIT_NONFINITE
@@ -241,9 +284,9 @@ def train_main(cfg: RunConfig, plan: "object") -> int:
         log.error(f"hpframe: a collective timed out after {collective_timeout_s(cfg, plan):g} s (train.collective_timeout_s): "
                   f"another rank stalled or died ({str(err).strip().splitlines()[-1]})" + (f"; traceback in {where}" if where else ""))
         return 1
-    except ValueError as err:
-        # one clear line for the user; the traceback goes to a file, so an internal error that
-        # happens to be a ValueError is not lost
+    except UserError as err:
+        # one clear line for the user; the traceback goes to a file. Any other exception is a bug
+        # in hpframe and propagates with its traceback.
         where = _save_traceback(cfg.output_dir)
         log.error(f"hpframe: invalid configuration: {err}" + (f" (traceback in {where})" if where else ""))
         return EXIT_USER_ERROR

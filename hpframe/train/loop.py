@@ -9,6 +9,7 @@ line of metrics.jsonl is ``step`` 1, and a checkpoint taken at step k resumes wi
 from __future__ import annotations
 
 import gc
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -23,8 +24,8 @@ from hpframe.config.convert import to_dict
 from hpframe.config.schema import RunConfig
 from hpframe.data import Data
 from hpframe.logging import current_rank, get_logger
-from hpframe.train.metrics import MetricsWriter, dropped_frac, mfu, summarize_ep_imbalance, summarize_moe
 from hpframe.train.guards import after_failed_save, note_batch_change
+from hpframe.train.metrics import MetricsWriter, dropped_frac, expert_shares, mfu, summarize_ep_imbalance, summarize_moe
 from hpframe.train.preempt import Preempted, StopRequest
 from hpframe.train.profile import StepProfiler
 from hpframe.train.progress import Progress
@@ -66,13 +67,9 @@ def checkpoint_interval(cfg: RunConfig, plan: "ParallelPlan") -> int:
     return max(1, int(plan.checkpoint.interval_steps))
 
 
-def _resume_path(cfg: RunConfig, root: Path) -> Path | None:
-    choice = cfg.checkpoint.resume
-    if choice == "none":
-        return None
-    if choice == "auto":
-        return manager.find_latest(root)
-    return Path(choice)
+def save_timeout(plan: "ParallelPlan") -> float:
+    """Bound on each wait of the save protocol (checkpoint.save_timeout_s or the plan's derived figure)."""
+    return plan.checkpoint.save_timeout_seconds if plan.checkpoint is not None else 600.0
 
 
 def as_pairs(batches: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -88,16 +85,37 @@ def _evaluate(engine: Any, data: Data, plan: "ParallelPlan") -> float:
     return sum(losses) / len(losses)
 
 
-def _resume(engine: Any, data: Data, cfg: RunConfig, root: Path, fingerprint: str) -> tuple[int, int, Path | None]:
-    """Load the checkpoint ``checkpoint.resume`` selects, if any: (step, consumed tokens, path)."""
-    path = _resume_path(cfg, root)
-    if path is None:
-        return 0, 0, None
-    state = manager.load(engine, path, plan_fingerprint=fingerprint)
+def _resume(engine: Any, data: Data, cfg: RunConfig, root: Path, fingerprint: str) -> tuple[int, int, manager.ResumePoint]:
+    """Load the checkpoint ``checkpoint.resume`` selects, if any: (step, consumed tokens, where from + line)."""
+    point = manager.resume_point(cfg.checkpoint.resume, root)
+    if point.path is None:
+        return 0, 0, point
+    state = manager.load(engine, point.path, plan_fingerprint=fingerprint, checksums=not point.verified)
     data.train.load_state_dict(state["data"])
     step, consumed = int(state["step"]), int(state["consumed_tokens"])
-    log.info(f"resumed from {path}: step {step}, {consumed:,} tokens consumed")
-    return step, consumed, path
+    how = "continuing its line" if point.lineage["line"] == state.get("line") else f"new line {point.lineage['line']}"
+    log.info(f"resumed from {point.path}: step {step}, {consumed:,} tokens consumed ({how})")
+    return step, consumed, point
+
+
+def logged_steps(metrics_path: Path) -> set[int]:
+    """Steps that already have a training record in ``metrics_path`` (empty when there is no file).
+
+    A run marks its records of these steps ``rerun: true``: after a resume, the steps after the
+    checkpoint that the interrupted run had already logged. A torn line (a killed writer) is ignored.
+    """
+    if not metrics_path.is_file():
+        return set()
+    steps = set()
+    with metrics_path.open("rb") as f:
+        for raw in f:
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and "loss" in record and isinstance(record.get("step"), int):
+                steps.add(record["step"])
+    return steps
 
 
 def _dropped(moe_stats: Any, from_layers: float, module: Any) -> float:
@@ -115,7 +133,8 @@ def step_record(out: Any, *, step: int, lr: float, elapsed: float, tokens: int, 
     bad = bool(out.skipped) or not math.isfinite(loss) or not math.isfinite(float(out.grad_norm))
     cv, dropped = summarize_moe(out.moe_stats)
     tps = tokens / elapsed
-    return {
+    shares = expert_shares(out.moe_stats)
+    record = {
         "step": step, "loss": loss, "lm_loss": float(out.lm_loss), "aux_loss": float(out.aux_loss), "lr": lr,
         "grad_norm": float(out.grad_norm), "tokens_per_s": tps,
         "mfu": mfu(tps, plan.flops_per_token, plan.world_size, cfg.cluster.peak_tflops),
@@ -124,6 +143,9 @@ def step_record(out: Any, *, step: int, lr: float, elapsed: float, tokens: int, 
         "skipped": bad,
         "consumed_tokens": consumed, "step_time_s": elapsed,
     }
+    if shares:  # MoE runs: each expert's share of the routed assignments (hpframe.plot draws it)
+        record["expert_load"] = shares
+    return record
 
 
 def _check_nonfinite(record: dict[str, Any], in_a_row: int, limit: int) -> None:
@@ -201,19 +223,26 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
     interval = checkpoint_interval(cfg, plan) if cfg.checkpoint.enabled else 0
     fingerprint = manager.plan_fingerprint(plan, cfg)
     tokens_per_step = plan.global_batch_size * cfg.data.seq_len
-    start, consumed, resumed_from = _resume(engine, data, cfg, ckpt_root, fingerprint)
-    result = TrainResult(steps_done=start, resumed_from=resumed_from)
+    start, consumed, point = _resume(engine, data, cfg, ckpt_root, fingerprint)
+    result = TrainResult(steps_done=start, resumed_from=point.path)
+    rank0 = current_rank() == 0
     if cfg.checkpoint.enabled:
         log.info(f"checkpoints {f'every {interval} steps and ' if interval else ''}at the end in {ckpt_root}")
+        # saves killed in an earlier run left staging directories; none of this run's is in flight yet
+        for stale in store.remove_staging(ckpt_root) if rank0 else []:
+            log.info(f"removed {stale}, left by a save that did not finish")
+    rerun = logged_steps(run_dir / "metrics.jsonl") if rank0 else set()  # steps this run logs again
     # one Checkpointer for the run: with checkpoint.async_save at most one save is in flight
     checkpointer = (
-        Checkpointer(engine, ckpt_root, keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save)
+        Checkpointer(engine, ckpt_root, keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save,
+                     timeout_s=save_timeout(plan))
         if cfg.checkpoint.enabled else None
     )
-    rank0 = current_rank() == 0
-    writer = MetricsWriter(run_dir, enabled=rank0, tensorboard=cfg.train.tensorboard)
-    if resumed_from is not None:
-        note_batch_change(resumed_from, step=start, consumed=consumed, global_batch=plan.global_batch_size,
+    wandb = (dict(project=cfg.train.wandb_project, mode=cfg.train.wandb_mode, config=to_dict(cfg), name=Path(run_dir).name)
+             if cfg.train.wandb else None)
+    writer = MetricsWriter(run_dir, enabled=rank0, tensorboard=cfg.train.tensorboard, wandb=wandb)
+    if point.path is not None:
+        note_batch_change(point.path, step=start, consumed=consumed, global_batch=plan.global_batch_size,
                           seq_len=cfg.data.seq_len, writer=writer)
     stop = StopRequest(cfg.checkpoint.preempt_grace_s)  # SIGTERM / SIGINT: final checkpoint, then EXIT_PREEMPTED
     stop_device = torch.device("cuda", torch.cuda.current_device()) if engine_on_cuda(engine) else None
@@ -230,6 +259,7 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
             "step": step, "consumed_tokens": consumed, "data": data.train.state_dict(),
             "config": to_dict(cfg), "plan_fingerprint": fingerprint, "layout": manager.layout_of(plan),
             "global_batch_size": plan.global_batch_size, "seq_len": cfg.data.seq_len,
+            **point.lineage,  # line and parent: also written into the manifest (store.py, lines)
         }
         try:
             stats = checkpointer.save(step, manager.json_client_state(client_state))
@@ -267,6 +297,8 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
             consumed += tokens_per_step
             record = step_record(out, step=step, lr=lr, elapsed=elapsed, tokens=tokens_per_step, consumed=consumed,
                                  module=engine.module, plan=plan, cfg=cfg)
+            if step in rerun:  # logged before the interruption: this is the re-run of that step
+                record["rerun"] = True
             result.history.append(record)
             writer.write(record)
             nonfinite = nonfinite + 1 if record["skipped"] else 0
