@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,11 @@ class CheckpointStorageError(RuntimeError):
 def note_batch_change(path: Path, *, step: int, consumed: int, global_batch: int, seq_len: int,
                       writer: Any) -> None:
     """Warn and record when this run's tokens per step differ from those of the checkpoint at ``path``."""
-    from hpframe.checkpoint.manager import read_client_state
+    from hpframe.checkpoint.portable import CLIENT_STATE
 
     if step <= 0:
         return
-    state = read_client_state(path)
+    state = json.loads((Path(path) / CLIENT_STATE).read_text())  # verified against the manifest by the load
     old_batch = state.get("global_batch_size")
     old_tokens = int(old_batch) * int(state.get("seq_len", seq_len)) if old_batch else consumed // step
     new_tokens = global_batch * seq_len
