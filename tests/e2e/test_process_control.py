@@ -9,6 +9,9 @@
   are gone (PR_SET_PDEATHSIG / the parent watchdog) and the directory's lock is free.
 * a stalled rank (SIGSTOP of rank 1): rank 0's next collective times out after
   ``train.collective_timeout_s`` and the launcher's summary names rank 0 as the rank that failed first.
+* one process: the checkpoint directory replaced by a file mid-run stops the run with exit code 6 (no later
+  save could succeed); a dry run and a run refused for an unwritable checkpoint directory leave no run
+  directory; two ``launch.py`` started at once resolve two different default run directories.
 Linux only (reads /proc). Each launch takes 5-15 s on 2 cores; every wait has a timeout.
 """
 
@@ -172,3 +175,18 @@ def test_dry_run_and_unwritable_checkpoint_dir_leave_no_run_dir(tmp_path):
     assert f"checkpoint.dir: cannot write checkpoints to {blocker}/ckpt: Not a directory" in bad.stderr
     assert "INFO step 1/" not in bad.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # neither run left a directory
+
+
+def test_two_launches_at_once_get_two_run_dirs():
+    # the default run directory is outputs/DATE/TIME-PID: the second-resolution time alone would be shared
+    cmd = [sys.executable, str(REPO / "launch.py"), "--cfg", "hydra", "--resolve"]
+    procs = [subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=WAIT_S)[0] for p in procs]
+    dirs = []
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0
+        lines = out.splitlines()
+        run_dir = lines[lines.index("  run:") + 1].split("dir: ", 1)[1]
+        assert run_dir.startswith("outputs/") and run_dir.endswith(f"-{p.pid}")
+        dirs.append(run_dir)
+    assert dirs[0] != dirs[1]
