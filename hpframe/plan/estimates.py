@@ -10,7 +10,8 @@ all-gather/reduce-scatter of moe.dispatch=experts, whose bytes move at the full 
 step = compute + comm (an upper bound).
 Checkpoint: bytes = total params * 12 (fp32 master weight + two fp32 Adam moments: the portable
 checkpoint hpframe writes, independent of dtype and layout); write = bytes /
-storage_bw; job MTBF = gpu_mtbf_hours / world_size; Young/Daly interval = sqrt(2 * write * MTBF).
+storage_bw; job MTBF = gpu_mtbf_hours / world_size; Young/Daly interval = sqrt(2 * write * MTBF);
+save timeout (each wait of the save protocol) = checkpoint.save_timeout_s, or max(60 s, 10 x write).
 """
 
 from __future__ import annotations
@@ -60,6 +61,10 @@ def estimate_time(cfg: RunConfig, plan: ParallelPlan, comm: CommEstimate) -> Tim
 
 
 CHECKPOINT_BYTES_PER_PARAM = 12
+SAVE_TIMEOUT_FLOOR_S = 60.0
+"""Least time a save waits for a rank (start-up jitter, a slow file system's first write)."""
+SAVE_TIMEOUT_WRITES = 10.0
+"""A wait of the save protocol gives up after this many planned write times of a whole checkpoint."""
 """Bytes per parameter in a checkpoint: fp32 weight, fp32 exp_avg, fp32 exp_avg_sq."""
 
 
@@ -72,7 +77,13 @@ def estimate_checkpoint(cfg: RunConfig, plan: ParallelPlan, step_seconds: float)
     mtbf = cfg.cluster.gpu_mtbf_hours * 3600 / plan.world_size
     interval = math.sqrt(2 * write * mtbf)
     steps = max(1, round(interval / step_seconds)) if step_seconds > 0 else 1
-    return CheckpointEstimate(bytes=nbytes, write_seconds=write, job_mtbf_seconds=mtbf, interval_seconds=interval, interval_steps=steps)
+    if not (cfg.checkpoint.save_timeout_s >= 0 and math.isfinite(cfg.checkpoint.save_timeout_s)):
+        raise PlanError(f"checkpoint.save_timeout_s={cfg.checkpoint.save_timeout_s} must be a finite number >= 0 "
+                        f"(0 = derived from the planned write time)", key="checkpoint.save_timeout_s",
+                        values={"checkpoint.save_timeout_s": cfg.checkpoint.save_timeout_s})
+    timeout = cfg.checkpoint.save_timeout_s or max(SAVE_TIMEOUT_FLOOR_S, SAVE_TIMEOUT_WRITES * write)
+    return CheckpointEstimate(bytes=nbytes, write_seconds=write, job_mtbf_seconds=mtbf, interval_seconds=interval,
+                              interval_steps=steps, save_timeout_seconds=timeout)
 
 
 def add_estimates(plan: ParallelPlan, cfg: RunConfig, warnings: list[str]) -> ParallelPlan:

@@ -157,6 +157,7 @@ def plan_to_dict(plan: ParallelPlan, cfg: RunConfig) -> dict[str, Any]:
             "job_mtbf_seconds": plan.checkpoint.job_mtbf_seconds,
             "interval_seconds": plan.checkpoint.interval_seconds,
             "interval_steps": plan.checkpoint.interval_steps,
+            "save_timeout_seconds": plan.checkpoint.save_timeout_seconds,
         },
         "warnings": list(plan.warnings),
     }
@@ -260,6 +261,7 @@ def render_table(plan: ParallelPlan, cfg: RunConfig, width: int = 110) -> str:
     t.add_row("checkpoint write", f"{_seconds(ck['write_seconds'])} at {cfg.cluster.storage_bw_GBps:g} GB/s")
     t.add_row("job MTBF", _seconds(ck["job_mtbf_seconds"]))
     t.add_row("checkpoint interval (Young/Daly)", f"{_seconds(ck['interval_seconds'])} = {ck['interval_steps']} steps")
+    t.add_row("save timeout (each wait)", _seconds(ck["save_timeout_seconds"]))
     con.print(t)
 
     if cfg.plan.suggest:

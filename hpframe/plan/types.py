@@ -170,6 +170,8 @@ class CheckpointEstimate:
     """Young/Daly: sqrt(2 * write_seconds * job MTBF)."""
     interval_steps: int
     """interval_seconds / estimated step time, at least 1; the training loop's default save interval."""
+    save_timeout_seconds: float = 60.0
+    """Bound on each wait of the save protocol: checkpoint.save_timeout_s, or max(60 s, 10 x write_seconds)."""
 
 
 @dataclass(frozen=True, slots=True)
