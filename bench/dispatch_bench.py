@@ -12,7 +12,8 @@
    bytes each rank sent (experts: ``CommCounter`` in the fetch collectives; tokens: the rows of the
    dispatch and combine all-to-alls, forward and backward, to other ranks), against the planner's
    prediction for the same run (tokens assume uniform routing; the router here is random).
-   Step times on CPU processes say nothing about GPUs and are not reported.
+   Also the share of each layer's experts that a rank's tokens selected: what fetching only the
+   selected experts would save. Step times on CPU processes say nothing about GPUs and are not reported.
 
 Writes ``dispatch.json`` and ``dispatch.md`` (the tables docs/planner.md quotes) with the commit and
 library versions.
@@ -109,6 +110,9 @@ def _measure(rank: int, world: int, rows: list[tuple[int, int, int]]) -> list[di
                 assert all(isinstance(m, ExpertFetchExperts) for m in mods)
                 c = mods[0].fetch_groups.counter
                 measured = {"intra": c.intra, "inter": c.inter}
+                # the share of each layer's experts this rank's tokens selected (what a selective fetch would move)
+                res["selected_fraction"] = min(float((m.stats["tokens_per_expert"] > 0).float().mean())
+                                               for m in model.moe_modules())
             else:
                 assert all(isinstance(m, ExpertParallelExperts) for m in mods)
                 node_of_ep = [plan.ranks.node_of(r) for r in groups.ranks["ep"]]
@@ -155,8 +159,8 @@ def markdown(grid: list[dict[str, Any]], cpu: list[dict[str, Any]], env: dict[st
     lines += ["", "## Measured on 4 CPU processes (2 simulated nodes x 2, dp=4, ep=4), one forward/backward",
               "Mixtral-like, hidden 128, 2 MoE blocks, 8 experts, fp32. Bytes per rank (rank 0 / max over ranks), "
               "intra + inter node, measured vs predicted.", "",
-              "| expert ffn | tokens/GPU | top-k | auto pick | tokens measured | tokens predicted | experts measured (all ranks) | experts predicted |",
-              "|---:|---:|---:|:---|---:|---:|---:|---:|"]
+              "| expert ffn | tokens/GPU | top-k | auto pick | tokens measured | tokens predicted | experts measured (all ranks) | experts predicted | experts selected (min over layers, rank 0) |",
+              "|---:|---:|---:|:---|---:|---:|---:|---:|---:|"]
     for r in cpu:
         tm = [x["tokens"]["measured"] for x in r["ranks"]]
         em = {tuple(x["experts"]["measured"].values()) for x in r["ranks"]}
@@ -164,7 +168,7 @@ def markdown(grid: list[dict[str, Any]], cpu: list[dict[str, Any]], env: dict[st
         lines.append(f"| {r['expert_ffn']} | {r['tokens_per_gpu']} | {r['top_k']} | {r['pick']} | "
                      f"{tm[0]['intra'] + tm[0]['inter']} / {max(t['intra'] + t['inter'] for t in tm)} | "
                      f"{tp['intra'] + tp['inter']} | {' '.join(f'{a}+{b}' for a, b in sorted(em))} | "
-                     f"{ep_['intra']}+{ep_['inter']} |")
+                     f"{ep_['intra']}+{ep_['inter']} | {r['selected_fraction']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
