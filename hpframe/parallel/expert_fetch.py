@@ -290,6 +290,7 @@ class ExpertFetchExperts(ExpertParallelExperts):
         if side is not None and not self.overlap:
             side_out = side()
         params = dict(zip(self._names(), weights))
+        self._template[0].impl = self.impl  # whatever impl this module was given since
         if x.shape[0] == 0:
             y = x.new_zeros(0, self.hidden)
             return (_KeepInGraph.apply(y, *weights) if torch.is_grad_enabled() else y), side_out
