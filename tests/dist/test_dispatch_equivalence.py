@@ -41,6 +41,9 @@ BYTES = {
                           "parallel.recompute=full"],
     "tp2xep2-selective": ["recipe=mixtral_debug", "parallel.tp=2", "parallel.dp=2", "parallel.ep=2",
                           "parallel.recompute=selective"],
+    # auto resolves to experts here (small experts, 256 tokens per rank over 2 nodes) and the runtime follows
+    "nodes2-auto": ["recipe=mixtral_debug", "cluster.nodes=2", "cluster.gpus_per_node=2", "parallel.dp=4",
+                    "parallel.ep=4", "moe.expert_ffn_hidden_size=32", "data.seq_len=128", "moe.dispatch=auto"],
 }
 SMALL = ["parallel.micro_batch_size=2", "parallel.grad_accum=1", "data.seq_len=16", "train.dtype=fp32", *EXPERTS]
 
@@ -72,7 +75,8 @@ def _count_bytes(rank: int, cfg) -> dict:
     est = fetch_bytes(cfg, plan, stage)
     return {"rank": rank, "measured": {"intra": counter.intra, "inter": counter.inter}, "estimate": est,
             "plan_comm": dict(plan.comm.moe_move_experts), "stage_is_busiest": plan.comm.stage == coords["pp"],
-            "prefetched": counter.prefetched, "moe_layers": len(mods), "nodes": mods[0].fetch_groups.nodes}
+            "prefetched": counter.prefetched, "moe_layers": len(mods), "nodes": mods[0].fetch_groups.nodes,
+            "dispatch": (plan.dispatch.requested, plan.experts.dispatch)}
 
 
 def _worker(rank: int, world_size: int, jobs: list, byte_cfgs: list) -> dict:
@@ -95,7 +99,7 @@ def test_experts_dispatch_matches_tokens_and_one_process() -> None:
             refs[case.recipe, key] = reference(cfg, cfg.parallel.dp)
         jobs.append((cfg, refs[case.recipe, key]))
         names.append(case.name)
-    byte_cfgs = [compose_run_config(*o, *SMALL) for o in BYTES.values()]
+    byte_cfgs = [compose_run_config(*SMALL, *o) for o in BYTES.values()]
     results = run_distributed(_worker, 4, (jobs, byte_cfgs), timeout=280)
     failures = []
     for rank, res in enumerate(results):
@@ -123,5 +127,7 @@ def test_experts_dispatch_matches_tokens_and_one_process() -> None:
             if b["stage_is_busiest"]:
                 assert b["plan_comm"] == b["estimate"], tag
             assert b["prefetched"] == b["moe_layers"] - 1, tag  # every layer but the stage's first fetched ahead
+            assert b["dispatch"][1] == "experts", tag
+    assert results[0]["bytes"][list(BYTES).index("nodes2-auto")]["dispatch"] == ("auto", "experts")
     nodes2 = [r["bytes"][list(BYTES).index("nodes2")] for r in results]
     assert all(b["nodes"] == 2 and b["measured"]["inter"] > 0 for b in nodes2), nodes2
