@@ -136,7 +136,7 @@ def test_overrides_contradicting_config_json(tmp_path: Path) -> None:
         check_run_config(cfg.model, cfg.moe)
 
 
-def test_launch_exits_2_and_dry_run_sees_the_real_model(tmp_path: Path) -> None:
+def test_launch_exits_2_and_dry_run_and_cfg_job_see_the_real_model(tmp_path: Path) -> None:
     theirs = write_checkpoint("deepseek_v3", tmp_path, max_shard_size="10MB")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     bad = subprocess.run([sys.executable, "launch.py", f"model.from_hf={tmp_path}", "model.num_layers=8", "plan.dry_run=true"],
@@ -148,6 +148,11 @@ def test_launch_exits_2_and_dry_run_sees_the_real_model(tmp_path: Path) -> None:
     assert ok.returncode == 0, ok.stderr
     report = json.loads(ok.stdout)
     assert report["params"]["total"] == sum(p.numel() for p in theirs.parameters())
+    job = subprocess.run([sys.executable, "launch.py", f"model.from_hf={tmp_path}", "--cfg", "job"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert job.returncode == 0, job.stderr
+    for line in ("arch: deepseek_v3", "q_lora_rank: 16", "rope_type: yarn", "rope_mscale_all_dim: 0.707", "num_experts: 8"):
+        assert f"  {line}\n" in job.stdout, line
 
 
 def test_mismatched_checkpoint_is_refused_listing_tensors(tmp_path: Path) -> None:
