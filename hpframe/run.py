@@ -62,16 +62,14 @@ def main(cfg: RunConfig) -> int:
         return 0
     if not under_launcher() or (os.environ.get("RANK") == "0" and PLAN_SHOWN not in os.environ):
         print(_render(plan, cfg), flush=True)
-    if not under_launcher():  # before any process starts: GPUs and cores for plan.world_size processes
+    if not under_launcher() and plan.world_size > 1:
         from hpframe.machine import check_placement, probe
 
-        try:
-            for warning in check_placement(cfg, probe(), plan.world_size):
-                log.warning(warning)
+        try:  # before any process starts: GPUs or cores for plan.world_size processes (each worker checks again)
+            check_placement(cfg, probe(), plan.world_size)
         except UserError as err:
             print(f"hpframe: invalid configuration: {err}", file=sys.stderr)
             return EXIT_USER_ERROR
-    if not under_launcher() and plan.world_size > 1:
         os.environ[PLAN_SHOWN] = "1"  # inherited by the workers: rank 0 need not print it again
         return launch_local(cfg, plan.world_size)
     if not under_launcher():

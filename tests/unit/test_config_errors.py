@@ -97,3 +97,24 @@ def test_train_main_reports_user_errors_only(compose_cfg, monkeypatch, tmp_path,
     else:
         assert train_main(cfg, make_plan(cfg)) == code
         assert "data.path='x' has no meta.json" in (tmp_path / "error_rank0.txt").read_text()
+
+
+def test_cli_reports_an_internal_error_as_a_bug(monkeypatch, capsys, tmp_path) -> None:
+    """An exception from hpframe's code after composition (here an omegaconf error, a composition error's
+    type) is not 'invalid configuration': exit code 1, the traceback, and a line saying it is a bug."""
+    import hpframe.run
+    from hpframe import cli
+    from omegaconf.errors import ConfigKeyError
+
+    def broken(cfg: object) -> int:
+        raise ConfigKeyError("an internal lookup failed")
+
+    monkeypatch.setattr(hpframe.run, "main_from_hydra", broken)
+    monkeypatch.setattr(cli, "_TASK_STARTED", False)
+    monkeypatch.setattr(sys, "argv", ["launch.py", "plan.dry_run=true", f"hydra.run.dir={tmp_path}", "hydra.output_subdir=null"])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    err = capsys.readouterr().err
+    assert info.value.code == 1
+    assert "Traceback" in err and "an internal lookup failed" in err and "invalid configuration" not in err
+    assert err.strip().splitlines()[-1].startswith("hpframe: internal error: this is a bug in hpframe")
