@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from hpframe.checkpoint.store import fsync_path
+from hpframe.errors import UserError
 
 FORMAT_VERSION = 1
 KINDS = ("param", "exp_avg", "exp_avg_sq")
@@ -134,7 +135,7 @@ class PortableCheckpoint:
         self.directory = Path(directory)
         layouts = sorted((self.directory / "layout").glob("rank*.json"))
         if not layouts:
-            raise ValueError(f"{self.directory}: no layout/rank*.json: not a portable hpframe checkpoint")
+            raise UserError(f"{self.directory}: no layout/rank*.json: not a portable hpframe checkpoint")
         self.shapes: dict[tuple[str, str], tuple[int, ...]] = {}
         self.stored: dict[tuple[str, str], list[_Stored]] = {}
         self.adam_step: dict[str, float] = {}
@@ -147,7 +148,7 @@ class PortableCheckpoint:
                 lk = (meta["kind"], meta["name"])
                 shape = tuple(meta["shape"])
                 if self.shapes.setdefault(lk, shape) != shape:
-                    raise ValueError(f"{path}: {meta['name']} ({meta['kind']}) has shape {shape}, another file says {self.shapes[lk]}")
+                    raise UserError(f"{path}: {meta['name']} ({meta['kind']}) has shape {shape}, another file says {self.shapes[lk]}")
                 rows = tuple(meta["rows"]) if meta["rows"] is not None else None
                 self.stored.setdefault(lk, []).append(_Stored(doc["file"], key, rows))  # type: ignore[arg-type]
         self._handles: dict[str, Any] = {}
@@ -166,7 +167,7 @@ class PortableCheckpoint:
                 continue
             s1, s3 = self.shapes.pop(w1), self.shapes.pop(w3)
             if s1 != s3:
-                raise ValueError(f"{self.directory}: {name} {list(s1)} and {base}w3 {list(s3)} differ in shape")
+                raise UserError(f"{self.directory}: {name} {list(s1)} and {base}w3 {list(s3)} differ in shape")
             self.shapes[w13] = (s1[0], 2 * s1[1], *s1[2:])
             self._gate_up[w13] = (w1, w3)
             if kind == "param":
@@ -198,7 +199,7 @@ class PortableCheckpoint:
             try:
                 self._handles[file] = safe_open(str(path), framework="pt")
             except Exception as err:  # safetensors raises its own error types for damaged headers
-                raise ValueError(f"{path}: unreadable safetensors file ({err})") from err
+                raise UserError(f"{path}: unreadable safetensors file ({err})") from err
         return self._handles[file]
 
     def read(self, name: str, kind: str = "param", rows: tuple[int, int] | None = None) -> torch.Tensor:
@@ -230,7 +231,7 @@ class PortableCheckpoint:
             out[a - first:b - first] = piece
             covered += b - a
         if out is None or covered != last - first:
-            raise ValueError(f"{self.directory}: {kind} {name} rows [{first}, {last}) are not all stored (expert files missing?)")
+            raise UserError(f"{self.directory}: {kind} {name} rows [{first}, {last}) are not all stored (expert files missing?)")
         return out
 
     def check_compatible(self, expected: dict[str, tuple[int, ...]]) -> None:
@@ -246,7 +247,7 @@ class PortableCheckpoint:
                 if items:
                     shown = ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
                     lines.append(f"  {title}: {shown}")
-            raise ValueError("\n".join(lines))
+            raise UserError("\n".join(lines))
 
 
 # ---- RNG states as JSON (no pickle) ------------------------------------------------------------------

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from hpframe.errors import UserError
 from hpframe.models import Block, MoE, Router
 from hpframe.models.moe import in_backward
 from hpframe.parallel.tensor import vocab_parallel_cross_entropy
@@ -289,13 +290,13 @@ class Engine:
         self.optimizer.wait_for_update()  # no queued update may land on what is loaded
         load_path, client_state = self.ds.load_checkpoint(path, tag=self.TAG)
         if load_path is None:
-            raise ValueError(f"no checkpoint found under {path}")
+            raise UserError(f"no checkpoint found under {path}")
         if self.plan.experts is not None and self.plan.ep > 1:
             saved = torch.load(self._expert_file(path), map_location="cpu", weights_only=True)
             with torch.no_grad():
                 for name, p in self._expert_state(live=True).items():
                     if saved[name].shape != p.shape:
-                        raise ValueError(f"expert tensor {name}: checkpoint {tuple(saved[name].shape)} vs model {tuple(p.shape)}")
+                        raise UserError(f"expert tensor {name}: checkpoint {tuple(saved[name].shape)} vs model {tuple(p.shape)}")
                     p.copy_(saved[name])
         return client_state or {}
 
