@@ -22,6 +22,7 @@ import torch.distributed as dist
 from torch import nn
 
 from hpframe.engine import bf16_grads
+from hpframe.engine.compat import check_libraries
 from hpframe.engine.ds_env import init_deepspeed_comm
 from hpframe.errors import UserError
 from hpframe.logging import get_logger
@@ -53,6 +54,8 @@ def build_engine(model: nn.Module, plan: Any, groups: Any, cfg: Any) -> Any:
     from hpframe.engine.step import SkippableAdamW, StepGuard
     from hpframe.engine.topology import PlanMPU, check_topology, process_topology
 
+    for warning in check_libraries():
+        get_logger(__name__).warning(warning)
     init_deepspeed_comm()
     device = resolve_device(cfg)
     dtype = str(getattr(cfg.train.dtype, "value", cfg.train.dtype))

@@ -23,7 +23,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hpframe.errors import UserError
 from hpframe.models import Block, MoE, Router
 from hpframe.models.moe import in_backward
 from hpframe.parallel.tensor import vocab_parallel_cross_entropy
@@ -265,49 +264,3 @@ class Engine:
         self.ds.train()
         lm_mean = float(self._reduced_means(lm, aux)[0])
         return lm_mean
-
-    # ---- checkpoints --------------------------------------------------------------------------
-    TAG = "state"
-
-    def save_checkpoint(self, path: str, client_state: dict) -> None:
-        """Write model, optimizer and ``client_state`` under directory ``path`` (collective).
-
-        DeepSpeed writes the model states from dp rank 0 only (per tp rank, or per layer with pp),
-        which with ep > 1 holds only its own EP rank's experts; so every EP rank's first replica
-        (edp rank 0) also writes its local expert weights to ``experts_pp{p}_tp{t}_ep{e}.pt``.
-        Optimizer state is DeepSpeed's: per EP rank for ZeRO 0, per rank for ZeRO 1/2.
-        """
-        self.optimizer.wait_for_update()  # parameters and moments as updated (train.overlap_optimizer)
-        self.ds.save_checkpoint(path, tag=self.TAG, client_state=client_state)
-        if self.plan.experts is not None and self.plan.ep > 1:
-            c = self.plan.ranks.coords(self.rank)
-            if c["edp"] == 0:
-                torch.save(self._expert_state(), self._expert_file(path))
-            dist.barrier()
-
-    def load_checkpoint(self, path: str) -> dict:
-        """Restore what ``save_checkpoint(path, ...)`` wrote; returns its client_state."""
-        self.optimizer.wait_for_update()  # no queued update may land on what is loaded
-        load_path, client_state = self.ds.load_checkpoint(path, tag=self.TAG)
-        if load_path is None:
-            raise UserError(f"no checkpoint found under {path}")
-        if self.plan.experts is not None and self.plan.ep > 1:
-            saved = torch.load(self._expert_file(path), map_location="cpu", weights_only=True)
-            with torch.no_grad():
-                for name, p in self._expert_state(live=True).items():
-                    if saved[name].shape != p.shape:
-                        raise UserError(f"expert tensor {name}: checkpoint {tuple(saved[name].shape)} vs model {tuple(p.shape)}")
-                    p.copy_(saved[name])
-        return client_state or {}
-
-    def _expert_file(self, path: str) -> str:
-        import os
-
-        c = self.plan.ranks.coords(self.rank)
-        return os.path.join(path, self.TAG, f"experts_pp{c['pp']}_tp{c['tp']}_ep{c['ep']}.pt")
-
-    def _expert_state(self, live: bool = False) -> dict[str, torch.Tensor]:
-        from hpframe.engine.moe_bridge import expert_parameters
-
-        self.optimizer.wait_for_update()
-        return {n: (p if live else p.detach().cpu().clone()) for n, p in expert_parameters(self.ds.module)}

@@ -21,6 +21,8 @@ Assumptions (stated in docs/planner.md):
   expert parameters over edp (= dp / ep).
 * Activations are per token and block, in the train dtype, with fused attention (no seq x seq scores
   kept). Under 1F1B stage s holds min(pp - s, grad_accum) micro-batches in flight.
+* moe.dispatch=experts adds the fetched expert weights and their transient gradients
+  (hpframe/plan/fetch.py, ``fetched_weight_bytes``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hpframe.config.schema import Attention, DType, Recompute, RunConfig
-from hpframe.plan.params import attention_replicated_params, block_params, expert_ffn, head_dim, mlp_mats, num_kv_heads
+from hpframe.plan.fetch import fetched_weight_bytes
+from hpframe.plan.params import (attention_replicated_params, block_params, expert_ffn, head_dim, mlp_mats, num_kv_heads,
+                                 padded_vocab)
 from hpframe.plan.types import MemoryEstimate, ParallelPlan, StagePlan
 
 GIB = 1 << 30
@@ -59,7 +63,7 @@ def stage_params(cfg: RunConfig, plan: ParallelPlan, stage: StagePlan) -> StageP
         rep = attention_replicated_params(m)
         dense += (b.attention - rep + b.mlp) // t + rep + b.shared_experts + b.norms + b.router
         expert += b.experts // plan.ep
-    vh = m.vocab_size * m.hidden_size // t
+    vh = padded_vocab(m, t) * m.hidden_size // t
     if stage.has_embedding:
         dense += vh
     if stage.has_head:
@@ -117,7 +121,7 @@ def stage_activation_bytes(cfg: RunConfig, plan: ParallelPlan, stage: StagePlan)
         # logits and their fp32 softmax for the loss; under train.compile (tp = pp = 1) the loss is one
         # compiled kernel that upcasts on the fly: the logits only (measured on one H200: -4.7 GiB)
         fused_loss = cfg.train.compile and plan.tp == 1 and plan.pp == 1
-        total += tokens * m.vocab_size / plan.tp * (e if fused_loss else e + 4)
+        total += tokens * padded_vocab(m, plan.tp) / plan.tp * (e if fused_loss else e + 4)
     return int(total)
 
 
@@ -129,6 +133,7 @@ def estimate_memory(cfg: RunConfig, plan: ParallelPlan) -> MemoryEstimate:
     z = plan.zero_stage
     opt = (4 if z == 0 else 6) if bf16_master else 12 if bf16 else 8  # ZeRO 0 bf16: m, v only
     dp, edp = plan.dp, plan.edp
+    fetch = plan.experts is not None and plan.experts.dispatch == "experts"
     rows = []
     for st in plan.pipeline.stages:
         sp = stage_params(cfg, plan, st)
@@ -146,6 +151,7 @@ def estimate_memory(cfg: RunConfig, plan: ParallelPlan) -> MemoryEstimate:
             int(g * (dense_g + exp_g) + accum),
             int(opt * (dense_o + exp_o)),
             stage_activation_bytes(cfg, plan, st),
+            fetched_weight_bytes(cfg, plan, st) if fetch else 0,
         )
         rows.append((st.index, parts, sp.total))
     worst = max(rows, key=lambda r: sum(r[1]))
@@ -158,4 +164,5 @@ def estimate_memory(cfg: RunConfig, plan: ParallelPlan) -> MemoryEstimate:
         params_on_rank=worst[2],
         per_stage_total=tuple(sum(r[1]) for r in rows),
         device_bytes=int(cfg.cluster.gpu_memory_gb * GIB),
+        fetched_experts=worst[1][4],
     )
