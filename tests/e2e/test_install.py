@@ -52,3 +52,6 @@ def test_wheel_ships_the_config_tree_and_console_script(tmp_path: Path) -> None:
                          cwd=run_dir, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert '"world_size": 2048' in out.stdout and '"recipe": "deepseek_v3"' in out.stdout
+    helped = subprocess.run([str(target / "bin" / "hpframe"), "--help"], cwd=run_dir, env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert helped.returncode == 0 and "  mixtral_8x7b " in helped.stdout and "  parallel.tp " in helped.stdout
