@@ -69,9 +69,9 @@ def test_did_you_mean_only_when_close() -> None:
     assert issubclass(PlanError, UserError) and issubclass(UserError, ValueError)
 
 
-def test_launch_exits_2_with_one_line_for_an_added_key() -> None:
-    out = subprocess.run([sys.executable, "launch.py", "+parallel.tpp=2", "plan.dry_run=true"],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+def test_launch_exits_2_with_one_line_for_an_added_key(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, str(REPO / "launch.py"), "+parallel.tpp=2", "plan.dry_run=true"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stdout + out.stderr
     assert out.stderr.strip().splitlines() == [
         "hpframe: invalid configuration: parallel.tpp: no such key in 'parallel' (did you mean parallel.tp?)"]
