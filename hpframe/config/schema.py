@@ -78,6 +78,11 @@ class DataKind(str, Enum):
     tokenized = "tokenized"  # memory-mapped token shards written by `python -m hpframe.data.prepare`
 
 
+class WandbMode(str, Enum):
+    online = "online"  # log to the Weights & Biases server (needs a login)
+    offline = "offline"  # write under RUN_DIR/wandb only; upload later with `wandb sync`
+
+
 class PlanFormat(str, Enum):
     table = "table"
     json = "json"
@@ -296,7 +301,7 @@ class TrainConfig:
     """Also log the step figures to Weights & Biases (needs ``pip install wandb``; rank 0 only)."""
     wandb_project: str = "hpframe"
     """Weights & Biases project of the run."""
-    wandb_mode: str = "online"
+    wandb_mode: WandbMode = WandbMode.online
     """online, or offline: written under RUN_DIR/wandb without a network (upload later with ``wandb sync``)."""
     compile: bool = False
     """torch.compile the transformer blocks."""

@@ -236,7 +236,7 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
                      timeout_s=save_timeout(plan))
         if cfg.checkpoint.enabled else None
     )
-    wandb = (dict(project=cfg.train.wandb_project, mode=cfg.train.wandb_mode, config=to_dict(cfg), name=Path(run_dir).name)
+    wandb = (dict(project=cfg.train.wandb_project, mode=cfg.train.wandb_mode.value, config=to_dict(cfg), name=Path(run_dir).name)
              if cfg.train.wandb else None)
     writer = MetricsWriter(run_dir, enabled=rank0, tensorboard=cfg.train.tensorboard, wandb=wandb)
     progress = Progress(total=cfg.train.steps, start=start, enabled=rank0 and cfg.train.progress)
