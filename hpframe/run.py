@@ -170,7 +170,7 @@ def train_main(cfg: RunConfig, plan: "object") -> int:
     except torch.OutOfMemoryError:
         where = _save_traceback(cfg.output_dir)
         log.error(oom_report(cfg, plan, dist.get_rank() if dist.is_initialized() else 0)
-                  + (f" Traceback in {where}." if where else ""))
+                  + (f" Full error: {where}." if where else ""))
         return EXIT_USER_ERROR
     except NonFiniteLossError as err:
         log.error(f"hpframe: stopping: {err}")
