@@ -9,7 +9,8 @@ document is one of three kinds, chosen at random:
 * ``repeat``: a random phrase of 3-12 symbols repeated to the end of the document (induction).
 
 Only ``min(vocab_size - 1, 256)`` symbols are used, so a model first learns which tokens never occur
-(the loss falls by about ln(vocab / 256) within a few steps) and then the local structure.
+(the loss falls by about ln(vocab / 256); with train=smoke on mixtral_debug that takes about ten
+steps) and then the local structure.
 Generation is vectorized over documents; one million tokens take well under a second.
 """
 
