@@ -85,7 +85,7 @@ def test_train_main_reports_user_errors_only(compose_cfg, monkeypatch, tmp_path,
     from hpframe.plan import make_plan
     from hpframe.run import train_main
 
-    def fail(plan: object) -> None:
+    def fail(plan: object, **kwargs: object) -> None:
         raise error
 
     monkeypatch.setattr(hpframe.parallel, "init_distributed", fail)  # the first step of train_main
