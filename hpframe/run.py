@@ -252,6 +252,8 @@ def train_main(cfg: RunConfig, plan: "object") -> int:
         model = parallelize(model, plan, groups, sequence_parallel=cfg.parallel.sequence_parallel, recompute=cfg.parallel.recompute,
                             compile=cfg.train.compile, ep_overlap=cfg.parallel.ep_overlap, init_seed=cfg.train.seed,
                             weights=weights)
+        if weights is not None:
+            weights.close()  # unmaps the files: their pages no longer count in this process
         log.info(f"model: {cfg.model.name}, {sum(p.numel() for p in model.parameters() if not p.is_meta):,} "
                  "parameters on this rank")
         engine = build_engine(model, plan, groups, cfg)
