@@ -78,7 +78,9 @@ class ModelConfig:
     name: str = MISSING
     """Free-form name shown in reports, e.g. 'mixtral_8x7b'."""
     arch: Arch = Arch.mixtral
-    """Model family: gpt (dense), mixtral, deepseek_v3."""
+    """Model family: gpt (dense), mixtral, deepseek_v3. Every family is the one ``Transformer``, whose
+    layers follow ``attention``, ``activation`` and the moe group; ``arch`` names the family's tensor
+    layout in transformers' checkpoints (``hpframe.models.hf_adapter``: export and import; gpt has none)."""
     hidden_size: int = MISSING
     """Width of the residual stream."""
     num_layers: int = MISSING

@@ -218,8 +218,6 @@ def build_model(model_cfg: ModelConfig, moe_cfg: MoEConfig, *, routing_groups: i
     routing_groups: groups for node-limited routing; None means moe.num_expert_groups (the runtime
     passes the number of nodes one EP group spans when that is more than one).
     """
-    from hpframe.models.registry import model_class  # the registry imports this module
-
     groups = moe_cfg.num_expert_groups if routing_groups is None else routing_groups
     validate(model_cfg, moe_cfg, groups)
-    return model_class(model_cfg.arch)(model_cfg, moe_cfg, groups)
+    return Transformer(model_cfg, moe_cfg, groups)
