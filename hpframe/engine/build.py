@@ -24,6 +24,7 @@ from torch import nn
 from hpframe.engine import bf16_grads
 from hpframe.engine.compat import check_libraries
 from hpframe.engine.ds_env import init_deepspeed_comm
+from hpframe.errors import UserError
 from hpframe.logging import get_logger
 from hpframe.plan.deepspeed_config import deepspeed_config
 
@@ -32,7 +33,7 @@ def resolve_device(cfg: Any) -> str:
     """cpu or cuda, from ``train.device`` (auto = cuda when available)."""
     want = str(getattr(cfg.train.device, "value", cfg.train.device))
     if want == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but CUDA is not available")
+        raise UserError("train.device=cuda but CUDA is not available")
     if want == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return want
