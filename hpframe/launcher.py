@@ -3,7 +3,7 @@
 ``python launch.py`` runs as one process. When the plan needs several processes and none were
 started by a launcher (RANK/WORLD_SIZE unset), ``launch_local`` starts them through
 torch.distributed's elastic launcher (the machinery behind torchrun): the composed config is written
-to ``RUN_DIR/run_config.yaml`` and every worker runs ``python -m hpframe.launcher RUN_DIR/run_config.yaml``,
+to ``RUN_DIR/run_config.yaml`` and every worker runs ``python -m hpframe.worker RUN_DIR/run_config.yaml``,
 so all ranks share one config and one run directory. Under torchrun or the DeepSpeed launcher
 (RANK/WORLD_SIZE set) each rank composed its own config; ``agree_on_run_dir`` makes them all use
 rank 0's run directory.
@@ -80,7 +80,7 @@ def launch_local(cfg: RunConfig, nproc: int) -> int:
     )
     log.info(f"starting {nproc} local processes (torch.distributed elastic launch), config {path}")
     try:
-        elastic_launch(config, entrypoint=sys.executable)("-m", "hpframe.launcher", str(path))
+        elastic_launch(config, entrypoint=sys.executable)("-m", "hpframe.worker", str(path))
     except ChildFailedError as err:
         # the agent kills the remaining workers once one exits with an error (negative exit codes):
         # report the earliest worker that exited by itself
@@ -138,17 +138,3 @@ def exit_worker(code: int) -> None:
     sys.stderr.flush()
     logging.shutdown()
     os._exit(code)
-
-
-def worker_main(argv: list[str]) -> int:
-    """Entry of a worker started by ``launch_local``: run the written config."""
-    if len(argv) != 1:
-        print("usage: python -m hpframe.launcher RUN_DIR/run_config.yaml", file=sys.stderr)
-        return 2
-    from hpframe.run import main
-
-    return main(read_run_config(argv[0]))
-
-
-if __name__ == "__main__":
-    exit_worker(worker_main(sys.argv[1:]))

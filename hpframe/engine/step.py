@@ -41,7 +41,7 @@ import torch.distributed as dist
 from deepspeed.moe.utils import is_moe_param
 from torch import nn
 
-from hpframe.train.profile import phase
+from hpframe.phases import phase
 
 
 class SkippableAdamW(torch.optim.AdamW):
