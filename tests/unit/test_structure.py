@@ -1,4 +1,4 @@
-"""hpframe's import graph: no cycles (function-level imports included), and the layers import downwards.
+"""The tree's structure: no import cycles, layers import downwards, environment switches documented.
 
 The graph is read from the sources with ``ast`` (nothing is imported): an edge A -> B for every
 ``import``/``from ... import`` of an hpframe module anywhere in A, at module level or inside a
@@ -113,3 +113,15 @@ def test_layers_import_downwards() -> None:
         assert not {m for m in reachable(graph, engine_module) if m.startswith("hpframe.train")}, engine_module
     for low in ("hpframe.models.transformer", "hpframe.plan.planner"):
         assert not {m for m in reachable(graph, low) if m.startswith(("hpframe.engine", "hpframe.train"))}, low
+
+
+def test_every_hpframe_environment_switch_is_documented() -> None:
+    """Each ``HPFRAME_*`` variable the code reads has a row in docs/training.md's table."""
+    import re
+
+    used = set()
+    for path in PKG.rglob("*.py"):
+        used |= set(re.findall(r"\bHPFRAME_[A-Z_]+\b", path.read_text()))
+    doc = (REPO / "docs" / "training.md").read_text()
+    table = doc[doc.index("## Environment variables"):]
+    assert used and used <= set(re.findall(r"`(HPFRAME_[A-Z_]+)", table)), used
