@@ -1,19 +1,12 @@
 """Starting the processes of a run on this machine, and agreeing on one run directory.
 
 ``python launch.py`` runs as one process. When the plan needs several processes and none were
-<<<<<<< HEAD
-started by a launcher (RANK/WORLD_SIZE unset), ``launch_local`` starts them through
-torch.distributed's elastic launcher (the machinery behind torchrun): the composed config is written
-to ``RUN_DIR/run_config.yaml`` and every worker runs ``python -m hpframe.worker RUN_DIR/run_config.yaml``,
-so all ranks share one config and one run directory. Under torchrun or the DeepSpeed launcher
-=======
 started by a launcher (RANK/WORLD_SIZE unset), ``launch_local`` starts them itself, with the
 environment torchrun gives its workers: the composed config is written to ``RUN_DIR/run_config.yaml``
-and every worker runs ``python -m hpframe.launcher RUN_DIR/run_config.yaml``, so all ranks share one
+and every worker runs ``python -m hpframe.worker RUN_DIR/run_config.yaml``, so all ranks share one
 config and one run directory. The launcher reaps the workers in the order they end (the failure
 summary names the rank that failed first), passes SIGTERM/SIGINT on for a preemption stop, and its
 workers die with it (``watch_parent``, PR_SET_PDEATHSIG). Under torchrun or the DeepSpeed launcher
->>>>>>> main
 (RANK/WORLD_SIZE set) each rank composed its own config; ``agree_on_run_dir`` makes them all use
 rank 0's run directory.
 """
@@ -81,17 +74,6 @@ def _set_parent_death_signal() -> None:
     import ctypes
 
     try:
-<<<<<<< HEAD
-        elastic_launch(config, entrypoint=sys.executable)("-m", "hpframe.worker", str(path))
-    except ChildFailedError as err:
-        # the agent kills the remaining workers once one exits with an error (negative exit codes):
-        # report the earliest worker that exited by itself
-        own = [(f.timestamp, rank, f.exitcode) for rank, f in err.failures.items() if f.exitcode > 0]
-        _, rank, code = min(own) if own else (0, min(err.failures), 1)
-        log.error(f"{len(err.failures)} of {nproc} processes failed; first: rank {rank} with exit code {code}")
-        return code
-    return 0
-=======
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     except (OSError, AttributeError):  # no prctl (an unusual libc): the watchdog thread still covers it
@@ -157,8 +139,8 @@ class LocalJob:
         self._kill_timer: threading.Timer | None = None
 
     def start(self, config_path: Path, *, argv: list[str] | None = None) -> None:
-        """Start the workers: ``python -m hpframe.launcher CONFIG`` (``argv`` replaces it, for tests)."""
-        argv = argv or [sys.executable, "-m", "hpframe.launcher", str(config_path)]
+        """Start the workers: ``python -m hpframe.worker CONFIG`` (``argv`` replaces it, for tests)."""
+        argv = argv or [sys.executable, "-m", "hpframe.worker", str(config_path)]
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(self.nproc),
                    LOCAL_WORLD_SIZE=str(self.nproc), GROUP_RANK="0", NODE_RANK="0")
         # two CPU processes per core would fight over OpenMP threads; torchrun makes the same choice
@@ -228,7 +210,7 @@ class LocalJob:
 def launch_local(cfg: RunConfig, nproc: int) -> int:
     """Start ``nproc`` workers on this machine and wait for them; return the run's exit code.
 
-    Each worker runs ``python -m hpframe.launcher RUN_DIR/run_config.yaml`` with the environment torchrun
+    Each worker runs ``python -m hpframe.worker RUN_DIR/run_config.yaml`` with the environment torchrun
     would give it (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT). Workers die with the launcher
     (PR_SET_PDEATHSIG on Linux, plus ``watch_parent``). SIGTERM or SIGINT to the launcher is passed on as
     SIGTERM: the workers agree on a step, write a final checkpoint and exit with EXIT_PREEMPTED.
@@ -247,7 +229,6 @@ def launch_local(cfg: RunConfig, nproc: int) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     return job.result()
->>>>>>> main
 
 
 def single_process_env() -> None:
