@@ -72,10 +72,6 @@ class ParallelGroups:
         return members.index(self.rank)
 
     @property
-    def tp_size(self) -> int:
-        return self.size("tp")
-
-    @property
     def tp_rank(self) -> int:
         return self.local_rank("tp")
 
@@ -86,10 +82,6 @@ class ParallelGroups:
     @property
     def ep_rank(self) -> int:
         return self.local_rank("ep")
-
-    @property
-    def dp_size(self) -> int:
-        return self.size("dp")
 
     @property
     def dp_rank(self) -> int:
