@@ -58,6 +58,7 @@ def _deepspeed_own(cfg, plan, groups, rank: int) -> tuple[list[float], list[floa
     from deepspeed.runtime.utils import clip_grad_norm_
 
     from engine_cases import rank_batches
+    from hpframe.engine.build import resolve_device
     from hpframe.engine.moe_bridge import optimizer_param_groups
     from hpframe.engine.topology import PlanMPU
     from hpframe.models import build_model
@@ -69,7 +70,9 @@ def _deepspeed_own(cfg, plan, groups, rank: int) -> tuple[list[float], list[floa
     model = build_model(cfg.model, cfg.moe, routing_groups=None)
     model.init_weights(t.seed)
     model = parallelize(model, plan, groups)
-    ds_cfg = deepspeed_config(plan, dtype=t.dtype.value, device="cpu", master_dtype=t.master_dtype.value)
+    device = resolve_device(cfg)  # as build_engine resolves train.device
+    model = model.to(device)
+    ds_cfg = deepspeed_config(plan, dtype=t.dtype.value, device=device, master_dtype=t.master_dtype.value)
     ds_cfg["gradient_clipping"] = t.grad_clip  # DeepSpeed clips itself
     opt = torch.optim.AdamW(optimizer_param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
                             weight_decay=t.weight_decay, fused=True)
@@ -78,9 +81,10 @@ def _deepspeed_own(cfg, plan, groups, rank: int) -> tuple[list[float], list[floa
     assert type(ds) is deepspeed.DeepSpeedEngine and "update_hp_grads" not in vars(ds.optimizer)
     losses, norms = [], []
     for step in range(STEPS):
-        total = torch.zeros((), dtype=torch.float64)
+        total = torch.zeros((), dtype=torch.float64, device=ds.device)
         norm = None
         for tokens, targets in rank_batches(cfg, plan, rank, step):
+            tokens, targets = tokens.to(ds.device), targets.to(ds.device)
             lm = vocab_parallel_cross_entropy(ds(tokens), targets, groups.tp)
             loss = lm + ds.module.aux_loss.float()
             total += loss.detach().double()
