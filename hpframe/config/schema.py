@@ -99,7 +99,9 @@ class ModelConfig:
     Its config.json sets every field below that changes the computation (launch.py fills them in; an
     override that contradicts it is refused) and its weights are the initial weights. '' = off."""
     arch: Arch = Arch.mixtral
-    """Model family: gpt (dense), mixtral, deepseek_v3."""
+    """Model family: gpt (dense), mixtral, deepseek_v3, qwen3_moe. Every family is the one ``Transformer``, whose
+    layers follow ``attention``, ``activation`` and the moe group; ``arch`` names the family's tensor
+    layout in transformers' checkpoints (``hpframe.models.hf_adapter``: export and import; gpt has none)."""
     hidden_size: int = MISSING
     """Width of the residual stream."""
     num_layers: int = MISSING

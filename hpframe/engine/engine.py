@@ -26,7 +26,7 @@ import torch.distributed as dist
 from hpframe.models import Block, MoE, Router
 from hpframe.models.moe import in_backward
 from hpframe.parallel.tensor import vocab_parallel_cross_entropy
-from hpframe.train.profile import phase
+from hpframe.phases import phase
 
 
 @dataclass
