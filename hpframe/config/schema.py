@@ -292,6 +292,13 @@ class CheckpointConfig:
     """'auto' (newest good checkpoint in dir, if any), 'none', or a checkpoint path."""
     async_save: bool = False
     """Snapshot to host memory and persist in a background thread."""
+    memory_interval: int = 0
+    """Steps between snapshots to host memory (the fast tier, hpframe/checkpoint/memory.py); 0 = off.
+    Storage saves (``interval``) then write the snapshot of their step instead of taking another."""
+    memory_replicas: int = 1
+    """Other nodes that keep a copy of each rank's snapshot (ring order); losing this many nodes loses none."""
+    memory_dir: str = "/dev/shm"
+    """Host memory that outlives the workers: a shared-memory file system on every node."""
     save_timeout_s: float = 0.0
     """Bound on every wait of the save protocol (a rank waiting for the others at a barrier, rank 0 for
     every rank's part, the previous background write); past it the save fails naming the missing ranks.

@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from hpframe.checkpoint import faults, manager
+from hpframe.checkpoint import faults, manager, store
 from hpframe.checkpoint.async_save import Checkpointer
+from hpframe.checkpoint.memory import MemoryTier
 from hpframe.config.convert import to_dict
 from hpframe.config.schema import RunConfig
 from hpframe.data import Data
@@ -50,6 +51,8 @@ class TrainResult:
     evals: list[dict[str, Any]] = field(default_factory=list)
     checkpoints: list[Path] = field(default_factory=list)
     resumed_from: Path | None = None
+    resumed_tier: str | None = None
+    """Where the resumed state came from: memory | peer | storage (None: not resumed)."""
 
 
 def checkpoint_interval(cfg: RunConfig, plan: "ParallelPlan") -> int:
@@ -101,6 +104,25 @@ def _resume(engine: Any, data: Data, cfg: RunConfig, root: Path, fingerprint: st
     step, consumed = int(state["step"]), int(state["consumed_tokens"])
     log.info(f"resumed from {path}: step {step}, {consumed:,} tokens consumed")
     return step, consumed, path
+
+
+def _resume_tiers(engine: Any, data: Data, cfg: RunConfig, root: Path, fingerprint: str,
+                  memory: MemoryTier | None) -> tuple[int, int, Path | None, str | None]:
+    """With the fast tier on and checkpoint.resume=auto: the newest complete snapshot in host memory
+    (own node, else a peer's replica) unless storage holds a newer step; otherwise ``_resume``."""
+    found = memory.find() if memory is not None and cfg.checkpoint.resume == "auto" else None
+    if found is not None:
+        storage = _resume_path(cfg, root)
+        storage_step = store.step_of_tag(storage.name) if storage is not None else None
+        if storage_step is None or found.step >= storage_step:
+            state = memory.load(found)
+            data.train.load_state_dict(state["data"])
+            step, consumed = int(state["step"]), int(state["consumed_tokens"])
+            log.info(f"resumed from {found.tier} (host-memory snapshot of step {step} in {memory.job}); "
+                     f"newest on storage: {storage}")
+            return step, consumed, memory.dir, found.tier
+    start, consumed, path = _resume(engine, data, cfg, root, fingerprint)
+    return start, consumed, path, "storage" if path is not None else None
 
 
 def _dropped(moe_stats: Any, from_layers: float, module: Any) -> float:
@@ -204,8 +226,11 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
     interval = checkpoint_interval(cfg, plan) if cfg.checkpoint.enabled else 0
     fingerprint = manager.plan_fingerprint(plan, cfg)
     tokens_per_step = plan.global_batch_size * cfg.data.seq_len
-    start, consumed, resumed_from = _resume(engine, data, cfg, ckpt_root, fingerprint)
-    result = TrainResult(steps_done=start, resumed_from=resumed_from)
+    mem_every = cfg.checkpoint.memory_interval if cfg.checkpoint.enabled else 0
+    memory = (MemoryTier(engine, memory_dir=cfg.checkpoint.memory_dir, ckpt_root=ckpt_root, replicas=cfg.checkpoint.memory_replicas,
+                         fingerprint=fingerprint, timeout_s=save_timeout(plan)) if mem_every > 0 else None)
+    start, consumed, resumed_from, tier = _resume_tiers(engine, data, cfg, ckpt_root, fingerprint, memory)
+    result = TrainResult(steps_done=start, resumed_from=resumed_from, resumed_tier=tier)
     if cfg.checkpoint.enabled:
         log.info(f"checkpoints {f'every {interval} steps and ' if interval else ''}at the end in {ckpt_root}")
     # one Checkpointer for the run: with checkpoint.async_save at most one save is in flight
@@ -217,18 +242,29 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
     rank0 = current_rank() == 0
     writer = MetricsWriter(run_dir, enabled=rank0, tensorboard=cfg.train.tensorboard)
     progress = Progress(total=cfg.train.steps, start=start, enabled=rank0 and cfg.train.progress)
+    if tier is not None:
+        writer.write({"step": start, "resumed_from": tier, "resumed_step": start}, prefix="resume")
     profiler = StepProfiler(run_dir, first=cfg.train.profile_from_step, count=cfg.train.profile_num_steps,
                             rank=current_rank(), cuda=torch.cuda.is_available() and engine_on_cuda(engine),
                             with_stack=cfg.train.profile_with_stack)
 
-    def save(step: int) -> None:
-        assert checkpointer is not None
+    def client_state(step: int) -> dict[str, Any]:
         # RNG states are saved per rank by the checkpointer; the rest is JSON in client_state.json
-        client_state = {
+        return manager.json_client_state({
             "step": step, "consumed_tokens": consumed, "data": data.train.state_dict(),
             "config": to_dict(cfg), "plan_fingerprint": fingerprint, "layout": manager.layout_of(plan),
-        }
-        stats = checkpointer.save(step, manager.json_client_state(client_state))
+        })
+
+    def snapshot(step: int) -> tuple[Any, dict]:
+        assert memory is not None
+        stats, part, rng = memory.snapshot(step, client_state(step))
+        writer.write({"step": step, "mem_stall_s": stats.stall_s}, prefix="memory")
+        return part, rng
+
+    def save(step: int, snap: tuple[Any, dict] | None = None) -> None:
+        assert checkpointer is not None
+        part, rng = snap if snap is not None else (None, None)
+        stats = checkpointer.save(step, client_state(step), part=part, rng=rng)
         result.checkpoints.append(stats.path)
         writer.write({"step": step, "ckpt_stall_s": stats.stall_s}, prefix="checkpoint")  # metrics.jsonl + TensorBoard
         how = "writing in the background" if cfg.checkpoint.async_save else "saved"
@@ -270,15 +306,25 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
                 evaluate(step)
                 last_eval = step
                 clock.reset()
+            snap = snapshot(step) if mem_every and step % mem_every == 0 else None
             if interval and step % interval == 0:
-                save(step)
+                save(step, snap)
                 last_saved = step
+            if snap is not None or (interval and step % interval == 0):
                 clock.reset()
         if result.steps_done > start and last_eval != result.steps_done:
             evaluate(result.steps_done)
         if checkpointer is not None and last_saved != result.steps_done:
             save(result.steps_done)
+        if memory is not None:  # the run ended and its last save is on storage: free the host memory
+            memory.close(remove=True)
+            memory = None
     finally:
+        if memory is not None:  # an error: the snapshots stay for the restart
+            try:
+                memory.close(remove=False)
+            except Exception as err:  # do not hide the error that ended training
+                log.warning(f"the memory snapshot in flight did not finish: {err}", all_ranks=True)
         collector.close()
         profiler.close()
         if checkpointer is not None:
