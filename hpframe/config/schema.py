@@ -328,6 +328,10 @@ class ClusterConfig:
     """Fixed time per all-to-all call, microseconds (start-up, synchronization of the ranks)."""
     peak_tflops: float = 989.0
     """Dense bf16 peak per device in TFLOP/s (used for MFU and time estimates)."""
+    host_memory_gb: float = 1024.0
+    """Host (CPU) memory per node in GiB; the fast tier's snapshots (checkpoint.memory_interval) must fit."""
+    host_copy_bw_GBps: float = 25.0
+    """Device-to-host copy bandwidth per device, GB/s (the fast tier's snapshot stall)."""
     storage_bw_GBps: float = 10.0
     """Aggregate checkpoint write bandwidth of the job, GB/s."""
     gpu_mtbf_hours: float = 50_000.0
