@@ -14,6 +14,7 @@ from hpframe.config.schema import DataKind, RunConfig
 from hpframe.data.dataset import ArrayTokens, SequenceSplit, ShardedTokens, TokenSource, split_sequences
 from hpframe.data.loader import ShardedLoader, eval_batches
 from hpframe.data.synthetic import synthetic_corpus
+from hpframe.errors import UserError
 
 if TYPE_CHECKING:
     from hpframe.plan import ParallelPlan
@@ -36,10 +37,10 @@ def build_source(cfg: RunConfig) -> tuple[TokenSource, str]:
         tokens = synthetic_corpus(cfg.data.num_synthetic_tokens, cfg.model.vocab_size, cfg.data.seed)
         return ArrayTokens(tokens), f"synthetic corpus, {tokens.shape[0]:,} tokens (seed {cfg.data.seed})"
     if not cfg.data.path:
-        raise ValueError("data.kind=tokenized needs data.path=DIR (a directory written by `python -m hpframe.data.prepare`)")
+        raise UserError("data.kind=tokenized needs data.path=DIR (a directory written by `python -m hpframe.data.prepare`)")
     source = ShardedTokens(cfg.data.path)
     if cfg.model.vocab_size < source.vocab_size:
-        raise ValueError(
+        raise UserError(
             f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer vocabulary of data.path="
             f"{cfg.data.path!r} ({source.vocab_size} tokens); set model.vocab_size>={source.vocab_size}"
         )

@@ -24,7 +24,7 @@ from hpframe.config.convert import to_dict
 from hpframe.config.schema import RunConfig
 from hpframe.data import Data
 from hpframe.logging import current_rank, get_logger
-from hpframe.train.metrics import MetricsWriter, dropped_frac, mfu, summarize_ep_imbalance, summarize_moe
+from hpframe.train.metrics import MetricsWriter, dropped_frac, expert_shares, mfu, summarize_ep_imbalance, summarize_moe
 from hpframe.train.profile import StepProfiler
 from hpframe.train.progress import Progress
 from hpframe.train.schedule import lr_at
@@ -140,7 +140,8 @@ def step_record(out: Any, *, step: int, lr: float, elapsed: float, tokens: int, 
     bad = bool(out.skipped) or not math.isfinite(loss) or not math.isfinite(float(out.grad_norm))
     cv, dropped = summarize_moe(out.moe_stats)
     tps = tokens / elapsed
-    return {
+    shares = expert_shares(out.moe_stats)
+    record = {
         "step": step, "loss": loss, "lm_loss": float(out.lm_loss), "aux_loss": float(out.aux_loss), "lr": lr,
         "grad_norm": float(out.grad_norm), "tokens_per_s": tps,
         "mfu": mfu(tps, plan.flops_per_token, plan.world_size, cfg.cluster.peak_tflops),
@@ -149,6 +150,9 @@ def step_record(out: Any, *, step: int, lr: float, elapsed: float, tokens: int, 
         "skipped": bad,
         "consumed_tokens": consumed, "step_time_s": elapsed,
     }
+    if shares:  # MoE runs: each expert's share of the routed assignments (hpframe.plot draws it)
+        record["expert_load"] = shares
+    return record
 
 
 def _check_nonfinite(record: dict[str, Any], in_a_row: int, limit: int) -> None:
@@ -240,7 +244,9 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
         if cfg.checkpoint.enabled else None
     )
     rank0 = current_rank() == 0
-    writer = MetricsWriter(run_dir, enabled=rank0, tensorboard=cfg.train.tensorboard)
+    wandb = (dict(project=cfg.train.wandb_project, mode=cfg.train.wandb_mode, config=to_dict(cfg), name=Path(run_dir).name)
+             if cfg.train.wandb else None)
+    writer = MetricsWriter(run_dir, enabled=rank0, tensorboard=cfg.train.tensorboard, wandb=wandb)
     progress = Progress(total=cfg.train.steps, start=start, enabled=rank0 and cfg.train.progress)
     if tier is not None:
         writer.write({"step": start, "resumed_from": tier, "resumed_step": start}, prefix="resume")
