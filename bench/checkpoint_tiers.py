@@ -7,8 +7,9 @@ process (``cluster.gpus_per_node=1``) and one replica per snapshot. After one tr
     after each) and the wall time from the last save until it is committed;
   * host memory of a save: bytes of this rank's captured part, and the growth of the process's peak
     resident memory over the saves;
-  * memory tier (memory_interval=1): stall of 3 snapshots, one after each training step, and the time
-    from the last snapshot until it is in memory here and at its peer;
+  * memory tier (memory_interval=1): stall of 3 snapshots, one after each training step (with the
+    part of it spent waiting for the previous snapshot), and the time from the last snapshot until it
+    is in memory here and at its peer;
   * recovery: the fast tier's find + load against loading the newest storage checkpoint;
 and the planner's figures for the same configuration. Medians over the saves; one JSON document.
 The machine's 2 cores are shared: figures vary by a factor of 2 between runs.
@@ -80,23 +81,29 @@ def _worker(rank: int, world: int, hidden: int, root: str) -> dict[str, Any]:
     out["sync_stall_s"] = statistics.median(sync.save(s, {"step": s}).stall_s for s in (1, 2, 3))
     out["peak_growth_mib"] = _peak_mib() - peak0
     ckpt = Checkpointer(engine, Path(root) / "async", async_save=True)
-    stalls, walls = [], []
+    stalls, waits = [], []
     for s in (1, 2, 3):  # a training step between saves, as in a run
         t0 = time.perf_counter()
-        stalls.append(ckpt.save(s, {"step": s}).stall_s)
+        stats = ckpt.save(s, {"step": s})
+        stalls.append(stats.stall_s)
+        waits.append(stats.waited_s)
         engine.train_step(as_pairs(data.train.next_step()))
     ckpt.close()
     out["async_stall_s"], out["async_wall_s"] = statistics.median(stalls), time.perf_counter() - t0
+    out["async_waited_s"] = statistics.median(waits)
     memory = MemoryTier(engine, memory_dir=f"{root}/shm", ckpt_root=Path(root) / "sync", replicas=1, fingerprint="bench",
                         timeout_s=600)
-    stalls = []
+    stalls, waits = [], []
     for s in (4, 5, 6):  # memory_interval=1: a snapshot after every step
         engine.train_step(as_pairs(data.train.next_step()))
         state = {"step": s, "consumed_tokens": 0, "data": data.train.state_dict()}
         t0 = time.perf_counter()
-        stalls.append(memory.snapshot(s, state)[0].stall_s)
+        stats = memory.snapshot(s, state)[0]
+        stalls.append(stats.stall_s)
+        waits.append(stats.waited_s)
     memory.wait()
     out["snapshot_stall_s"], out["snapshot_wall_s"] = statistics.median(stalls), time.perf_counter() - t0
+    out["snapshot_waited_s"] = statistics.median(waits)
     dist.barrier()
     t0 = time.perf_counter()
     found = memory.find()
@@ -133,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         r0 = ranks[0]
         print(f"{procs} proc: part/rank {max(r['part_bytes'] for r in ranks) / 2**20:.1f} MiB, "
               f"sync stall {max(r['sync_stall_s'] for r in ranks):.3f} s, async stall {max(r['async_stall_s'] for r in ranks):.3f} s "
-              f"(wall {max(r['async_wall_s'] for r in ranks):.2f} s), snapshot stall {max(r['snapshot_stall_s'] for r in ranks):.3f} s "
-              f"(wall {max(r['snapshot_wall_s'] for r in ranks):.2f} s), peak growth {max(r['peak_growth_mib'] for r in ranks):.0f} MiB, "
+              f"(waiting for the previous {max(r['async_waited_s'] for r in ranks):.3f} s, wall {max(r['async_wall_s'] for r in ranks):.2f} s), "
+              f"snapshot stall {max(r['snapshot_stall_s'] for r in ranks):.3f} s (waiting {max(r['snapshot_waited_s'] for r in ranks):.3f} s, "
+              f"wall {max(r['snapshot_wall_s'] for r in ranks):.2f} s), peak growth {max(r['peak_growth_mib'] for r in ranks):.0f} MiB, "
               f"recover memory {max(r['recover_memory_s'] for r in ranks):.2f} s ({r0['recover_tier']}) vs storage "
               f"{max(r['recover_storage_s'] for r in ranks):.2f} s; plan: snapshot/rank {r0['plan']['snapshot_bytes_per_rank'] / 2**20:.1f} MiB",
               flush=True)

@@ -94,24 +94,33 @@ def encode_part(part: RankPart, rng: dict, client_state: dict) -> dict[str, byte
 
 
 def pack(files: dict[str, bytes]) -> torch.Tensor:
-    """Files -> one uint8 tensor: 8-byte header length, JSON header {path: size}, the payloads in order."""
+    """Files -> one uint8 tensor: 8-byte header length, JSON header {path: size}, the payloads in order
+    (one copy of the payloads)."""
     header = json.dumps({k: len(v) for k, v in files.items()}).encode()
-    blob = len(header).to_bytes(8, "little") + header + b"".join(files.values())
-    return torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    out = torch.empty(8 + len(header) + sum(len(v) for v in files.values()), dtype=torch.uint8)
+    view = memoryview(out.numpy())
+    view[:8] = len(header).to_bytes(8, "little")
+    view[8:8 + len(header)] = header
+    pos = 8 + len(header)
+    for v in files.values():
+        view[pos:pos + len(v)] = v
+        pos += len(v)
+    return out
 
 
-def unpack(t: torch.Tensor) -> dict[str, bytes]:
-    blob = t.numpy().tobytes()
-    n = int.from_bytes(blob[:8], "little")
-    sizes = json.loads(blob[8:8 + n])
+def unpack(t: torch.Tensor) -> dict[str, memoryview]:
+    """What ``pack`` packed, as views of ``t``'s memory (no copy)."""
+    view = memoryview(t.numpy())
+    n = int.from_bytes(view[:8], "little")
+    sizes = json.loads(bytes(view[8:8 + n]))
     out, pos = {}, 8 + n
     for rel, size in sizes.items():
-        out[rel] = blob[pos:pos + size]
+        out[rel] = view[pos:pos + size]
         pos += size
     return out
 
 
-def write_files(directory: Path, rank: int, step: int, fingerprint: str, files: dict[str, bytes]) -> None:
+def write_files(directory: Path, rank: int, step: int, fingerprint: str, files: dict[str, Any]) -> None:
     """Write one part's files (each via a temporary name), then its commit record last."""
     for rel, data in files.items():
         path = directory / rel
@@ -295,22 +304,31 @@ class MemoryTier:
     def load(self, found: Found) -> dict[str, Any]:
         """Restore this rank from snapshot ``found`` (collective): parts a node lacks are sent to it first."""
         here = step_dir(self.dir, found.step)
+        sends: list[tuple[int, int]] = []  # (part, destination rank) this rank sends
+        recvs: list[tuple[int, int]] = []  # (part, source rank) this rank receives
         for r in range(self.world):
             src = min(found.holders[r]) * self.gpn  # lowest rank of the lowest node holding part r
             for node in range(self.num_nodes):
-                if node in found.holders[r]:
-                    continue
-                dst = node * self.gpn
-                if self.rank == src:
-                    blob = pack(read_files(here, r))
-                    dist.send(torch.tensor([blob.numel()], dtype=torch.int64), dst, group=self.group)
-                    dist.send(blob, dst, group=self.group)
-                elif self.rank == dst:
-                    size = torch.zeros(1, dtype=torch.int64)
-                    dist.recv(size, src, group=self.group)
-                    blob = torch.empty(int(size.item()), dtype=torch.uint8)
-                    dist.recv(blob, src, group=self.group)
-                    write_files(here, r, found.step, self.fingerprint, unpack(blob))
+                if node not in found.holders[r]:
+                    dst = node * self.gpn
+                    if self.rank == src:
+                        sends.append((r, dst))
+                    if self.rank == dst:
+                        recvs.append((r, src))
+        if sends or recvs:  # all transfers at once: sizes, then the bytes
+            blobs = {(r, d): pack(read_files(here, r)) for r, d in sends}
+            sizes = {k: torch.zeros(1, dtype=torch.int64) for k in recvs}
+            works = [dist.isend(torch.tensor([b.numel()], dtype=torch.int64), d, group=self.group, tag=r) for (r, d), b in blobs.items()]
+            works += [dist.irecv(sizes[(r, s)], s, group=self.group, tag=r) for r, s in recvs]
+            for w in works:
+                w.wait()
+            got = {k: torch.empty(int(sizes[k].item()), dtype=torch.uint8) for k in recvs}
+            works = [dist.isend(b, d, group=self.group, tag=r) for (r, d), b in blobs.items()]
+            works += [dist.irecv(got[(r, s)], s, group=self.group, tag=r) for r, s in recvs]
+            for w in works:
+                w.wait()
+            for (r, _), blob in got.items():
+                write_files(here, r, found.step, self.fingerprint, unpack(blob))
         if self.group is not None:
             dist.barrier(group=self.group)
         files = {commit_file(r) for r in range(self.world)}
