@@ -38,18 +38,18 @@ def _compose(*overrides: str) -> Any:
         return to_run_config(compose(config_name="config", overrides=list(overrides)))
 
 
-def overrides(procs: int, hidden: int, root: str) -> list[str]:
+def overrides(procs: int, hidden: int, shm: str) -> list[str]:
     return ["recipe=mixtral_debug", f"model.hidden_size={hidden}", f"parallel.dp={procs}", "parallel.zero_stage=1",
             "parallel.micro_batch_size=1", "parallel.grad_accum=1", "data.seq_len=32", "data.num_synthetic_tokens=50000",
             "train=smoke", f"cluster.nodes={procs}", "cluster.gpus_per_node=1", "checkpoint.memory_interval=1",
-            f"checkpoint.memory_dir={root}/shm"]
+            f"checkpoint.memory_dir={shm}"]
 
 
 def _peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _worker(rank: int, world: int, hidden: int, root: str) -> dict[str, Any]:
+def _worker(rank: int, world: int, hidden: int, root: str, shm: str) -> dict[str, Any]:
     import torch.distributed as dist
 
     from hpframe.checkpoint import manager, reshard
@@ -63,7 +63,7 @@ def _worker(rank: int, world: int, hidden: int, root: str) -> dict[str, Any]:
     from hpframe.plan import make_plan
     from hpframe.train.loop import as_pairs
 
-    cfg = _compose(*overrides(world, hidden, root))
+    cfg = _compose(*overrides(world, hidden, shm))
     prepare_deepspeed()
     plan = make_plan(cfg, world)
     groups = init_distributed(plan)
@@ -91,7 +91,7 @@ def _worker(rank: int, world: int, hidden: int, root: str) -> dict[str, Any]:
     ckpt.close()
     out["async_stall_s"], out["async_wall_s"] = statistics.median(stalls), time.perf_counter() - t0
     out["async_waited_s"] = statistics.median(waits)
-    memory = MemoryTier(engine, memory_dir=f"{root}/shm", ckpt_root=Path(root) / "sync", replicas=1, fingerprint="bench",
+    memory = MemoryTier(engine, memory_dir=shm, ckpt_root=Path(root) / "sync", replicas=1, fingerprint="bench",
                         timeout_s=600)
     stalls, waits = [], []
     for s in (4, 5, 6):  # memory_interval=1: a snapshot after every step
@@ -131,11 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--shm", default="/dev/shm", help="where the fast tier's node memory goes (a tmpfs)")
     args = parser.parse_args(argv)
     doc: dict[str, Any] = {"environment": environment(), "hidden": args.hidden, "runs": {}}
     for procs in args.procs:
-        with tempfile.TemporaryDirectory(prefix="hpframe-bench-") as root:
-            ranks = run_distributed(_worker, procs, (args.hidden, root), timeout=900)
+        with tempfile.TemporaryDirectory(prefix="hpframe-bench-") as root, \
+                tempfile.TemporaryDirectory(prefix="hpframe-bench-", dir=args.shm) as shm:
+            ranks = run_distributed(_worker, procs, (args.hidden, root, shm), timeout=900)
         doc["runs"][procs] = ranks
         r0 = ranks[0]
         print(f"{procs} proc: part/rank {max(r['part_bytes'] for r in ranks) / 2**20:.1f} MiB, "

@@ -279,6 +279,17 @@ class MemoryTier:
             if self.rank == 0 and self.job.is_dir() and not any(self.job.iterdir()):
                 self.job.rmdir()
 
+    def clear(self) -> None:
+        """Forget this job's snapshots on every node (collective): the run did not resume from them
+        (``checkpoint.resume=none``, a path, or storage was newer), so they belong to another line of
+        training, which a later restart must not pick up."""
+        if self.group is not None:
+            dist.barrier(group=self.group)
+        if self.rank % self.gpn == 0:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        if self.group is not None:
+            dist.barrier(group=self.group)
+
     # ---- recovery -----------------------------------------------------------------------------------
     def find(self) -> Found | None:
         """The newest snapshot every rank's part of which some node holds (collective), or None."""

@@ -121,6 +121,8 @@ def _resume_tiers(engine: Any, data: Data, cfg: RunConfig, root: Path, fingerpri
             log.info(f"resumed from {found.tier} (host-memory snapshot of step {step} in {memory.job}); "
                      f"newest on storage: {storage}")
             return step, consumed, memory.dir, found.tier
+    if memory is not None:  # snapshots not resumed from are another line of training: never resume them later
+        memory.clear()
     start, consumed, path = _resume(engine, data, cfg, root, fingerprint)
     return start, consumed, path, "storage" if path is not None else None
 
