@@ -10,7 +10,8 @@ Compared with an uninterrupted run of 6 steps:
   * the same crash, both nodes' memory wiped: resumes from storage at step 2;
 each continues with losses equal to the uninterrupted run's bit for bit and ends with a checkpoint
 equal to its final checkpoint tensor for tensor; metrics.jsonl records ``resumed_from`` and
-``resumed_step``. A run that ends normally frees its host memory.
+``resumed_step``. A run that ends normally frees its host memory; a run that resumes from an explicit
+storage checkpoint (a branch) drops the snapshots of the line it left, even if it crashes at once.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class Crash(RuntimeError):
     """Stands for a failure that ends the workers after a step (their node memory survives)."""
 
 
-def _train(rank: int, world_size: int, cfg, crash_after: int = 0) -> dict:
+def _train(rank: int, world_size: int, cfg, crash_after: int | None = None) -> dict:
     """run.train_main's build sequence on the existing process group; optionally crash after a step."""
     from hpframe.data import build_data
     from hpframe.engine import build_engine
@@ -56,7 +57,7 @@ def _train(rank: int, world_size: int, cfg, crash_after: int = 0) -> dict:
     model = build_model(cfg.model, cfg.moe, routing_groups=plan.experts.routing_groups if plan.experts else None)
     model.init_weights(cfg.train.seed)
     engine = build_engine(parallelize(model, plan, groups), plan, groups, cfg)
-    if crash_after:
+    if crash_after is not None:
         step, calls = engine.train_step, [0]
 
         def crashing(batches):
@@ -110,6 +111,13 @@ def _scenarios(rank: int, world_size: int, root: str) -> dict:
         dist.barrier()
         if rank == 0:
             shutil.copytree(root_p / "run", root_p / f"run.{name}")
+    # a branch from the step-2 checkpoint that crashes before its first step: the snapshots of the
+    # abandoned line (steps 2 and 3) are gone, so a restart cannot continue the abandoned line
+    restore_crash_state()
+    branch = cfg("run", f"checkpoint.resume={root_p / 'run' / 'checkpoints' / 'step_00000002'}")
+    out["branch"] = _train(rank, world_size, branch, crash_after=0)
+    dist.barrier()
+    out["branch_memory_left"] = sorted(p.name for p in (root_p / "shm").glob("hpframe-*/node*/*"))
     return out
 
 
@@ -133,3 +141,4 @@ def test_resume_from_memory_peer_and_storage(tmp_path):
         assert _resume_record(tmp_path / f"run.{name}") == {"step": first, "resumed_from": name, "resumed_step": first}
         assert assert_same_checkpoint(tmp_path / "ref" / "checkpoints" / final, tmp_path / f"run.{name}" / "checkpoints" / final) >= 30
     assert results[1]["memory"]["losses"] == r["memory"]["losses"]
+    assert r["branch"] == {"crashed": True} and r["branch_memory_left"] == []
