@@ -47,6 +47,7 @@ import torch.distributed as dist
 from hpframe.checkpoint import reshard, store
 from hpframe.checkpoint.portable import (PortableCheckpoint, RankPart, layout_doc, layout_file, rng_file, rng_state_json,
                                          set_rng_state_json, tensor_file, tensors_bytes)
+from hpframe.errors import UserError
 from hpframe.logging import get_logger
 
 log = get_logger(__name__)
@@ -192,6 +193,12 @@ class MemoryTier:
         self.node = self.rank // self.gpn
         self.job = job_dir(memory_dir, ckpt_root)
         self.dir = node_dir(self.job, self.node)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"checkpoint.memory_dir={str(memory_dir)!r}: cannot create {self.dir} ({err}); point it at "
+                            f"a writable shared-memory file system or set checkpoint.memory_interval=0",
+                            key="checkpoint.memory_dir", values={"checkpoint.memory_dir": str(memory_dir)}) from err
         self.targets = replica_targets(self.rank, self.gpn, self.num_nodes, replicas)
         self.sources = [r for r in range(self.world) if self.rank in replica_targets(r, self.gpn, self.num_nodes, replicas)]
         if replicas > 0 and not self.targets:
