@@ -13,7 +13,9 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from hpframe.config.hf_config import HFConfigError, expand_overrides
 from hpframe.config.store import CONF_DIR, register_configs
+from hpframe.rundir import register_resolvers
 
 
 def strip_local_rank(argv: list[str]) -> list[str]:
@@ -67,7 +69,13 @@ def main() -> None:
         print(render_help())
         return
     register_configs()
+    register_resolvers()  # ${hpframe_pid:} in the run directory's name (hpframe/conf/config.yaml)
     sys.argv = strip_local_rank(sys.argv)
+    try:  # model.from_hf=DIR: DIR/config.json's fields join the overrides, so Hydra composes the real model
+        sys.argv = sys.argv[:1] + expand_overrides(sys.argv[1:])
+    except HFConfigError as err:
+        print(f"hpframe: invalid configuration: {err}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra re-raises instead of printing and exiting 1
     try:
         hydra_main()

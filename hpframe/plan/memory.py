@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 from hpframe.config.schema import Attention, DType, Recompute, RunConfig
 from hpframe.plan.fetch import fetched_weight_bytes
-from hpframe.plan.params import attention_replicated_params, block_params, expert_ffn, head_dim, mlp_mats, num_kv_heads
+from hpframe.plan.params import (attention_replicated_params, block_params, expert_ffn, head_dim, mlp_mats, num_kv_heads,
+                                 padded_vocab)
 from hpframe.plan.types import MemoryEstimate, ParallelPlan, StagePlan
 
 GIB = 1 << 30
@@ -62,7 +63,7 @@ def stage_params(cfg: RunConfig, plan: ParallelPlan, stage: StagePlan) -> StageP
         rep = attention_replicated_params(m)
         dense += (b.attention - rep + b.mlp) // t + rep + b.shared_experts + b.norms + b.router
         expert += b.experts // plan.ep
-    vh = m.vocab_size * m.hidden_size // t
+    vh = padded_vocab(m, t) * m.hidden_size // t
     if stage.has_embedding:
         dense += vh
     if stage.has_head:
@@ -120,8 +121,21 @@ def stage_activation_bytes(cfg: RunConfig, plan: ParallelPlan, stage: StagePlan)
         # logits and their fp32 softmax for the loss; under train.compile (tp = pp = 1) the loss is one
         # compiled kernel that upcasts on the fly: the logits only (measured on one H200: -4.7 GiB)
         fused_loss = cfg.train.compile and plan.tp == 1 and plan.pp == 1
-        total += tokens * m.vocab_size / plan.tp * (e if fused_loss else e + 4)
+        total += tokens * padded_vocab(m, plan.tp) / plan.tp * (e if fused_loss else e + 4)
     return int(total)
+
+
+def load_host_peak(cfg: RunConfig, plan: ParallelPlan, params_on_rank: int) -> int:
+    """model.from_hf: bytes of host memory one rank adds while it streams the checkpoint (0 without from_hf).
+
+    The rank's parameters in fp32 plus the largest slice read at once: its share of the embedding or head
+    (padded vocabulary / tp rows), one expert matrix, or its share of a dense MLP matrix; the full
+    model never is (measured: bench/results/2026-12-06_cpu_hf_stream)."""
+    if not cfg.model.from_hf:
+        return 0
+    m, t = cfg.model, plan.tp
+    largest = max(padded_vocab(m, t) // t, expert_ffn(m, cfg.moe), m.ffn_hidden_size // t) * m.hidden_size
+    return 4 * (params_on_rank + largest)
 
 
 def estimate_memory(cfg: RunConfig, plan: ParallelPlan) -> MemoryEstimate:
@@ -164,4 +178,5 @@ def estimate_memory(cfg: RunConfig, plan: ParallelPlan) -> MemoryEstimate:
         per_stage_total=tuple(sum(r[1]) for r in rows),
         device_bytes=int(cfg.cluster.gpu_memory_gb * GIB),
         fetched_experts=worst[1][4],
+        load_host_peak=max(load_host_peak(cfg, plan, r[2]) for r in rows),
     )

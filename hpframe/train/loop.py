@@ -9,6 +9,7 @@ line of metrics.jsonl is ``step`` 1, and a checkpoint taken at step k resumes wi
 from __future__ import annotations
 
 import gc
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -24,7 +25,9 @@ from hpframe.config.convert import to_dict
 from hpframe.config.schema import RunConfig
 from hpframe.data import Data
 from hpframe.logging import current_rank, get_logger
+from hpframe.train.guards import after_failed_save, note_batch_change
 from hpframe.train.metrics import MetricsWriter, dropped_frac, expert_shares, mfu, summarize_ep_imbalance, summarize_moe
+from hpframe.train.preempt import Preempted, StopRequest
 from hpframe.train.profile import StepProfiler
 from hpframe.train.progress import Progress
 from hpframe.train.schedule import lr_at
@@ -72,15 +75,6 @@ def save_timeout(plan: "ParallelPlan") -> float:
     return plan.checkpoint.save_timeout_seconds if plan.checkpoint is not None else 600.0
 
 
-def _resume_path(cfg: RunConfig, root: Path) -> Path | None:
-    choice = cfg.checkpoint.resume
-    if choice == "none":
-        return None
-    if choice == "auto":
-        return manager.find_latest(root)
-    return Path(choice)
-
-
 def as_pairs(batches: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Sequences [B, S+1] -> (tokens [B, S], targets [B, S]) shifted by one, the engine's micro-batch form."""
     return [(b[:, :-1], b[:, 1:]) for b in batches]
@@ -94,37 +88,62 @@ def _evaluate(engine: Any, data: Data, plan: "ParallelPlan") -> float:
     return sum(losses) / len(losses)
 
 
-def _resume(engine: Any, data: Data, cfg: RunConfig, root: Path, fingerprint: str) -> tuple[int, int, Path | None]:
-    """Load the checkpoint ``checkpoint.resume`` selects, if any: (step, consumed tokens, path)."""
-    path = _resume_path(cfg, root)
-    if path is None:
-        return 0, 0, None
-    state = manager.load(engine, path, plan_fingerprint=fingerprint)
+def _resume(engine: Any, data: Data, cfg: RunConfig, root: Path, fingerprint: str,
+            point: manager.ResumePoint | None = None) -> tuple[int, int, manager.ResumePoint]:
+    """Load the checkpoint ``checkpoint.resume`` selects (or ``point``), if any: (step, consumed tokens, where from + line)."""
+    point = point if point is not None else manager.resume_point(cfg.checkpoint.resume, root)
+    if point.path is None:
+        return 0, 0, point
+    state = manager.load(engine, point.path, plan_fingerprint=fingerprint, checksums=not point.verified)
     data.train.load_state_dict(state["data"])
     step, consumed = int(state["step"]), int(state["consumed_tokens"])
-    log.info(f"resumed from {path}: step {step}, {consumed:,} tokens consumed")
-    return step, consumed, path
+    how = "continuing its line" if point.lineage["line"] == state.get("line") else f"new line {point.lineage['line']}"
+    log.info(f"resumed from {point.path}: step {step}, {consumed:,} tokens consumed ({how})")
+    return step, consumed, point
+
+
+def logged_steps(metrics_path: Path) -> set[int]:
+    """Steps that already have a training record in ``metrics_path`` (empty when there is no file).
+
+    A run marks its records of these steps ``rerun: true``: after a resume, the steps after the
+    checkpoint that the interrupted run had already logged. A torn line (a killed writer) is ignored.
+    """
+    if not metrics_path.is_file():
+        return set()
+    steps = set()
+    with metrics_path.open("rb") as f:
+        for raw in f:
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and "loss" in record and isinstance(record.get("step"), int):
+                steps.add(record["step"])
+    return steps
 
 
 def _resume_tiers(engine: Any, data: Data, cfg: RunConfig, root: Path, fingerprint: str,
-                  memory: MemoryTier | None) -> tuple[int, int, Path | None, str | None]:
+                  memory: MemoryTier | None) -> tuple[int, int, manager.ResumePoint, str | None]:
     """With the fast tier on and checkpoint.resume=auto: the newest complete snapshot in host memory
-    (own node, else a peer's replica) unless storage holds a newer step; otherwise ``_resume``."""
+    (own node, else a peer's replica) unless storage holds a newer step; otherwise ``_resume``.
+    Returns (step, consumed tokens, the storage point (path None when from memory), the tier or None)."""
     found = memory.find() if memory is not None and cfg.checkpoint.resume == "auto" else None
+    point = None
     if found is not None:
-        storage = _resume_path(cfg, root)
-        storage_step = store.step_of_tag(storage.name) if storage is not None else None
+        point = manager.resume_point(cfg.checkpoint.resume, root)
+        storage_step = store.step_of_tag(point.path.name) if point.path is not None else None
         if storage_step is None or found.step >= storage_step:
             state = memory.load(found)
             data.train.load_state_dict(state["data"])
             step, consumed = int(state["step"]), int(state["consumed_tokens"])
             log.info(f"resumed from {found.tier} (host-memory snapshot of step {step} in {memory.job}); "
-                     f"newest on storage: {storage}")
-            return step, consumed, memory.dir, found.tier
+                     f"newest on storage: {point.path}")
+            lineage = {k: state[k] for k in ("line", "parent") if k in state} or point.lineage  # the snapshot's line
+            return step, consumed, manager.ResumePoint(path=None, lineage=lineage, verified=True), found.tier
     if memory is not None:  # snapshots not resumed from are another line of training: never resume them later
         memory.clear()
-    start, consumed, path = _resume(engine, data, cfg, root, fingerprint)
-    return start, consumed, path, "storage" if path is not None else None
+    start, consumed, point = _resume(engine, data, cfg, root, fingerprint, point)
+    return start, consumed, point, "storage" if point.path is not None else None
 
 
 def _dropped(moe_stats: Any, from_layers: float, module: Any) -> float:
@@ -235,20 +254,30 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
     mem_every = cfg.checkpoint.memory_interval if cfg.checkpoint.enabled else 0
     memory = (MemoryTier(engine, memory_dir=cfg.checkpoint.memory_dir, ckpt_root=ckpt_root, replicas=cfg.checkpoint.memory_replicas,
                          fingerprint=fingerprint, timeout_s=save_timeout(plan)) if mem_every > 0 else None)
-    start, consumed, resumed_from, tier = _resume_tiers(engine, data, cfg, ckpt_root, fingerprint, memory)
-    result = TrainResult(steps_done=start, resumed_from=resumed_from, resumed_tier=tier)
+    start, consumed, point, tier = _resume_tiers(engine, data, cfg, ckpt_root, fingerprint, memory)
+    result = TrainResult(steps_done=start, resumed_from=memory.dir if memory is not None and tier in ("memory", "peer") else point.path,
+                         resumed_tier=tier)
+    rank0 = current_rank() == 0
     if cfg.checkpoint.enabled:
         log.info(f"checkpoints {f'every {interval} steps and ' if interval else ''}at the end in {ckpt_root}")
+        # saves killed in an earlier run left staging directories; none of this run's is in flight yet
+        for stale in store.remove_staging(ckpt_root) if rank0 else []:
+            log.info(f"removed {stale}, left by a save that did not finish")
+    rerun = logged_steps(run_dir / "metrics.jsonl") if rank0 else set()  # steps this run logs again
     # one Checkpointer for the run: with checkpoint.async_save at most one save is in flight
     checkpointer = (
         Checkpointer(engine, ckpt_root, keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save,
                      timeout_s=save_timeout(plan))
         if cfg.checkpoint.enabled else None
     )
-    rank0 = current_rank() == 0
     wandb = (dict(project=cfg.train.wandb_project, mode=cfg.train.wandb_mode, config=to_dict(cfg), name=Path(run_dir).name)
              if cfg.train.wandb else None)
     writer = MetricsWriter(run_dir, enabled=rank0, tensorboard=cfg.train.tensorboard, wandb=wandb)
+    if point.path is not None:
+        note_batch_change(point.path, step=start, consumed=consumed, global_batch=plan.global_batch_size,
+                          seq_len=cfg.data.seq_len, writer=writer)
+    stop = StopRequest(cfg.checkpoint.preempt_grace_s)  # SIGTERM / SIGINT: final checkpoint, then EXIT_PREEMPTED
+    stop_device = torch.device("cuda", torch.cuda.current_device()) if engine_on_cuda(engine) else None
     progress = Progress(total=cfg.train.steps, start=start, enabled=rank0 and cfg.train.progress)
     if tier is not None:
         writer.write({"step": start, "resumed_from": tier, "resumed_step": start}, prefix="resume")
@@ -261,22 +290,32 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
         return manager.json_client_state({
             "step": step, "consumed_tokens": consumed, "data": data.train.state_dict(),
             "config": to_dict(cfg), "plan_fingerprint": fingerprint, "layout": manager.layout_of(plan),
+            "global_batch_size": plan.global_batch_size, "seq_len": cfg.data.seq_len,
+            **point.lineage,  # line and parent: also written into the manifest (store.py, lines)
         })
 
     def snapshot(step: int) -> tuple[Any, dict]:
+        """The fast tier's snapshot of ``step`` (its part and RNG states go on to a storage save of the step)."""
         assert memory is not None
         stats, part, rng = memory.snapshot(step, client_state(step))
         writer.write({"step": step, "mem_stall_s": stats.stall_s}, prefix="memory")
         return part, rng
 
-    def save(step: int, snap: tuple[Any, dict] | None = None) -> None:
+    def save(step: int, snap: tuple[Any, dict] | None = None) -> bool:
+        """Checkpoint ``step``; False when the save failed but a later one can succeed (guards.after_failed_save)."""
         assert checkpointer is not None
         part, rng = snap if snap is not None else (None, None)
-        stats = checkpointer.save(step, client_state(step), part=part, rng=rng)
+        try:
+            stats = checkpointer.save(step, client_state(step), part=part, rng=rng)
+        except (OSError, store.CheckpointError) as err:  # disk full, permissions: go on only if a retry can work
+            after_failed_save(err, step=step, root=ckpt_root, need_bytes=plan.checkpoint.bytes if plan.checkpoint else 0,
+                              last_good=result.checkpoints[-1].name if result.checkpoints else None, writer=writer)
+            return False
         result.checkpoints.append(stats.path)
         writer.write({"step": step, "ckpt_stall_s": stats.stall_s}, prefix="checkpoint")  # metrics.jsonl + TensorBoard
         how = "writing in the background" if cfg.checkpoint.async_save else "saved"
         log.info(f"checkpoint {stats.path}: {how} (training stalled {stats.stall_s:.2f} s)")
+        return True
 
     def evaluate(step: int) -> None:
         record = {"step": step, "eval_loss": _evaluate(engine, data, plan)}
@@ -288,6 +327,7 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
     nonfinite, last_saved, last_eval = 0, start, -1
     clock = StepClock()
     collector = ManualGC(t.gc_interval)
+    stop.install()
     try:
         for step in range(start + 1, t.steps + 1):
             lr = lr_at(step - 1, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, total_steps=t.steps)
@@ -301,6 +341,8 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
             consumed += tokens_per_step
             record = step_record(out, step=step, lr=lr, elapsed=elapsed, tokens=tokens_per_step, consumed=consumed,
                                  module=engine.module, plan=plan, cfg=cfg)
+            if step in rerun:  # logged before the interruption: this is the re-run of that step
+                record["rerun"] = True
             result.history.append(record)
             writer.write(record)
             nonfinite = nonfinite + 1 if record["skipped"] else 0
@@ -316,10 +358,13 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
                 clock.reset()
             snap = snapshot(step) if mem_every and step % mem_every == 0 else None
             if interval and step % interval == 0:
-                save(step, snap)
-                last_saved = step
+                if save(step, snap):
+                    last_saved = step
             if snap is not None or (interval and step % interval == 0):
                 clock.reset()
+            if stop.agreed(stop_device):  # every rank stops after the same step
+                saved = checkpointer is not None and (last_saved == step or save(step))
+                raise Preempted(step, stop.signame, saved=saved)
         if result.steps_done > start and last_eval != result.steps_done:
             evaluate(result.steps_done)
         if checkpointer is not None and last_saved != result.steps_done:
@@ -328,7 +373,7 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
             memory.close(remove=True)
             memory = None
     finally:
-        if memory is not None:  # an error: the snapshots stay for the restart
+        if memory is not None:  # an error or a preemption: the snapshots stay for the restart
             try:
                 memory.close(remove=False)
             except Exception as err:  # do not hide the error that ended training
@@ -337,6 +382,7 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
         profiler.close()
         if checkpointer is not None:
             checkpointer.close()  # the last asynchronous save is committed before the process ends
+        stop.uninstall()  # after the final save: the grace timer bounds it
         progress.close()
         writer.close()
     return result
