@@ -27,9 +27,10 @@ fragments that overlap it, reading only those byte ranges. Safetensors key: ``KI
 Version 1 (written before every rank wrote: dp-rank 0 wrote gathered whole tensors or expert rows)
 is the special case of whole boxes, and still loads.
 
-This module is the format only (no torch.distributed): writing one rank's part, reading the merged
-index, slicing a logical tensor, and the compatibility check that names every missing, unexpected or
-mis-shaped tensor.
+Errors about a checkpoint's files or contents are ``UserError`` (a ValueError; exit code 2 from
+``launch.py``), each naming the file. This module is the format only (no torch.distributed): writing
+one rank's part, reading the merged index, slicing a logical tensor, and the compatibility check that
+names every missing, unexpected or mis-shaped tensor.
 """
 
 from __future__ import annotations
@@ -116,17 +117,8 @@ class RankPart:
     coords: dict[str, int] = field(default_factory=dict)
 
 
-def write_part(directory: Path, part: RankPart) -> list[Path]:
-    """Write ``part``'s safetensors file, then its layout JSON (the completion mark); returns both paths."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    tpath, lpath = directory / tensor_file(part.rank), directory / layout_file(part.rank)
-    tpath.parent.mkdir(parents=True, exist_ok=True)
-    lpath.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {p.key: p.tensor.contiguous() for p in part.pieces}
-    save_file(tensors, str(tpath), metadata={"format": "hpframe-portable", "version": str(FORMAT_VERSION)})
-    fsync_path(tpath)
+def layout_doc(part: RankPart) -> dict[str, Any]:
+    """The layout JSON of ``part``: every piece's logical name, kind, full shape, box and fragment."""
     entries = {}
     for p in part.pieces:
         offset, size = p.box()
@@ -134,7 +126,7 @@ def write_part(directory: Path, part: RankPart) -> list[Path]:
                           "rows": list(p.rows) if p.rows is not None else None,
                           "box": {"offset": list(offset), "size": list(size)},
                           "flat": list(p.flat) if p.flat is not None else None}
-    layout = {
+    return {
         "version": FORMAT_VERSION,
         "rank": part.rank,
         "coords": part.coords,
@@ -143,8 +135,30 @@ def write_part(directory: Path, part: RankPart) -> list[Path]:
         "expert_rows": sorted({tuple(p.rows) for p in part.pieces if p.rows is not None}),
         "adam_step": part.adam_step,
     }
+
+
+_METADATA = {"format": "hpframe-portable", "version": str(FORMAT_VERSION)}
+
+
+def tensors_bytes(part: RankPart) -> bytes:
+    """``part``'s safetensors file, in memory (what the fast tier keeps and sends)."""
+    from safetensors.torch import save
+
+    return save({p.key: p.tensor.contiguous() for p in part.pieces}, metadata=_METADATA)
+
+
+def write_part(directory: Path, part: RankPart) -> list[Path]:
+    """Write ``part``'s safetensors file, then its layout JSON (the completion mark); returns both paths."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    tpath, lpath = directory / tensor_file(part.rank), directory / layout_file(part.rank)
+    tpath.parent.mkdir(parents=True, exist_ok=True)
+    lpath.parent.mkdir(parents=True, exist_ok=True)
+    save_file({p.key: p.tensor.contiguous() for p in part.pieces}, str(tpath), metadata=_METADATA)
+    fsync_path(tpath)
     tmp = lpath.with_suffix(".tmp")
-    tmp.write_text(json.dumps(layout, indent=1, sort_keys=True))
+    tmp.write_text(json.dumps(layout_doc(part), indent=1, sort_keys=True))
     fsync_path(tmp)
     os.replace(tmp, lpath)
     return [tpath, lpath]
@@ -201,6 +215,17 @@ def listed_files(directory: Path) -> set[str]:
     return listed
 
 
+def _only(directory: Path, files: set[str]) -> set[str]:
+    """``files``, after checking that they exist and that ``directory`` holds nothing else."""
+    for rel in sorted(files):
+        if not (directory / rel).is_file():
+            raise UserError(f"{directory / rel}: listed but missing")
+    for p in sorted(directory.rglob("*")):
+        if p.is_file() and p.relative_to(directory).as_posix() not in files:
+            raise UserError(f"{p}: not listed in the snapshot's commit records; refusing to load it")
+    return set(files)
+
+
 class PortableCheckpoint:
     """Read side: the merged index of every rank's layout JSON; tensors read lazily by slice.
 
@@ -208,9 +233,10 @@ class PortableCheckpoint:
     Safetensors files are memory-mapped headers plus raw bytes: reading never executes code.
     """
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, *, files: set[str] | None = None) -> None:
+        """``files``: the listing to trust instead of MANIFEST.json (the fast tier's commit records)."""
         self.directory = Path(directory)
-        listed = listed_files(self.directory)
+        listed = listed_files(self.directory) if files is None else _only(self.directory, files)
         layouts = [self.directory / rel for rel in sorted(listed)
                    if rel.startswith("layout/rank") and rel.endswith(".json")]
         if not layouts:

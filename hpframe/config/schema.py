@@ -363,6 +363,13 @@ class CheckpointConfig:
     checkpoints exist but none verifies), 'none' (start over), or a checkpoint path."""
     async_save: bool = False
     """Snapshot to host memory and persist in a background thread."""
+    memory_interval: int = 0
+    """Steps between snapshots to host memory (the fast tier, hpframe/checkpoint/memory.py); 0 = off.
+    Storage saves (``interval``) then write the snapshot of their step instead of taking another."""
+    memory_replicas: int = 1
+    """Other nodes that keep a copy of each rank's snapshot (ring order); losing this many nodes loses none."""
+    memory_dir: str = "/dev/shm"
+    """Host memory that outlives the workers: a shared-memory file system on every node."""
     preempt_grace_s: float = 25.0
     """On SIGTERM or SIGINT (preemption, Ctrl-C), seconds allowed to finish the current step and write a final
     checkpoint before the process exits anyway (below SLURM's default KillWait and Kubernetes' default
@@ -397,6 +404,10 @@ class ClusterConfig:
     """Fixed time per all-to-all call, microseconds (start-up, synchronization of the ranks)."""
     peak_tflops: float = 989.0
     """Dense bf16 peak per device in TFLOP/s (used for MFU and time estimates)."""
+    host_memory_gb: float = 1024.0
+    """Host (CPU) memory per node in GiB; the fast tier's snapshots (checkpoint.memory_interval) must fit."""
+    host_copy_bw_GBps: float = 25.0
+    """Device-to-host copy bandwidth per device, GB/s (the fast tier's snapshot stall)."""
     storage_bw_GBps: float = 10.0
     """Aggregate checkpoint write bandwidth of the job, GB/s."""
     gpu_mtbf_hours: float = 50_000.0
