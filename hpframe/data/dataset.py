@@ -168,6 +168,14 @@ class SequenceSplit:
         return np.stack([self[int(i)] for i in indices])
 
 
+def all_sequences(source: TokenSource, seq_len: int, what: str) -> SequenceSplit:
+    """Every whole sequence of a stream (a separate evaluation set, or training data that has one)."""
+    total = (source.num_tokens - 1) // seq_len
+    if total < 1:
+        raise DataError(f"data.seq_len={seq_len}: {what} holds {source.num_tokens} tokens, less than one sequence")
+    return SequenceSplit(source, seq_len, 0, total)
+
+
 def split_sequences(source: TokenSource, seq_len: int, eval_fraction: float) -> tuple[SequenceSplit, SequenceSplit]:
     """Cut a stream into (train, eval) sequence splits; eval is the tail, at least one sequence."""
     total = (source.num_tokens - 1) // seq_len
