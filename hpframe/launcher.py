@@ -58,11 +58,13 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def launch_local(cfg: RunConfig, nproc: int) -> int:
+def launch_local(cfg: RunConfig, nproc: int, *, module: str = "hpframe.launcher", extra_args: tuple[str, ...] = ()) -> int:
     """Start ``nproc`` workers on this machine through ``elastic_launch``; return the run's exit code.
 
-    The exit code is 0 when every worker succeeded, else the exit code of the first failed worker
-    (so a worker's user error (2) or non-finite stop (3) reaches the shell unchanged).
+    Each worker runs ``python -m MODULE RUN_DIR/run_config.yaml EXTRA_ARGS...`` (``hpframe.evaluate``
+    starts its workers this way too). The exit code is 0 when every worker succeeded, else the exit
+    code of the first failed worker (so a worker's user error (2) or non-finite stop (3) reaches the
+    shell unchanged).
     """
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -80,7 +82,7 @@ def launch_local(cfg: RunConfig, nproc: int) -> int:
     )
     log.info(f"starting {nproc} local processes (torch.distributed elastic launch), config {path}")
     try:
-        elastic_launch(config, entrypoint=sys.executable)("-m", "hpframe.launcher", str(path))
+        elastic_launch(config, entrypoint=sys.executable)("-m", module, str(path), *extra_args)
     except ChildFailedError as err:
         # the agent kills the remaining workers once one exits with an error (negative exit codes):
         # report the earliest worker that exited by itself
