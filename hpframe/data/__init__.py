@@ -48,6 +48,11 @@ def _check_model_tokenizer(cfg: RunConfig, source: ShardedTokens, key: str) -> N
         )
 
 
+def _tokenizer_bytes(source: ShardedTokens) -> bytes:
+    file = source.path / str(source.meta.get("tokenizer", "tokenizer.json"))
+    return file.read_bytes() if file.is_file() else b""
+
+
 def open_tokenized(cfg: RunConfig, path: str, key: str) -> ShardedTokens:
     """A tokenized dataset checked against the model: vocabulary size and (with model.from_hf) tokenizer."""
     if not path:
@@ -80,7 +85,8 @@ def build_splits(cfg: RunConfig, source: TokenSource) -> tuple[SequenceSplit, Se
         raise DataError(f"data.eval_path={cfg.data.eval_path!r} needs data.kind=tokenized (the training data is synthetic)")
     eval_source = open_tokenized(cfg, cfg.data.eval_path, "data.eval_path")
     assert isinstance(source, ShardedTokens)
-    if (eval_source.vocab_size, eval_source.eos_id) != (source.vocab_size, source.eos_id):
+    if (eval_source.vocab_size, eval_source.eos_id) != (source.vocab_size, source.eos_id) or \
+            _tokenizer_bytes(eval_source) != _tokenizer_bytes(source):
         raise DataError(
             f"data.eval_path={cfg.data.eval_path!r} (vocab {eval_source.vocab_size}, eos {eval_source.eos_id}) and "
             f"data.path={cfg.data.path!r} (vocab {source.vocab_size}, eos {source.eos_id}) come from different tokenizers"

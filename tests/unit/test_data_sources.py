@@ -116,3 +116,33 @@ def test_user_errors_name_file_and_numbers(corpus, tmp_path, capsys):
     prepare([corpus], tmp_path / "z", tokenizer=model, field="content", eos="</s>")
     with pytest.raises(DataError, match=r"z/meta.json exists: .* already holds a dataset"):
         prepare([corpus], tmp_path / "z", tokenizer=model, field="content", eos="</s>")
+
+
+def test_eval_path_and_the_model_tokenizer_check(corpus, tmp_path):
+    """data.eval_path: all of data.path trains, all of the eval set evaluates; a dataset from another
+    tokenizer is refused for eval_path and for model.from_hf."""
+    from hpframe.config.schema import DataKind, RunConfig
+    from hpframe.data import build_splits, build_source
+
+    model = tmp_path / "model"
+    make_model_dir(model)
+    train_meta = prepare([corpus], tmp_path / "train", tokenizer=model, field="content")
+    eval_meta = prepare([corpus / "sub"], tmp_path / "eval", tokenizer=model)
+    cfg = RunConfig()
+    cfg.data.kind, cfg.data.path, cfg.data.eval_path, cfg.data.seq_len = DataKind.tokenized, str(tmp_path / "train"), str(tmp_path / "eval"), 4
+    cfg.model.vocab_size = 300
+    source, _ = build_source(cfg)
+    train, evals, what = build_splits(cfg, source)
+    assert train.num_sequences == (train_meta["num_tokens"] - 1) // 4 and evals.num_sequences == (eval_meta["num_tokens"] - 1) // 4
+    assert what == f"eval set {tmp_path / 'eval'}"
+    assert np.array_equal(evals[0], ShardedTokens(tmp_path / "eval").read(0, 5))
+    prepare([corpus], tmp_path / "other", vocab_size=280, field="content")
+    cfg.data.eval_path = str(tmp_path / "other")
+    with pytest.raises(DataError, match=r"data.eval_path=.*other' \(vocab 2\d\d, eos \d+\) and data.path=.* come from different tokenizers"):
+        build_splits(cfg, source)
+    cfg.model.from_hf = str(model)  # the field model.from_hf: set on the instance where the schema lacks it
+    cfg.data.path = str(tmp_path / "other")
+    with pytest.raises(DataError, match=r"data.path=.*other' was not tokenized with the tokenizer of model.from_hf="):
+        build_source(cfg)
+    cfg.data.path = str(tmp_path / "train")
+    assert build_source(cfg)[0].num_tokens == train_meta["num_tokens"]
