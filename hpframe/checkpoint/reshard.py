@@ -236,6 +236,15 @@ def _local_slice(engine: Any, t: LocalTensor, full: torch.Tensor) -> torch.Tenso
     return full
 
 
+def adam_step_tensor(step: float, device: torch.device) -> torch.Tensor:
+    """The Adam step count as the optimizers create it: a 0-dim fp32 tensor on the parameters' device.
+
+    The update is always torch's fused AdamW or hpframe's kernel (``engine/build.py``: ``fused=True``),
+    both of which read ``state_steps`` on the device of the parameters; a CPU count fails the first
+    step after a resume on CUDA."""
+    return torch.tensor(float(step), dtype=torch.float32, device=device)
+
+
 def restore(engine: Any, ckpt: PortableCheckpoint) -> None:
     """Load weights, fp32 master weights and Adam state of this rank from ``ckpt`` (any saved layout)."""
     from deepspeed.utils import safe_set_full_fp32_param
@@ -274,11 +283,11 @@ def restore(engine: Any, ckpt: PortableCheckpoint) -> None:
                 state = engine.optimizer.state[t.tensor]
                 for k in MOMENTS:
                     state[k] = _local_slice(engine, t, ckpt.read(t.name, k, t.rows)).to(t.tensor.device, t.tensor.dtype, copy=True)
-                state["step"] = torch.tensor(float(step if step is not None else saved_step), dtype=torch.float32)
+                state["step"] = adam_step_tensor(step if step is not None else saved_step, t.tensor.device)
     if zo is not None:
         for gi, bufs in moments.items():
             flat = _flat_partitions(zo)[gi]
-            zo.optimizer.state[flat] = {"step": torch.tensor(float(saved_step), dtype=torch.float32), **bufs}
+            zo.optimizer.state[flat] = {"step": adam_step_tensor(saved_step, flat.device), **bufs}
         zo._hp_optimizer_states_linked = False  # re-point the per-parameter fragments at the new buffers
         if moments:
             zo._lazy_init_hp_params_optimizer_state()
