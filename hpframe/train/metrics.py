@@ -19,7 +19,8 @@ STEP_KEYS = (
     "step", "loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "expert_load_cv",
     "dropped_token_frac", "ep_load_imbalance", "skipped", "consumed_tokens", "step_time_s",
 )
-"""Keys of every step line of metrics.jsonl. Other lines: evaluation (``step``, ``eval_loss``) and
+"""Keys of every step line of metrics.jsonl. Other lines: evaluation (``step``, ``eval_loss``,
+``eval_ppl`` = exp(eval_loss), ``eval_tokens``) and
 checkpoint saves (``step``, ``ckpt_stall_s``: seconds training waited for the save)."""
 
 
