@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from hpframe.config.schema import ModelConfig, RunConfig
+from hpframe.errors import UserError
 from hpframe.logging import get_logger
 
 log = get_logger(__name__)
@@ -45,7 +46,7 @@ def _checkpoint_config(path: Path, overrides: list[str]) -> RunConfig:
         node = OmegaConf.merge(OmegaConf.structured(RunConfig), stored, OmegaConf.from_dotlist(overrides))
         cfg = OmegaConf.to_object(node)
     except OmegaConfBaseException as err:
-        raise ValueError(f"override {overrides}: {err}") from None
+        raise UserError(f"override {overrides}: {err}") from None
     assert isinstance(cfg, RunConfig)
     return cfg
 
@@ -53,7 +54,7 @@ def _checkpoint_config(path: Path, overrides: list[str]) -> RunConfig:
 def _model_dir_config(directory: Path, overrides: list[str]) -> RunConfig:
     """A Hugging Face model directory: composed as ``launch.py model.from_hf=DIR overrides``."""
     if "from_hf" not in {f.name for f in dataclasses.fields(ModelConfig)}:
-        raise ValueError(f"{directory} is a Hugging Face model directory; this build has no model.from_hf to read it")
+        raise UserError(f"{directory} is a Hugging Face model directory; this build has no model.from_hf to read it")
     from hydra import compose, initialize_config_dir
 
     from hpframe.config.convert import to_run_config
@@ -71,14 +72,17 @@ def build_config(source: str, overrides: list[str]) -> tuple[RunConfig, Path | N
 
     path = Path(source)
     if not path.exists():
-        raise ValueError(f"{source!r} not found (a checkpoint directory, a checkpoint root or a model directory)")
+        raise UserError(f"{source!r} not found (a checkpoint directory, a checkpoint root or a model directory)")
     bad = [o for o in overrides if "=" not in o]
     if bad:
-        raise ValueError(f"overrides must be key=value, got {bad}")
+        raise UserError(f"overrides must be key=value, got {bad}")
     if (path / "config.json").is_file() and not (path / store.MANIFEST).is_file():
         cfg, ckpt = _model_dir_config(path, overrides), None
     else:
-        ckpt = resolve_checkpoint(path)
+        try:
+            ckpt = resolve_checkpoint(path)
+        except ValueError as err:  # export's resolver: no committed checkpoint there
+            raise UserError(str(err)) from None
         cfg = _checkpoint_config(ckpt, overrides)
     if not any(o.startswith("output_dir=") for o in overrides):
         cfg.output_dir = str(Path("outputs") / "evaluate" / time.strftime("%Y-%m-%d") / time.strftime("%H-%M-%S"))
@@ -119,7 +123,7 @@ def evaluate_main(cfg: RunConfig, plan: Any, checkpoint: Path | None) -> int:
             (Path(cfg.output_dir) / RESULT_FILE).write_text(json.dumps(record, indent=1) + "\n")
             print(f"eval: {json.dumps(record)}", flush=True)
         return 0
-    except ValueError as err:
+    except UserError as err:
         log.error(f"hpframe.evaluate: {err}")
         return 2
     finally:
@@ -130,7 +134,7 @@ def evaluate_main(cfg: RunConfig, plan: Any, checkpoint: Path | None) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Command line: plan, start the processes the layout needs, evaluate. Returns the exit code."""
     from hpframe.launcher import launch_local, read_run_config, single_process_env, under_launcher
-    from hpframe.plan import PlanError, make_plan
+    from hpframe.plan import make_plan
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) == 3 and argv[1] == WORKER_FLAG:  # a worker started by launch_local below: CONFIG --worker CKPT
@@ -142,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, checkpoint = build_config(argv[0], argv[1:])
         plan = make_plan(cfg)
-    except (PlanError, ValueError) as err:
+    except UserError as err:  # PlanError is one
         print(f"hpframe.evaluate: {err}", file=sys.stderr)
         return 2
     if not under_launcher() and plan.world_size > 1:

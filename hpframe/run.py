@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from hpframe.config.convert import to_run_config
 from hpframe.config.schema import PlanFormat, RunConfig
+from hpframe.errors import UserError
 from hpframe.logging import get_logger
 
 log = get_logger(__name__)
@@ -30,7 +31,11 @@ def main_from_hydra(cfg: DictConfig) -> int:
     """Hydra entry: convert, fill in the run directory, run. Returns the process exit code."""
     from hydra.core.hydra_config import HydraConfig
 
-    run_cfg = to_run_config(cfg)
+    try:
+        run_cfg = to_run_config(cfg)
+    except UserError as err:
+        print(f"hpframe: invalid configuration: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
     if HydraConfig.initialized():
         run_cfg.output_dir = HydraConfig.get().runtime.output_dir
     return main(run_cfg)
@@ -45,11 +50,11 @@ def _render(plan: object, cfg: RunConfig) -> str:
 def main(cfg: RunConfig) -> int:
     """Plan, then (unless a dry run) train, starting local processes when the plan needs them."""
     from hpframe.launcher import launch_local, single_process_env, under_launcher
-    from hpframe.plan import PlanError, make_plan
+    from hpframe.plan import make_plan
 
     try:
         plan = make_plan(cfg)
-    except PlanError as err:
+    except UserError as err:
         print(f"hpframe: invalid configuration: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     if cfg.plan.dry_run:
@@ -57,6 +62,15 @@ def main(cfg: RunConfig) -> int:
         return 0
     if not under_launcher() or (os.environ.get("RANK") == "0" and PLAN_SHOWN not in os.environ):
         print(_render(plan, cfg), flush=True)
+    if not under_launcher():  # before any process starts: GPUs and cores for plan.world_size processes
+        from hpframe.machine import check_placement, probe
+
+        try:
+            for warning in check_placement(cfg, probe(), plan.world_size):
+                log.warning(warning)
+        except UserError as err:
+            print(f"hpframe: invalid configuration: {err}", file=sys.stderr)
+            return EXIT_USER_ERROR
     if not under_launcher() and plan.world_size > 1:
         os.environ[PLAN_SHOWN] = "1"  # inherited by the workers: rank 0 need not print it again
         return launch_local(cfg, plan.world_size)
@@ -97,13 +111,19 @@ def train_main(cfg: RunConfig, plan: "object") -> int:
     from hpframe.data import build_data
     from hpframe.engine import build_engine
     from hpframe.launcher import agree_on_run_dir
+    from hpframe.machine import check_memory_now, oom_report, prepare_process
     from hpframe.models import build_model
     from hpframe.parallel import init_distributed, parallelize
     from hpframe.train.loop import EXIT_NONFINITE, NonFiniteLossError, train
 
     try:
+        where, warnings = prepare_process(cfg, local_procs=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         groups = init_distributed(plan)
+        memory_warning = check_memory_now(cfg, plan, dist.get_rank())
         cfg.output_dir = agree_on_run_dir(cfg.output_dir)
+        log.info(f"runs on: {where}")
+        for warning in [*warnings, *([memory_warning] if memory_warning else [])]:
+            log.warning(warning)
         log.info(f"plan: {plan.world_size} processes, tp={plan.tp} pp={plan.pp} dp={plan.dp} ep={plan.ep} "
                  f"zero={plan.zero_stage}, global batch {plan.global_batch_size} x {cfg.data.seq_len} tokens "
                  f"({plan.micro_batch_size} per micro-batch x {plan.grad_accum} accumulation x {plan.dp} dp); run dir {cfg.output_dir}")
@@ -124,12 +144,17 @@ def train_main(cfg: RunConfig, plan: "object") -> int:
         log.info(f"done: {result.steps_done} steps, metrics in {cfg.output_dir}/metrics.jsonl")
         _log_peak_memory(plan)
         return 0
+    except torch.OutOfMemoryError:
+        where = _save_traceback(cfg.output_dir)
+        log.error(oom_report(cfg, plan, dist.get_rank() if dist.is_initialized() else 0)
+                  + (f" Traceback in {where}." if where else ""))
+        return EXIT_USER_ERROR
     except NonFiniteLossError as err:
         log.error(f"hpframe: stopping: {err}")
         return EXIT_NONFINITE
-    except ValueError as err:
-        # one clear line for the user; the traceback goes to a file, so an internal error that
-        # happens to be a ValueError is not lost
+    except UserError as err:
+        # one clear line for the user; the traceback goes to a file. Any other exception is a bug
+        # in hpframe and propagates with its traceback.
         where = _save_traceback(cfg.output_dir)
         log.error(f"hpframe: invalid configuration: {err}" + (f" (traceback in {where})" if where else ""))
         return EXIT_USER_ERROR

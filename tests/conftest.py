@@ -1,4 +1,4 @@
-"""Shared fixtures: compose a RunConfig the way launch.py does (schema + conf/ + recipes/ + overrides)."""
+"""Shared fixtures: compose a RunConfig the way launch.py does (schema + hpframe/conf/ + hpframe/recipes/ + overrides)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ ComposeFn = Callable[..., RunConfig]
 
 
 def compose_run_config(*overrides: str) -> RunConfig:
-    """RunConfig composed from conf/config.yaml with Hydra-style ``key=value`` overrides."""
+    """RunConfig composed from hpframe/conf/config.yaml with Hydra-style ``key=value`` overrides."""
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return to_run_config(compose(config_name="config", overrides=list(overrides)))

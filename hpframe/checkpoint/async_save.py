@@ -3,7 +3,7 @@
 ``Checkpointer.save(step, client_state)`` on every rank (CheckFreq-style when ``async_save``):
   1. wait for the previous save of this rank to finish (at most one in flight)
   2. rank 0 removes a staging directory a dead save left behind; barrier
-  3. snapshot: ``reshard.capture`` (collective: ZeRO partitions and TP shards gathered) into host
+  3. snapshot: ``reshard.capture`` (this rank's own ZeRO partition, TP chunk, expert rows) into host
      copies, plus this rank's RNG states
   -- training may continue from here; the rest runs inline (sync) or in a background thread (async) --
   4. every rank writes its safetensors file and RNG JSON into the staging directory, then its layout
@@ -12,6 +12,13 @@
      files, because collectives must stay on the training thread), writes client_state.json, the
      checksum manifest, commits atomically (``latest`` moved last) and prunes old checkpoints
 The time the calling thread spends in ``save`` is the training stall; it is returned and logged.
+
+Every wait is bounded by ``timeout_s`` (``checkpoint.save_timeout_s``, or the plan's figure derived
+from the planned write time): the barriers are gloo's ``monitored_barrier`` (on a gloo side group
+when training runs on NCCL), which names the ranks that did not arrive; rank 0's wait for the other
+ranks' parts names the missing ranks; joining the background write gives up after the bound. A rank
+that dies or stalls mid-save thus ends the save with a ``CheckpointError`` naming it, never a hang
+for torch's 30-minute collective timeout.
 
 The background thread only writes files: no collectives, no CUDA work (the snapshot is already on
 the host). DeepSpeed's decoupled writers and DCP's process-based async save hang on this
@@ -24,6 +31,7 @@ import shutil
 import threading
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +44,34 @@ from hpframe.logging import get_logger
 log = get_logger(__name__)
 
 
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+DEFAULT_TIMEOUT_S = 600.0
+"""Bound on each wait when the caller gives none (the training loop passes the plan's figure)."""
+
+_GLOO_GROUPS: dict[int, Any] = {}
+
+
+def _gloo_group() -> Any:
+    """A gloo group over every rank (``monitored_barrier`` exists on gloo only); the default group when
+    it already is gloo. Created once per default group (a collective: every rank calls it in order)."""
+    if dist.get_backend() == "gloo":
+        return None
+    key = id(dist.distributed_c10d._get_default_group())
+    if key not in _GLOO_GROUPS:
+        _GLOO_GROUPS[key] = dist.new_group(backend="gloo")
+    return _GLOO_GROUPS[key]
+
+
+def bounded_barrier(timeout_s: float, what: str) -> None:
+    """A barrier over every rank that fails after ``timeout_s`` with a CheckpointError naming the ranks
+    that did not arrive (gloo's monitored_barrier; rank 0 collects the names)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    try:
+        dist.monitored_barrier(group=_gloo_group(), timeout=timedelta(seconds=timeout_s), wait_all_ranks=True)
+    except RuntimeError as err:
+        raise store.CheckpointError(
+            f"{what}: not every rank arrived within {timeout_s:.0f} s (checkpoint.save_timeout_s); "
+            f"a rank died or stalls: {err}") from err
 
 
 @dataclass
@@ -58,11 +91,14 @@ class Checkpointer:
     """Saves portable checkpoints of ``engine`` under ``root``; one per process, used by every rank."""
 
     def __init__(self, engine: Any, root: str | Path, *, keep_last: int = 0, async_save: bool = False,
-                 commit_timeout_s: float = 1800.0) -> None:
+                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self.engine, self.root = engine, Path(root)
-        self.keep_last, self.async_save, self.commit_timeout_s = keep_last, async_save, commit_timeout_s
+        self.keep_last, self.async_save, self.timeout_s = keep_last, async_save, timeout_s
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        if self.world_size > 1:
+            _gloo_group()  # collective: created here, where every rank constructs its Checkpointer
+        self._step: int | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.last_committed: Path | None = None
@@ -76,7 +112,8 @@ class Checkpointer:
         staging = store.staging_path(self.root, tag)
         if self.rank == 0 and staging.exists():  # left by a save that died
             shutil.rmtree(staging)
-        _barrier()
+        bounded_barrier(self.timeout_s, f"checkpoint save of step {step}")
+        self._step = step
         t1 = time.perf_counter()
         part = reshard.capture(self.engine)
         rng = rng_state_json()
@@ -92,14 +129,28 @@ class Checkpointer:
         return SaveStats(step=step, path=self.root / tag, stall_s=stall, snapshot_s=snapshot, waited_s=waited)
 
     def wait(self) -> None:
-        """Block until this rank's in-flight save is written (and, on rank 0, committed); re-raise its error."""
+        """Block until this rank's in-flight save is written (and, on rank 0, committed); re-raise its error.
+
+        Bounded: the background write is given 2 x ``timeout_s`` (its own files, then on rank 0 the
+        wait for the other ranks' parts, itself bounded by ``timeout_s``), and the ranks then meet at a
+        bounded barrier before they compare errors.
+        """
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(2 * self.timeout_s)
+            if self._thread.is_alive():
+                self._error = self._error or store.CheckpointError(
+                    f"rank {self.rank}: the background write of step {self._step} did not finish within "
+                    f"2 x {self.timeout_s:.0f} s (checkpoint.save_timeout_s); storage stalls?")
             self._thread = None
         err, self._error = self._error, None
         if self.async_save and dist.is_initialized() and self.world_size > 1:
             # a background write can fail on one rank only: agree, so that every rank raises here
-            # together instead of the others waiting in the next save's collectives forever
+            # together instead of the others waiting in the next save's collectives forever; a rank
+            # that died never arrives, and the bounded barrier names it
+            try:
+                bounded_barrier(self.timeout_s, f"after the asynchronous save of step {self._step}")
+            except store.CheckpointError as lost:
+                raise (err or lost) from (lost if err is not None else None)
             reports: list[str | None] = [None] * self.world_size
             dist.all_gather_object(reports, None if err is None else f"{type(err).__name__}: {err}")
             failed = [(r, msg) for r, msg in enumerate(reports) if msg is not None]
@@ -133,8 +184,8 @@ class Checkpointer:
         write_json(staging / rng_file(self.rank), rng)
         write_part(staging, part)
         faults.maybe_kill_in_save(step)  # testing aid (HPFRAME_TEST_KILL_IN_SAVE), a no-op otherwise
-        if sync:
-            _barrier()  # every rank's files are on disk before the manifest lists them
+        if sync:  # every rank's files are on disk before the manifest lists them
+            bounded_barrier(self.timeout_s, f"checkpoint save of step {step}: writing the parts")
         if self.rank == 0:
             self._wait_for_parts(staging)
             write_json(staging / CLIENT_STATE, client_state)
@@ -147,12 +198,12 @@ class Checkpointer:
             if self.keep_last > 0:
                 store.prune(self.root, self.keep_last)
         self.last_committed = self.root / tag
-        if sync:
-            _barrier()  # nobody returns before rank 0 committed
+        if sync:  # nobody returns before rank 0 committed
+            bounded_barrier(self.timeout_s, f"checkpoint save of step {step}: the commit")
 
     def _wait_for_parts(self, staging: Path) -> None:
         want = set(range(self.world_size))
-        deadline = time.monotonic() + self.commit_timeout_s
+        deadline = time.monotonic() + self.timeout_s
         while (missing := want - parts_written(staging)):
             failed = sorted((staging / "failed").glob("rank*.txt")) if (staging / "failed").is_dir() else []
             if failed:
@@ -161,6 +212,7 @@ class Checkpointer:
                 )
             if time.monotonic() > deadline:
                 raise store.CheckpointError(
-                    f"{staging}: ranks {sorted(missing)} did not finish writing within {self.commit_timeout_s:.0f} s; not committed"
+                    f"{staging}: ranks {sorted(missing)} did not finish writing their parts within {self.timeout_s:.0f} s "
+                    f"(checkpoint.save_timeout_s); a rank died or stalls; not committed"
                 )
             time.sleep(0.02)

@@ -3,7 +3,7 @@
 Layout under the checkpoint root (``checkpoint.dir``, relative to the run directory): the crash-safe
 directories of ``hpframe.checkpoint.store`` (staging, manifest, atomic commit, ``latest``), each
 holding a portable checkpoint (``hpframe.checkpoint.portable``: every logical tensor once, fp32 master
-weights and Adam moments in safetensors, TP shards gathered, experts by global id; client_state.json;
+weights and Adam moments in safetensors, each rank writing its own shard; client_state.json;
 one RNG JSON per rank). See docs/checkpointing.md.
 
 API: ``save(engine, step, client_state, root=...)`` (or a ``Checkpointer`` for asynchronous saves),
@@ -25,6 +25,7 @@ import torch.distributed as dist
 from hpframe.checkpoint import reshard, store
 from hpframe.checkpoint.async_save import Checkpointer
 from hpframe.checkpoint.portable import CLIENT_STATE, PortableCheckpoint, rng_file, set_rng_state_json
+from hpframe.errors import UserError
 from hpframe.logging import get_logger
 
 log = get_logger(__name__)
@@ -88,7 +89,7 @@ def find_latest(root: str | Path) -> Path | None:
 
     found, error = _on_rank0(newest)
     if error is not None:
-        raise ValueError(f"checkpoint.dir={str(root)!r}: {error}")
+        raise UserError(f"checkpoint.dir={str(root)!r}: {error}")
     if found is None:
         return None
     for reason in found[1]:
@@ -121,13 +122,13 @@ def load(engine: Any, path: str | Path, *, plan_fingerprint: str | None = None, 
     if checksums:  # rank 0 reads every file once; the other ranks check sizes below
         _, error = _on_rank0(lambda: store.verify(path, checksums=True) and None)
         if error is not None:
-            raise ValueError(f"checkpoint.resume={str(path)!r}: {error}")
+            raise UserError(f"checkpoint.resume={str(path)!r}: {error}")
     try:
         manifest = store.verify(path, checksums=False)
     except store.CheckpointError as err:
-        raise ValueError(f"checkpoint.resume={str(path)!r}: {err}") from err
+        raise UserError(f"checkpoint.resume={str(path)!r}: {err}") from err
     if not (path / CLIENT_STATE).is_file():
-        raise ValueError(f"checkpoint.resume={str(path)!r}: no {CLIENT_STATE}: not a portable hpframe checkpoint")
+        raise UserError(f"checkpoint.resume={str(path)!r}: no {CLIENT_STATE}: not a portable hpframe checkpoint")
     client_state = read_client_state(path)
     saved_fp = manifest.get("plan_fingerprint")
     same_layout = plan_fingerprint is None or saved_fp == plan_fingerprint

@@ -14,9 +14,18 @@ A checkpoint directory (inside the crash-safe directories of ``hpframe.checkpoin
 Logical tensors are the single-device ``Transformer.state_dict()`` names (``layers.2.attn.wq.weight``,
 ``layers.1.mlp.experts.w13`` [E, 2F, H], ``layers.1.mlp.router.expert_bias``), each in three kinds:
 ``param`` (the fp32 master weight; persistent buffers too), ``exp_avg`` and ``exp_avg_sq`` (Adam
-moments, absent before the first optimizer step). TP shards are gathered before writing; routed
-experts are written as row ranges ``[first, last)`` of global expert ids by the rank owning them, so a
-file never depends on the layout that reads it. Safetensors key: ``KIND/NAME`` or ``KIND/NAME@first-last``.
+moments, absent before the first optimizer step).
+
+Every rank writes what it holds, nothing gathered (format version 2): a stored piece is a *box* of the
+logical tensor (``offset`` and ``size`` per dim: the routed experts' global-id rows ``[first, last)``
+on dim 0, a TP chunk along the partition dim) and, for a ZeRO partition or a data-parallel share, a
+*fragment* ``flat = [lo, hi)`` of that box's row-major flattening, stored 1-D. Fragments of one box
+written by different ranks are disjoint and together cover it. A file never depends on the layout that
+reads it: the reader assembles any logical tensor, or any range of its rows, from the boxes and
+fragments that overlap it, reading only those byte ranges. Safetensors key: ``KIND/NAME`` plus
+``@first-last`` (expert rows), ``%index`` (TP chunk) and ``#lo-hi`` (fragment) where they apply.
+Version 1 (written before every rank wrote: dp-rank 0 wrote gathered whole tensors or expert rows)
+is the special case of whole boxes, and still loads.
 
 This module is the format only (no torch.distributed): writing one rank's part, reading the merged
 index, slicing a logical tensor, and the compatibility check that names every missing, unexpected or
@@ -26,6 +35,7 @@ mis-shaped tensor.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 from dataclasses import dataclass, field
@@ -35,9 +45,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from hpframe.checkpoint import store
 from hpframe.checkpoint.store import fsync_path
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 KINDS = ("param", "exp_avg", "exp_avg_sq")
 CLIENT_STATE = "client_state.json"
 
@@ -56,18 +67,42 @@ def rng_file(rank: int) -> str:
 
 @dataclass
 class Piece:
-    """One stored tensor: logical ``name`` of ``kind``; ``rows`` = global expert ids [first, last) or None (whole)."""
+    """One stored tensor of logical ``name`` and ``kind``, of full shape ``full_shape``.
+
+    Its box: ``rows`` = global expert ids [first, last) on dim 0 (None: all rows), and ``tp`` = (dim,
+    index, count): the ``index``-th of ``count`` equal chunks along ``dim`` (None: not split). ``flat``
+    = [lo, hi) of the box's row-major flattening, ``tensor`` then 1-D (None: the whole box, shaped).
+    """
 
     name: str
     kind: str
     tensor: torch.Tensor
     full_shape: tuple[int, ...]
     rows: tuple[int, int] | None = None
+    tp: tuple[int, int, int] | None = None
+    flat: tuple[int, int] | None = None
 
     @property
     def key(self) -> str:
-        suffix = f"@{self.rows[0]}-{self.rows[1]}" if self.rows is not None else ""
-        return f"{self.kind}/{self.name}{suffix}"
+        key = f"{self.kind}/{self.name}"
+        if self.rows is not None:
+            key += f"@{self.rows[0]}-{self.rows[1]}"
+        if self.tp is not None:
+            key += f"%{self.tp[1]}"
+        if self.flat is not None:
+            key += f"#{self.flat[0]}-{self.flat[1]}"
+        return key
+
+    def box(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(offset, size) of this piece's box in the full tensor."""
+        offset, size = [0] * len(self.full_shape), list(self.full_shape)
+        if self.rows is not None:
+            offset[0], size[0] = self.rows[0], self.rows[1] - self.rows[0]
+        if self.tp is not None:
+            dim, index, count = self.tp
+            size[dim] = self.full_shape[dim] // count
+            offset[dim] = index * size[dim]
+        return tuple(offset), tuple(size)
 
 
 @dataclass
@@ -91,16 +126,19 @@ def write_part(directory: Path, part: RankPart) -> list[Path]:
     tensors = {p.key: p.tensor.contiguous() for p in part.pieces}
     save_file(tensors, str(tpath), metadata={"format": "hpframe-portable", "version": str(FORMAT_VERSION)})
     fsync_path(tpath)
+    entries = {}
+    for p in part.pieces:
+        offset, size = p.box()
+        entries[p.key] = {"name": p.name, "kind": p.kind, "shape": list(p.full_shape), "dtype": str(p.tensor.dtype).removeprefix("torch."),
+                          "rows": list(p.rows) if p.rows is not None else None,
+                          "box": {"offset": list(offset), "size": list(size)},
+                          "flat": list(p.flat) if p.flat is not None else None}
     layout = {
         "version": FORMAT_VERSION,
         "rank": part.rank,
         "coords": part.coords,
         "file": tensor_file(part.rank),
-        "tensors": {
-            p.key: {"name": p.name, "kind": p.kind, "shape": list(p.full_shape),
-                    "rows": list(p.rows) if p.rows is not None else None, "dtype": str(p.tensor.dtype).removeprefix("torch.")}
-            for p in part.pieces
-        },
+        "tensors": entries,
         "expert_rows": sorted({tuple(p.rows) for p in part.pieces if p.rows is not None}),
         "adam_step": part.adam_step,
     }
@@ -119,20 +157,61 @@ def parts_written(directory: Path) -> set[int]:
 
 @dataclass
 class _Stored:
+    """Where one piece lives: file, safetensors key, box (offset, size), fragment [lo, hi) or None (whole box)."""
+
     file: str
     key: str
-    rows: tuple[int, int] | None
+    offset: tuple[int, ...]
+    size: tuple[int, ...]
+    flat: tuple[int, int] | None
+
+
+def _stored(file: str, key: str, meta: dict[str, Any], shape: tuple[int, ...]) -> _Stored:
+    """A layout entry as a box; version 1 entries (no ``box``) are whole tensors or expert rows."""
+    if meta.get("box") is not None:
+        offset, size = tuple(meta["box"]["offset"]), tuple(meta["box"]["size"])
+    else:
+        offset, size = (0,) * len(shape), shape
+        if meta.get("rows") is not None:
+            a, b = meta["rows"]
+            offset, size = (a, *offset[1:]), (b - a, *shape[1:])
+    flat = tuple(meta["flat"]) if meta.get("flat") is not None else None
+    return _Stored(file, key, offset, size, flat)  # type: ignore[arg-type]
+
+
+def listed_files(directory: Path) -> set[str]:
+    """The files of a committed checkpoint that its MANIFEST.json lists; ValueError naming any other file.
+
+    Only listed files (whose sizes and checksums ``store.verify`` checks) are ever read: a file added
+    to a committed checkpoint afterwards (an extra layout JSON and tensors file) would otherwise join
+    the merged index and change the loaded weights.
+    """
+    directory = Path(directory)
+    try:
+        manifest = store.verify(directory, checksums=False)
+    except store.CheckpointError as err:
+        raise ValueError(str(err)) from err
+    listed = set(manifest["files"])
+    for p in sorted(directory.rglob("*")):
+        rel = p.relative_to(directory).as_posix()
+        if p.is_file() and rel != store.MANIFEST and rel not in listed:
+            raise ValueError(f"{p}: not listed in {directory / store.MANIFEST} (added after the save?); "
+                             f"refusing to load a checkpoint with unlisted files")
+    return listed
 
 
 class PortableCheckpoint:
     """Read side: the merged index of every rank's layout JSON; tensors read lazily by slice.
 
+    Only a committed checkpoint is read, and only the files its manifest lists (``listed_files``).
     Safetensors files are memory-mapped headers plus raw bytes: reading never executes code.
     """
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
-        layouts = sorted((self.directory / "layout").glob("rank*.json"))
+        listed = listed_files(self.directory)
+        layouts = [self.directory / rel for rel in sorted(listed)
+                   if rel.startswith("layout/rank") and rel.endswith(".json")]
         if not layouts:
             raise ValueError(f"{self.directory}: no layout/rank*.json: not a portable hpframe checkpoint")
         self.shapes: dict[tuple[str, str], tuple[int, ...]] = {}
@@ -141,6 +220,8 @@ class PortableCheckpoint:
         self.saved_coords: dict[int, dict[str, int]] = {}
         for path in layouts:
             doc = json.loads(path.read_text())
+            if doc["file"] not in listed:
+                raise ValueError(f"{path}: names {doc['file']}, which {store.MANIFEST} does not list")
             self.saved_coords[int(doc["rank"])] = doc["coords"]
             self.adam_step.update(doc["adam_step"])
             for key, meta in doc["tensors"].items():
@@ -148,8 +229,7 @@ class PortableCheckpoint:
                 shape = tuple(meta["shape"])
                 if self.shapes.setdefault(lk, shape) != shape:
                     raise ValueError(f"{path}: {meta['name']} ({meta['kind']}) has shape {shape}, another file says {self.shapes[lk]}")
-                rows = tuple(meta["rows"]) if meta["rows"] is not None else None
-                self.stored.setdefault(lk, []).append(_Stored(doc["file"], key, rows))  # type: ignore[arg-type]
+                self.stored.setdefault(lk, []).append(_stored(doc["file"], key, meta, shape))
         self._handles: dict[str, Any] = {}
         self._gate_up: dict[tuple[str, str], tuple[tuple[str, str], tuple[str, str]]] = {}
         self._merge_split_gate_up()
@@ -213,25 +293,55 @@ class PortableCheckpoint:
     def _read(self, lk: tuple[str, str], rows: tuple[int, int] | None) -> torch.Tensor:
         kind, name = lk
         shape = self.stored_shape(lk)
-        first, last = rows if rows is not None else (0, shape[0] if shape else 0)
+        if not shape:  # a 0-d tensor: one whole piece
+            s = self.stored[lk][0]
+            return self._open(s.file).get_tensor(s.key)
+        first, last = rows if rows is not None else (0, shape[0])
         out: torch.Tensor | None = None
         covered = 0
+        boxes: dict[tuple[tuple[int, ...], tuple[int, ...]], list[_Stored]] = {}
         for s in self.stored[lk]:
-            h = self._open(s.file)
-            if s.rows is None:  # a whole tensor: slice what was asked
-                t = h.get_tensor(s.key)
-                return t if rows is None else t[first:last].clone()
-            a, b = max(first, s.rows[0]), min(last, s.rows[1])
-            if a >= b:
+            boxes.setdefault((s.offset, s.size), []).append(s)
+        for (offset, size), pieces in boxes.items():
+            a, b = max(first, offset[0]), min(last, offset[0] + size[0])
+            if a >= b:  # no requested row in this box: its file is not read
                 continue
-            piece = h.get_slice(s.key)[a - s.rows[0]:b - s.rows[0]]
+            t = self._box_rows(lk, offset, size, pieces, a, b)
             if out is None:
-                out = torch.empty((last - first, *shape[1:]), dtype=piece.dtype)
-            out[a - first:b - first] = piece
-            covered += b - a
-        if out is None or covered != last - first:
-            raise ValueError(f"{self.directory}: {kind} {name} rows [{first}, {last}) are not all stored (expert files missing?)")
+                out = torch.empty((last - first, *shape[1:]), dtype=t.dtype)
+            region = (slice(a - first, b - first), *(slice(o, o + n) for o, n in zip(offset[1:], size[1:])))
+            out[region] = t
+            covered += t.numel()
+        if out is None or covered != out.numel():
+            raise ValueError(f"{self.directory}: {kind} {name} rows [{first}, {last}) are not all stored "
+                             f"({covered} of {(last - first) * math.prod(shape[1:])} elements; files missing?)")
         return out
+
+    def _box_rows(self, lk: tuple[str, str], offset: tuple[int, ...], size: tuple[int, ...], pieces: list[_Stored],
+                  a: int, b: int) -> torch.Tensor:
+        """Rows [a, b) (full-tensor row ids) of one box, from its whole piece or its fragments."""
+        lo_row, hi_row = a - offset[0], b - offset[0]
+        whole = [s for s in pieces if s.flat is None]
+        if whole:
+            return self._open(whole[0].file).get_slice(whole[0].key)[lo_row:hi_row]
+        row = math.prod(size[1:])
+        need = (lo_row * row, hi_row * row)  # the rows' span of the box's flattening
+        buf: torch.Tensor | None = None
+        got = 0
+        for s in pieces:
+            assert s.flat is not None
+            x, y = max(need[0], s.flat[0]), min(need[1], s.flat[1])
+            if x >= y:
+                continue
+            frag = self._open(s.file).get_slice(s.key)[x - s.flat[0]:y - s.flat[0]]
+            if buf is None:
+                buf = torch.empty(need[1] - need[0], dtype=frag.dtype)
+            buf[x - need[0]:y - need[0]] = frag
+            got += y - x
+        if buf is None or got != need[1] - need[0]:
+            raise ValueError(f"{self.directory}: {lk[0]} {lk[1]}: the fragments of box offset {list(offset)} size {list(size)} "
+                             f"cover {got} of elements [{need[0]}, {need[1]}) (a rank's part missing?)")
+        return buf.view(hi_row - lo_row, *size[1:])
 
     def check_compatible(self, expected: dict[str, tuple[int, ...]]) -> None:
         """Raise ValueError naming every missing, unexpected and mis-shaped parameter (no partial loads)."""

@@ -1,25 +1,26 @@
 """Between an engine's local shards and the portable format's logical tensors, in any layout.
 
-``capture(engine)`` (collective over the engine's groups, every rank calls it in the same order):
-for each local parameter, in module order,
-  1. the full fp32 master value and Adam moments of this rank's local tensor:
-       ZeRO 1/2  the fragments of the flat master partitions of DeepSpeed's ZeRO optimizer or, for bf16
-                 with fp32 master weights under ZeRO 1, its BF16_Optimizer (the lp->hp fragment map),
-                 all-reduced over the parameter's data-parallel group (dp for dense weights, edp for
-                 experts), as DeepSpeed's ``safe_get_full_fp32_param`` does (see ``_full_hp``)
-       ZeRO 0    the parameter itself and the client AdamW's ``state[param]``
-  2. TP-sharded tensors (``tensor_model_parallel``, ``partition_dim``) all-gathered over tp (rank order
-     = chunk order: ``torch.chunk`` is how ``parallel/tensor.py`` split them)
-  3. kept (cloned to host memory) only by the rank that writes it: tp == 0 and dp == 0 for dense
-     tensors, tp == 0 and edp == 0 for routed experts (which are written as their global-id rows);
-     the pipeline's second copy of a tied embedding is never written.
-Persistent buffers (the aux-loss-free router bias ``expert_bias``) are replicated and written like
-dense parameters.
+``capture(engine)`` (no communication: every rank writes what it holds, in parallel): for each local
+parameter, in module order, this rank's share of
+  ZeRO 1/2  its fragment of the flat fp32 master partition of DeepSpeed's ZeRO optimizer or, for bf16
+            with fp32 master weights under ZeRO 1, of its BF16_Optimizer (``_hp_mapping``: which
+            elements of the local tensor this rank's partition holds), with the Adam moments of the
+            same elements; the fragments of the parameter's data-parallel group (dp for dense weights,
+            edp for experts) are disjoint and cover it
+  ZeRO 0    the parameter and the client AdamW's ``state[param]``, replicated over the data-parallel
+            group: each of its ranks writes an equal contiguous share of the flattening
+as one piece whose box is the local tensor in the single-device model (routed experts: their global-id
+rows; TP-sharded tensors: this tp rank's chunk, ``torch.chunk`` order as ``parallel/tensor.py`` split
+them). Tensors replicated over tp are written by tp rank 0; the pipeline's second copy of a tied
+embedding is never written. Persistent buffers (the aux-loss-free router bias ``expert_bias``) are
+replicated and written whole by dp rank 0, tp rank 0 of their stage. Nothing is gathered: a rank's
+host memory holds its own share only, so it does not grow with dp.
 
-``restore(engine, ckpt)`` (no communication): every rank reads the logical tensors it needs from the
-files (only its experts' rows), slices its TP chunk and sets the model weight, ZeRO's fp32 partition
-(``safe_set_full_fp32_param``) and the Adam state. Any saved layout loads into any layout of the same
-model; ``PortableCheckpoint.check_compatible`` refuses a different model before anything is written.
+``restore(engine, ckpt)`` (no communication beyond one all_gather of shapes): every rank reads the
+logical tensors it needs from the files (only its experts' rows), slices its TP chunk and sets the
+model weight, ZeRO's fp32 partition (``safe_set_full_fp32_param``) and the Adam state. Any saved layout
+loads into any layout of the same model; ``PortableCheckpoint.check_compatible`` refuses a different
+model before anything is written.
 """
 
 from __future__ import annotations
@@ -138,71 +139,68 @@ def _adam_step(engine: Any) -> float | None:
     return steps.pop() if steps else None
 
 
-def _full_hp(zo: Any, p: torch.Tensor, key: str | None) -> torch.Tensor:
-    """The full fp32 master value (key None) or Adam moment of ``p`` from ZeRO's flat partitions.
+Share = tuple[tuple[int, int], dict[str, torch.Tensor]]
 
-    DeepSpeed's ``safe_get_full_optimizer_state`` reads per-parameter fragments that its ZeRO-1/2
-    optimizer links after the first step of the FIRST param group only, so the moments of later groups
-    (our no-decay group) are missing there; this reads the inner optimizer's flat state directly, with
-    the same fragment addresses and the same all-reduce over the parameter's data-parallel group.
-    """
-    buf = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)  # [numel] of the local tensor
+
+def _zero_share(zo: Any, p: torch.Tensor, with_moments: bool) -> Share | None:
+    """This rank's ZeRO fragment of ``p``: (flat [lo, hi) of the local tensor, {kind: 1-D values}), or None."""
     mapping = getattr(p, "_hp_mapping", None)
-    if mapping is not None:
-        flat = _flat_partitions(zo)[mapping.param_group_index]
-        src = flat if key is None else zo.optimizer.state.get(flat, {}).get(key)
-        if src is not None:
-            hp, lp = mapping.hp_fragment_address, mapping.lp_fragment_address
-            buf.narrow(0, lp.start, lp.numel).copy_(src.detach().narrow(0, hp.start, hp.numel))
-    dist.all_reduce(buf, group=p._dp_group)
-    return buf.view(p.shape)
+    if mapping is None:  # none of p is in this rank's partition
+        return None
+    flat = _flat_partitions(zo)[mapping.param_group_index]
+    hp, lp = mapping.hp_fragment_address, mapping.lp_fragment_address
+    out = {"param": flat.detach().narrow(0, hp.start, hp.numel)}
+    if with_moments:
+        state = zo.optimizer.state.get(flat, {})
+        out.update({k: state[k].detach().narrow(0, hp.start, hp.numel) for k in MOMENTS if k in state})
+    return (lp.start, lp.start + lp.numel), out
 
 
-def _full_local(engine: Any, t: LocalTensor, with_moments: bool) -> dict[str, torch.Tensor]:
-    """This rank's local tensor as fp32 (ZeRO partitions assembled), with its Adam moments."""
+def _replicated_share(engine: Any, t: LocalTensor, with_moments: bool, coords: dict[str, int]) -> Share | None:
+    """A tensor every rank of its data-parallel group holds whole (ZeRO 0, buffers): an equal contiguous
+    share of its flattening per rank of that group (buffers: all of it, by dp rank 0)."""
+    plan = engine.plan
     if not t.is_param:
-        return {"param": t.tensor.detach().float()}
-    zo = _zero_optimizer(engine)
-    if zo is not None and hasattr(t.tensor, "_dp_group"):
-        keys = (None, *MOMENTS) if with_moments else (None,)
-        return {k or "param": _full_hp(zo, t.tensor, k) for k in keys}
-    out = {"param": t.tensor.detach().float()}
+        return ((0, t.tensor.numel()), {"param": t.tensor.detach().reshape(-1)}) if coords["dp"] == 0 else None
+    axis, size = ("edp", plan.ranks.edp) if t.rows is not None else ("dp", plan.dp)
+    i, n = coords[axis], t.tensor.numel()
+    lo, hi = i * n // size, (i + 1) * n // size
+    values = {"param": t.tensor.detach()}
     if with_moments:
         state = engine.optimizer.state.get(t.tensor, {})
-        for k in MOMENTS:
-            if k in state:
-                out[k] = state[k].detach().float()
-    return out
-
-
-def _gather_tp(x: torch.Tensor, group: Any, dim: int) -> torch.Tensor:
-    """Concatenate the tp ranks' chunks along ``dim`` (rank order)."""
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts, dim=dim)
+        values.update({k: state[k].detach() for k in MOMENTS if k in state})
+    return (lo, hi), {k: v.reshape(-1)[lo:hi] for k, v in values.items()}
 
 
 def capture(engine: Any) -> RankPart:
-    """This rank's part of a portable checkpoint: host copies of the tensors it writes (collective)."""
+    """This rank's part of a portable checkpoint: host copies of its own shares (no communication)."""
     engine.optimizer.wait_for_update()
     plan, rank = engine.plan, dist.get_rank()
     coords = plan.ranks.coords(rank)
     with_moments = _has_adam_state(engine)
     adam_step = _adam_step(engine)
+    zo = _zero_optimizer(engine)
     part = RankPart(rank=rank, coords=dict(coords))
     with torch.no_grad():
         for t in local_tensors(engine):
-            values = _full_local(engine, t, with_moments)
-            if t.tp_dim is not None and plan.tp > 1:
-                values = {k: _gather_tp(v, engine.groups.tp, t.tp_dim) for k, v in values.items()}
-            writer = coords["tp"] == 0 and (coords["edp"] == 0 if t.rows is not None else coords["dp"] == 0)
-            if not writer or t.duplicate:
+            split = t.tp_dim is not None and plan.tp > 1
+            if t.duplicate or (coords["tp"] != 0 and not split):
                 continue
-            full_shape = tuple(values["param"].shape)
+            zero = zo is not None and t.is_param and hasattr(t.tensor, "_dp_group")
+            share = _zero_share(zo, t.tensor, with_moments) if zero else _replicated_share(engine, t, with_moments, coords)
+            if share is None or share[0][0] >= share[0][1]:
+                continue
+            span, values = share
+            full = list(t.tensor.shape)
+            if split:
+                full[t.tp_dim] *= plan.tp
             if t.rows is not None:
-                full_shape = (_num_global(engine), *full_shape[1:])
+                full[0] = _num_global(engine)
+            whole = span == (0, t.tensor.numel())
             for kind, v in values.items():
-                part.pieces.append(Piece(t.name, kind, v.detach().to("cpu", copy=True), full_shape, t.rows))
+                v = v.to("cpu", torch.float32, copy=True)
+                part.pieces.append(Piece(t.name, kind, v.view(t.tensor.shape) if whole else v, tuple(full), t.rows,
+                                         (t.tp_dim, coords["tp"], plan.tp) if split else None, None if whole else span))
             if t.is_param and adam_step is not None and "exp_avg" in values:
                 part.adam_step[t.name] = adam_step
     return part

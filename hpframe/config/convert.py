@@ -6,12 +6,22 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from hpframe.config.errors import check_known_keys
 from hpframe.config.schema import RunConfig
+from hpframe.errors import UserError
 
 
 def to_run_config(cfg: DictConfig) -> RunConfig:
-    """Convert a composed config to a RunConfig object (raises omegaconf errors on bad types)."""
-    obj = OmegaConf.to_object(cfg)
+    """Convert a composed config to a RunConfig object.
+
+    Raises UserError for a key no schema declares (``+parallel.tpp=2``) or a required value left unset."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    check_known_keys(cfg)
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as err:
+        raise UserError(f"{err.full_key}: a value is required (set {err.full_key}=...)", key=str(err.full_key)) from err
     if not isinstance(obj, RunConfig):
         raise TypeError(f"composed config is {type(obj).__name__}, expected RunConfig (is run_schema in the defaults?)")
     return obj

@@ -1,6 +1,6 @@
 """The configuration schema of hpframe: one dataclass per Hydra config group.
 
-Every YAML file under ``conf/`` and ``recipes/`` is validated against these classes when Hydra
+Every YAML file under ``hpframe/conf/`` and ``hpframe/recipes/`` is validated against these classes when Hydra
 composes the configuration, so a misspelled key or a value of the wrong type fails at compose time.
 Choices are ``str``-valued Enums (OmegaConf validates them by name, and they compare equal to
 their string value). Counts start with ``num_``. ``-1`` means "derive it" wherever a field says so.
@@ -42,6 +42,12 @@ class ScoreFunc(str, Enum):
 class DropPolicy(str, Enum):
     probs = "probs"  # over capacity, keep the tokens with the highest router weight
     position = "position"  # over capacity, keep the earliest tokens in the batch
+
+
+class Dispatch(str, Enum):
+    tokens = "tokens"  # experts stay on their EP rank; tokens travel there and back (all-to-all)
+    experts = "experts"  # tokens stay; each rank fetches the experts' weights and returns their gradients
+    auto = "auto"  # the planner picks from its byte/time/memory model (see docs/planner.md)
 
 
 class Recompute(str, Enum):
@@ -169,6 +175,9 @@ class MoEConfig:
     """Node-limited routing: a token reaches experts in at most this many groups/nodes; 0 = off."""
     moe_layer_freq: int = 1
     """Every n-th block after first_k_dense is MoE (1 = all)."""
+    dispatch: Dispatch = Dispatch.tokens
+    """With parallel.ep > 1: move tokens to the experts (all-to-all), move the experts' weights to the
+    tokens (fetched per node, gradients returned to their owners), or let the planner choose (auto)."""
 
 
 @dataclass
@@ -229,6 +238,11 @@ class TrainConfig:
     weights directly with bf16 moments (ZeRO 1/2 only): 8 bytes less per parameter and no copies, but
     updates smaller than a bf16 step of a weight are lost."""
     device: Device = Device.auto
+    """auto (cuda when the machine has a GPU), cpu or cuda. A plan for a GPU cluster (cluster.device=cuda)
+    is refused on a machine without GPUs unless train.device=cpu asks for the CPU explicitly."""
+    num_threads: int = 0
+    """torch intra-op threads per process; 0 = OMP_NUM_THREADS when set, else the cores left free by the
+    load and the other local processes, 1 when fewer than two are free."""
     log_interval: int = 1
     """Steps between log lines."""
     eval_interval: int = 0
@@ -241,6 +255,12 @@ class TrainConfig:
     """Rich progress bar on rank 0."""
     tensorboard: bool = True
     """Write TensorBoard event files in the run directory."""
+    wandb: bool = False
+    """Also log the step figures to Weights & Biases (needs ``pip install wandb``; rank 0 only)."""
+    wandb_project: str = "hpframe"
+    """Weights & Biases project of the run."""
+    wandb_mode: str = "online"
+    """online, or offline: written under RUN_DIR/wandb without a network (upload later with ``wandb sync``)."""
     compile: bool = False
     """torch.compile the transformer blocks."""
     overlap_optimizer: bool = False
@@ -267,6 +287,7 @@ class DataConfig:
     """Training data."""
 
     kind: DataKind = DataKind.synthetic
+    """synthetic (built-in corpus) or tokenized (shards written by `python -m hpframe.data.prepare`)."""
     path: str = ""
     """Directory of a tokenized dataset (kind=tokenized)."""
     eval_path: str = ""
@@ -289,6 +310,7 @@ class DataConfig:
 @dataclass
 class CheckpointConfig:
     enabled: bool = True
+    """Write checkpoints (and resume from them, see resume)."""
     dir: str = "checkpoints"
     """Directory of checkpoints, relative to the run directory unless absolute."""
     interval: int = 0
@@ -299,6 +321,10 @@ class CheckpointConfig:
     """'auto' (newest good checkpoint in dir, if any), 'none', or a checkpoint path."""
     async_save: bool = False
     """Snapshot to host memory and persist in a background thread."""
+    save_timeout_s: float = 0.0
+    """Bound on every wait of the save protocol (a rank waiting for the others at a barrier, rank 0 for
+    every rank's part, the previous background write); past it the save fails naming the missing ranks.
+    0 = derived from the plan: max(60 s, 10 x the planned write time of one checkpoint)."""
 
 
 @dataclass
@@ -307,6 +333,7 @@ class ClusterConfig:
 
     name: str = MISSING
     nodes: int = 1
+    """Machines in the job."""
     gpus_per_node: int = MISSING
     """Devices (GPUs, or CPU processes) per node; -1 = as many as the parallel degrees need (local runs)."""
     device: Device = Device.cuda
@@ -346,7 +373,7 @@ class PlanConfig:
 
 @dataclass
 class RunConfig:
-    """The whole run. Hydra composes it from conf/config.yaml, a recipe and command-line overrides."""
+    """The whole run. Hydra composes it from hpframe/conf/config.yaml, a recipe and command-line overrides."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)

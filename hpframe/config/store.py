@@ -1,7 +1,7 @@
 """register_configs(): the only place that talks to Hydra's ConfigStore.
 
 Schemas are stored as ``<group>/schema`` entries that every YAML of that group names in its
-defaults list, plus the root ``run_schema``. Recipes live as plain YAML files in ``recipes/``
+defaults list, plus the root ``run_schema``. Recipes live as plain YAML files in ``hpframe/recipes/``
 (outside the Hydra config tree, so they read as documents); they are loaded here and stored in
 the ``recipe`` group with package ``_global_``, so ``recipe=NAME`` selects one.
 """
@@ -15,9 +15,9 @@ from omegaconf import OmegaConf
 
 from hpframe.config import schema
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CONF_DIR = REPO_ROOT / "conf"
-RECIPES_DIR = REPO_ROOT / "recipes"
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # hpframe/: the config tree ships inside the package
+CONF_DIR = PACKAGE_DIR / "conf"
+RECIPES_DIR = PACKAGE_DIR / "recipes"
 
 GROUP_SCHEMAS = {
     "model": schema.ModelConfig,

@@ -23,6 +23,8 @@ from typing import Protocol
 
 import numpy as np
 
+from hpframe.errors import UserError
+
 FORMAT = "hpframe.tokens"
 VERSION = 1
 META_FILE = "meta.json"
@@ -49,7 +51,7 @@ class ArrayTokens:
         return self.tokens[start : start + length].astype(np.int64)
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A tokenized dataset that cannot be read as meta.json describes it; the message names the file."""
 
 
@@ -180,12 +182,12 @@ def split_sequences(source: TokenSource, seq_len: int, eval_fraction: float) -> 
     """Cut a stream into (train, eval) sequence splits; eval is the tail, at least one sequence."""
     total = (source.num_tokens - 1) // seq_len
     if total < 2:
-        raise ValueError(
+        raise UserError(
             f"data.seq_len={seq_len}: the data holds {source.num_tokens} tokens, fewer than two sequences; "
             "lower data.seq_len or provide more data"
         )
     if not 0.0 <= eval_fraction < 1.0:
-        raise ValueError(f"data.eval_fraction={eval_fraction} must be in [0, 1)")
+        raise UserError(f"data.eval_fraction={eval_fraction} must be in [0, 1)")
     num_eval = max(1, int(total * eval_fraction))
     num_train = total - num_eval
     return SequenceSplit(source, seq_len, 0, num_train), SequenceSplit(source, seq_len, num_train, num_eval)

@@ -53,6 +53,13 @@ def train_bpe(texts, vocab_size: int) -> Tokenizer:
     return tok
 
 
+def _from_file(file: Path) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as err:  # the tokenizers library raises its own exception for a malformed file
+        raise DataError(f"{file}: not a tokenizer.json the `tokenizers` library can read ({err})") from None
+
+
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
@@ -103,7 +110,7 @@ def load_model_tokenizer(directory: Path, eos: str | None = None) -> LoadedToken
             f"{directory}: no tokenizer.json (tokenizer files found: {', '.join(others)}); hpframe reads the "
             "`tokenizers` format that save_pretrained writes for fast tokenizers"
         )
-    tok = Tokenizer.from_file(str(file))
+    tok = _from_file(file)
     tok_cfg, model_cfg = _read_json(directory / "tokenizer_config.json"), _read_json(directory / "config.json")
     eos_id = _token_id(tok, eos, "--eos") if eos is not None else _model_eos(tok, directory, tok_cfg, model_cfg)
     bos_id = None
@@ -124,7 +131,7 @@ def load_model_tokenizer(directory: Path, eos: str | None = None) -> LoadedToken
 
 def load_tokenizer_file(file: Path, eos: str | None = None) -> LoadedTokenizer:
     """A bare tokenizer.json; its EOS is ``eos``, else hpframe's ``<|endoftext|>`` (added when absent)."""
-    tok = Tokenizer.from_file(str(file))
+    tok = _from_file(file)
     if eos is not None:
         return LoadedTokenizer(tok, _token_id(tok, eos, "--eos"), None, str(file.resolve()))
     if tok.token_to_id(EOS) is None:  # a foreign tokenizer without our separator: append it

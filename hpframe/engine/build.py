@@ -22,7 +22,9 @@ import torch.distributed as dist
 from torch import nn
 
 from hpframe.engine import bf16_grads
+from hpframe.engine.compat import check_libraries
 from hpframe.engine.ds_env import init_deepspeed_comm
+from hpframe.errors import UserError
 from hpframe.logging import get_logger
 from hpframe.plan.deepspeed_config import deepspeed_config
 
@@ -31,7 +33,7 @@ def resolve_device(cfg: Any) -> str:
     """cpu or cuda, from ``train.device`` (auto = cuda when available)."""
     want = str(getattr(cfg.train.device, "value", cfg.train.device))
     if want == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device=cuda but CUDA is not available")
+        raise UserError("train.device=cuda but CUDA is not available")
     if want == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return want
@@ -52,6 +54,8 @@ def build_engine(model: nn.Module, plan: Any, groups: Any, cfg: Any) -> Any:
     from hpframe.engine.step import SkippableAdamW, StepGuard
     from hpframe.engine.topology import PlanMPU, check_topology, process_topology
 
+    for warning in check_libraries():
+        get_logger(__name__).warning(warning)
     init_deepspeed_comm()
     device = resolve_device(cfg)
     dtype = str(getattr(cfg.train.dtype, "value", cfg.train.dtype))

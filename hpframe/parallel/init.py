@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from hpframe.checkpoint.restart import attempt_store
+from hpframe.errors import UserError
 from hpframe.parallel.groups import ParallelGroups, build_groups
 
 
@@ -25,7 +26,7 @@ def _env_int(name: str, default: int | None = None) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+        raise UserError(f"environment variable {name}={value!r} is not an integer") from None
 
 
 def _free_port() -> int:
@@ -59,7 +60,7 @@ def init_distributed(plan: Any, *, backend: str | None = None) -> ParallelGroups
     rank = _env_int("RANK")
     if world_size is None or rank is None:
         if plan.world_size != 1:
-            raise ValueError(
+            raise UserError(
                 f"WORLD_SIZE/RANK are not set but the plan needs {plan.world_size} ranks; "
                 "start with torchrun or the deepspeed launcher"
             )
@@ -67,12 +68,12 @@ def init_distributed(plan: Any, *, backend: str | None = None) -> ParallelGroups
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     if world_size != plan.world_size:
-        raise ValueError(f"WORLD_SIZE={world_size} but the plan needs {plan.world_size} ranks (tp*pp*dp)")
+        raise UserError(f"WORLD_SIZE={world_size} but the plan needs {plan.world_size} ranks (tp*pp*dp)")
     local_rank = _env_int("LOCAL_RANK", 0)
     assert local_rank is not None
     if backend == "nccl":
         if not torch.cuda.is_available():
-            raise ValueError("backend nccl needs CUDA, which is not available; use gloo on CPUs")
+            raise UserError("backend nccl needs CUDA, which is not available; use gloo on CPUs")
         torch.cuda.set_device(local_rank)
     # under torchrun a store scoped to this restart attempt (hpframe/checkpoint/restart.py); else env://
     dist.init_process_group(backend, rank=rank, world_size=world_size, store=attempt_store(world_size))

@@ -1,7 +1,8 @@
 """parallelize(model, plan, groups): apply the plan's parallelism to a model, in a fixed order.
 
   1. tensor parallelism   (plan.tp > 1)        tensor.apply_tp
-  2. expert parallelism   (plan.ep > 1, MoE)   expert.apply_ep
+  2. expert parallelism   (plan.ep > 1, MoE)   expert.apply_ep (moe.dispatch=tokens) or
+                                               expert_fetch.apply_fetch (experts: plan.experts.dispatch)
   3. activation ckpt      (recompute != none)  act_ckpt.apply_activation_checkpointing
   4. torch.compile        (train.compile)      compile.apply_compile
 
@@ -33,6 +34,7 @@ from hpframe.config.schema import Recompute
 from hpframe.parallel.act_ckpt import apply_activation_checkpointing
 from hpframe.parallel.compile import apply_compile
 from hpframe.parallel.expert import apply_ep, apply_ep_moe
+from hpframe.parallel.expert_fetch import apply_fetch, apply_fetch_moe, build_fetch_groups, link_prefetch
 from hpframe.parallel.groups import ParallelGroups
 from hpframe.parallel.tensor import apply_tp, apply_tp_block, apply_tp_outer
 
@@ -70,7 +72,10 @@ def parallelize(
         if plan.tp > 1:
             apply_tp(model, groups.tp, sequence_parallel=sequence_parallel)
         if plan.ep > 1 and plan.experts is not None:  # ep > 1 on a dense model: the planner warned, nothing to split
-            apply_ep(model, plan, groups, overlap=ep_overlap)
+            if plan.experts.dispatch == "experts":
+                apply_fetch(model, plan, groups, overlap=ep_overlap)
+            else:
+                apply_ep(model, plan, groups, overlap=ep_overlap)
     if Recompute(recompute) != Recompute.none:
         apply_activation_checkpointing(model, recompute)
     if compile:
@@ -109,6 +114,7 @@ def _stream_shards(model: nn.Module, plan: Any, groups: ParallelGroups, *, seed:
         apply_tp_outer(model, groups.tp, sequence_parallel=sequence_parallel, embed="embed" in outer,
                        head="head" in outer)
     split_experts = plan.ep > 1 and plan.experts is not None
+    fetch = build_fetch_groups(plan, groups) if split_experts and plan.experts.dispatch == "experts" else None
     for i in blocks:
         block = model.layers[i]
         block.to_empty(device=device)
@@ -116,4 +122,9 @@ def _stream_shards(model: nn.Module, plan: Any, groups: ParallelGroups, *, seed:
         if plan.tp > 1:
             apply_tp_block(block, groups.tp, sequence_parallel=sequence_parallel)
         if split_experts and isinstance(block.mlp, MoE):
-            apply_ep_moe(block.mlp, plan, groups, overlap=ep_overlap)
+            if fetch is not None:
+                apply_fetch_moe(block.mlp, plan, groups, fetch, overlap=ep_overlap)
+            else:
+                apply_ep_moe(block.mlp, plan, groups, overlap=ep_overlap)
+    if fetch is not None:
+        link_prefetch(model, plan, groups.rank)

@@ -9,8 +9,9 @@ e = bytes of the train dtype, ga = grad_accum micro-batches per step):
   probability 1/ep, goes to a rank of the same node with (k-1)/ep and to another node with (ep-k)/ep,
   k = EP ranks per node. Under node-limited routing to M nodes (n nodes per EP group) a token crosses
   to at most M*(n-1)/n other nodes once each and is forwarded inside the node from there.
-* Moving experts instead: each rank gathers the remote experts' weights per micro-batch forward and
-  again in backward, and reduce-scatters their gradients once per step.
+* Moving experts instead (moe.dispatch=experts): the hierarchical fetch of the experts' weights and
+  return of their gradients, per MoE layer and micro-batch (hpframe/plan/fetch.py). Only the chosen
+  mode's bytes count in the parts and the total; ``moe_move_experts`` always holds the fetch's.
 * TP: per block and micro-batch, attention costs 2 all-reduces of T*H values (forward, backward),
   a dense MLP 2 more, an MoE MLP none (1 all-reduce equivalent under sequence parallelism: gather
   forward, gather backward); x1.5 under full recompute. A ring all-reduce sends 2(t-1)/t of the data
@@ -27,6 +28,7 @@ All-to-all calls are counted too (``estimate_time`` charges each a fixed latency
 from __future__ import annotations
 
 from hpframe.config.schema import Recompute, RunConfig
+from hpframe.plan.fetch import fetch_bytes, fetch_calls
 from hpframe.plan.memory import dtype_bytes, stage_params
 from hpframe.plan.params import block_params
 from hpframe.plan.types import CommEstimate, ParallelPlan, StagePlan
@@ -73,15 +75,9 @@ def moe_all_to_all_calls(cfg: RunConfig, plan: ParallelPlan, stage: StagePlan) -
 
 
 def move_experts(cfg: RunConfig, plan: ParallelPlan, stage: StagePlan) -> dict[str, int]:
-    """The alternative to all-to-all: bytes to bring the remote experts' weights to the tokens."""
-    ex = plan.experts
-    layers = [i for i in stage.layers if i in plan.moe_layers]
-    if ex is None or not layers or plan.ep == 1:
-        return {"intra": 0, "inter": 0}
-    e, ep, k = dtype_bytes(cfg), plan.ep, ex.ranks_per_node_in_ep_group
-    expert_bytes = sum(block_params(cfg.model, cfg.moe, i).experts for i in layers) * e
-    remote = expert_bytes * (ep - 1) / ep * (2 * plan.grad_accum + 1)
-    return {"intra": int(remote * (k - 1) / (ep - 1)), "inter": int(remote * (ep - k) / (ep - 1))}
+    """The alternative to all-to-all: bytes to bring the experts' weights to the tokens and their
+    gradients back (hierarchical: once per node across the network, shared inside it)."""
+    return fetch_bytes(cfg, plan, stage)
 
 
 def tensor_parallel(cfg: RunConfig, plan: ParallelPlan, stage: StagePlan) -> dict[str, int]:
@@ -129,17 +125,22 @@ def pipeline_parallel(cfg: RunConfig, plan: ParallelPlan, stage: StagePlan) -> d
 def estimate_comm(cfg: RunConfig, plan: ParallelPlan) -> CommEstimate:
     """Per-step bytes of the stage that sends the most."""
     best: CommEstimate | None = None
+    fetch = plan.experts is not None and plan.experts.dispatch == "experts"
+    none = {"intra": 0, "inter": 0}
     for st in plan.pipeline.stages:
+        moved = move_experts(cfg, plan, st)
         est = CommEstimate(
             parts={
-                "moe_all_to_all": moe_all_to_all(cfg, plan, st),
+                "moe_all_to_all": none if fetch else moe_all_to_all(cfg, plan, st),
+                "moe_fetch_experts": moved if fetch else none,
                 "tp": tensor_parallel(cfg, plan, st),
                 "dp": data_parallel(cfg, plan, st),
                 "pp": pipeline_parallel(cfg, plan, st),
             },
-            moe_move_experts=move_experts(cfg, plan, st),
+            moe_move_experts=moved,
             stage=st.index,
-            all_to_all_calls=moe_all_to_all_calls(cfg, plan, st),
+            all_to_all_calls=0 if fetch else moe_all_to_all_calls(cfg, plan, st),
+            fetch_calls=fetch_calls(cfg, plan, st) if fetch else 0,
         )
         if best is None or est.total > best.total:
             best = est

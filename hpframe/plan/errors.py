@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from hpframe.errors import UserError
 
-class PlanError(ValueError):
+
+class PlanError(UserError):
     """An impossible or unsafe configuration, found before anything starts.
 
     ``key`` names the configuration key(s) at fault (comma-separated when several interact, e.g.
@@ -14,6 +16,4 @@ class PlanError(ValueError):
     """
 
     def __init__(self, message: str, *, key: str, values: dict[str, Any] | None = None) -> None:
-        super().__init__(message)
-        self.key = key
-        self.values: dict[str, Any] = dict(values or {})
+        super().__init__(message, key=key, values=values)

@@ -5,11 +5,13 @@ tokens per step / (world * peak * assumed MFU), stretched by the
 1F1B bubble (pp - 1) / (grad_accum + pp - 1), times 4/3 under full recompute (selective adds one more
 forward of the MoE MLPs); comm = intra-node bytes / intra_node_bw + inter-node
 bytes / inter_node_bw of the busiest stage, with no overlap, the all-to-all's bytes at
-cluster.all_to_all_efficiency of the link and cluster.collective_latency_us per all-to-all call;
+cluster.all_to_all_efficiency of the link and cluster.collective_latency_us per all-to-all call (and per
+all-gather/reduce-scatter of moe.dispatch=experts, whose bytes move at the full link bandwidth);
 step = compute + comm (an upper bound).
 Checkpoint: bytes = total params * 12 (fp32 master weight + two fp32 Adam moments: the portable
 checkpoint hpframe writes, independent of dtype and layout); write = bytes /
-storage_bw; job MTBF = gpu_mtbf_hours / world_size; Young/Daly interval = sqrt(2 * write * MTBF).
+storage_bw; job MTBF = gpu_mtbf_hours / world_size; Young/Daly interval = sqrt(2 * write * MTBF);
+save timeout (each wait of the save protocol) = checkpoint.save_timeout_s, or max(60 s, 10 x write).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import math
 
 from hpframe.config.schema import Recompute, RunConfig
 from hpframe.plan.comm import estimate_comm
+from hpframe.plan.dispatch import resolve_dispatch
 from hpframe.plan.errors import PlanError
 from hpframe.plan.memory import GIB, estimate_memory
 from hpframe.plan.params import count_params, flops_per_token, moe_fwd_flops
@@ -46,7 +49,7 @@ def estimate_time(cfg: RunConfig, plan: ParallelPlan, comm: CommEstimate) -> Tim
     eff = c.all_to_all_efficiency
     comm_s = (intra + a2a["intra"] / eff) / (c.intra_node_bw_GBps * 1e9)
     comm_s += (inter + a2a["inter"] / eff) / (c.inter_node_bw_GBps * 1e9)
-    comm_s += comm.all_to_all_calls * c.collective_latency_us * 1e-6
+    comm_s += (comm.all_to_all_calls + comm.fetch_calls) * c.collective_latency_us * 1e-6
     return TimeEstimate(
         assumed_mfu=mfu,
         compute_seconds=compute,
@@ -58,6 +61,10 @@ def estimate_time(cfg: RunConfig, plan: ParallelPlan, comm: CommEstimate) -> Tim
 
 
 CHECKPOINT_BYTES_PER_PARAM = 12
+SAVE_TIMEOUT_FLOOR_S = 60.0
+"""Least time a save waits for a rank (start-up jitter, a slow file system's first write)."""
+SAVE_TIMEOUT_WRITES = 10.0
+"""A wait of the save protocol gives up after this many planned write times of a whole checkpoint."""
 """Bytes per parameter in a checkpoint: fp32 weight, fp32 exp_avg, fp32 exp_avg_sq."""
 
 
@@ -70,7 +77,13 @@ def estimate_checkpoint(cfg: RunConfig, plan: ParallelPlan, step_seconds: float)
     mtbf = cfg.cluster.gpu_mtbf_hours * 3600 / plan.world_size
     interval = math.sqrt(2 * write * mtbf)
     steps = max(1, round(interval / step_seconds)) if step_seconds > 0 else 1
-    return CheckpointEstimate(bytes=nbytes, write_seconds=write, job_mtbf_seconds=mtbf, interval_seconds=interval, interval_steps=steps)
+    if not (cfg.checkpoint.save_timeout_s >= 0 and math.isfinite(cfg.checkpoint.save_timeout_s)):
+        raise PlanError(f"checkpoint.save_timeout_s={cfg.checkpoint.save_timeout_s} must be a finite number >= 0 "
+                        f"(0 = derived from the planned write time)", key="checkpoint.save_timeout_s",
+                        values={"checkpoint.save_timeout_s": cfg.checkpoint.save_timeout_s})
+    timeout = cfg.checkpoint.save_timeout_s or max(SAVE_TIMEOUT_FLOOR_S, SAVE_TIMEOUT_WRITES * write)
+    return CheckpointEstimate(bytes=nbytes, write_seconds=write, job_mtbf_seconds=mtbf, interval_seconds=interval,
+                              interval_steps=steps, save_timeout_seconds=timeout)
 
 
 def add_estimates(plan: ParallelPlan, cfg: RunConfig, warnings: list[str]) -> ParallelPlan:
@@ -84,12 +97,15 @@ def add_estimates(plan: ParallelPlan, cfg: RunConfig, warnings: list[str]) -> Pa
         params=count_params(cfg.model, cfg.moe),
         flops_per_token=flops_per_token(cfg.model, cfg.moe, cfg.data.seq_len),
     )
+    plan = resolve_dispatch(cfg, plan, warnings)
     memory = estimate_memory(cfg, plan)
     if memory.total > memory.device_bytes:
         msg = (
             f"estimated memory of pipeline stage {memory.stage} is {memory.total / GIB:.1f} GiB per GPU "
             f"(weights {memory.weights / GIB:.1f}, gradients {memory.gradients / GIB:.1f}, optimizer {memory.optimizer / GIB:.1f}, "
-            f"activations {memory.activations / GIB:.1f}) > cluster.gpu_memory_gb={cfg.cluster.gpu_memory_gb:g}"
+            f"activations {memory.activations / GIB:.1f}"
+            + (f", fetched experts {memory.fetched_experts / GIB:.1f} under moe.dispatch=experts" if memory.fetched_experts else "")
+            + f") > cluster.gpu_memory_gb={cfg.cluster.gpu_memory_gb:g}"
             f" (tp={plan.tp} pp={plan.pp} dp={plan.dp} ep={plan.ep} zero_stage={plan.zero_stage} recompute={cfg.parallel.recompute.value})"
         )
         if cfg.plan.memory_check:

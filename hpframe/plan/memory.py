@@ -21,6 +21,8 @@ Assumptions (stated in docs/planner.md):
   expert parameters over edp (= dp / ep).
 * Activations are per token and block, in the train dtype, with fused attention (no seq x seq scores
   kept). Under 1F1B stage s holds min(pp - s, grad_accum) micro-batches in flight.
+* moe.dispatch=experts adds the fetched expert weights and their transient gradients
+  (hpframe/plan/fetch.py, ``fetched_weight_bytes``).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hpframe.config.schema import Attention, DType, Recompute, RunConfig
+from hpframe.plan.fetch import fetched_weight_bytes
 from hpframe.plan.params import attention_replicated_params, block_params, expert_ffn, head_dim, mlp_mats, num_kv_heads
 from hpframe.plan.types import MemoryEstimate, ParallelPlan, StagePlan
 
@@ -129,6 +132,7 @@ def estimate_memory(cfg: RunConfig, plan: ParallelPlan) -> MemoryEstimate:
     z = plan.zero_stage
     opt = (4 if z == 0 else 6) if bf16_master else 12 if bf16 else 8  # ZeRO 0 bf16: m, v only
     dp, edp = plan.dp, plan.edp
+    fetch = plan.experts is not None and plan.experts.dispatch == "experts"
     rows = []
     for st in plan.pipeline.stages:
         sp = stage_params(cfg, plan, st)
@@ -146,6 +150,7 @@ def estimate_memory(cfg: RunConfig, plan: ParallelPlan) -> MemoryEstimate:
             int(g * (dense_g + exp_g) + accum),
             int(opt * (dense_o + exp_o)),
             stage_activation_bytes(cfg, plan, st),
+            fetched_weight_bytes(cfg, plan, st) if fetch else 0,
         )
         rows.append((st.index, parts, sp.total))
     worst = max(rows, key=lambda r: sum(r[1]))
@@ -158,4 +163,5 @@ def estimate_memory(cfg: RunConfig, plan: ParallelPlan) -> MemoryEstimate:
         params_on_rank=worst[2],
         per_stage_total=tuple(sum(r[1]) for r in rows),
         device_bytes=int(cfg.cluster.gpu_memory_gb * GIB),
+        fetched_experts=worst[1][4],
     )

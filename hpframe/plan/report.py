@@ -61,6 +61,20 @@ def expert_placement(plan: ParallelPlan) -> list[dict[str, Any]]:
     return out
 
 
+def dispatch_to_dict(plan: ParallelPlan) -> dict[str, Any] | None:
+    """moe.dispatch as resolved: asked, chosen, why, and both options' bytes, seconds and memory."""
+    d = plan.dispatch
+    if d is None:
+        return None
+    return {
+        "requested": d.requested,
+        "chosen": d.chosen,
+        "reason": d.reason,
+        **{o.mode: {"intra_bytes": o.intra_bytes, "inter_bytes": o.inter_bytes, "calls": o.calls, "seconds": o.seconds,
+                    "memory_bytes": o.memory_bytes, "refused": o.refused} for o in (d.tokens, d.experts)},
+    }
+
+
 def plan_to_dict(plan: ParallelPlan, cfg: RunConfig) -> dict[str, Any]:
     """The plan as plain JSON-able data; the keys are documented in docs/planner.md."""
     assert plan.params and plan.memory and plan.comm and plan.time and plan.checkpoint
@@ -97,6 +111,7 @@ def plan_to_dict(plan: ParallelPlan, cfg: RunConfig) -> dict[str, Any]:
             "device": mem.device_bytes,
             "params_on_rank": mem.params_on_rank,
             "per_stage_total": list(mem.per_stage_total),
+            "fetched_experts": mem.fetched_experts,
         },
         "pipeline": {
             "manual": plan.pipeline.manual,
@@ -115,6 +130,7 @@ def plan_to_dict(plan: ParallelPlan, cfg: RunConfig) -> dict[str, Any]:
             "routing_groups": ex.routing_groups,
             "max_groups_per_token": ex.max_groups_per_token,
             "placement": expert_placement(plan),
+            "dispatch": dispatch_to_dict(plan),
         },
         "comm_bytes_per_step": {
             "stage": comm.stage,
@@ -122,6 +138,11 @@ def plan_to_dict(plan: ParallelPlan, cfg: RunConfig) -> dict[str, Any]:
             "total": comm.total,
             "moe_move_experts": dict(comm.moe_move_experts),
             "all_to_all_calls": comm.all_to_all_calls,
+            "fetch_calls": comm.fetch_calls,
+            "moe_dispatch": None if plan.dispatch is None else {
+                o.mode: {"intra": o.intra_bytes, "inter": o.inter_bytes, "calls": o.calls, "seconds": o.seconds}
+                for o in (plan.dispatch.tokens, plan.dispatch.experts)
+            },
         },
         "time": {
             "assumed_mfu": plan.time.assumed_mfu,
@@ -136,6 +157,7 @@ def plan_to_dict(plan: ParallelPlan, cfg: RunConfig) -> dict[str, Any]:
             "job_mtbf_seconds": plan.checkpoint.job_mtbf_seconds,
             "interval_seconds": plan.checkpoint.interval_seconds,
             "interval_steps": plan.checkpoint.interval_steps,
+            "save_timeout_seconds": plan.checkpoint.save_timeout_seconds,
         },
         "warnings": list(plan.warnings),
     }
@@ -198,7 +220,7 @@ def render_table(plan: ParallelPlan, cfg: RunConfig, width: int = 110) -> str:
     con.print(t)
 
     t = table(f"Memory per GPU, worst rank (stage {mem['stage']}; device {_gib(mem['device'])})", "part", "bytes")
-    for k in ("weights", "gradients", "optimizer", "activations", "total"):
+    for k in ("weights", "gradients", "optimizer", "activations", *(("fetched_experts",) if mem["fetched_experts"] else ()), "total"):
         t.add_row(k, _gib(mem[k]))
     con.print(t)
 
@@ -217,11 +239,18 @@ def render_table(plan: ParallelPlan, cfg: RunConfig, width: int = 110) -> str:
 
     comm = d["comm_bytes_per_step"]
     t = table(f"Communication per GPU per step (stage {comm['stage']})", "part", "intra-node", "inter-node")
-    for k in ("moe_all_to_all", "tp", "dp", "pp"):
+    for k in ("moe_all_to_all", "moe_fetch_experts", "tp", "dp", "pp"):
         t.add_row(k, _gib(comm[k]["intra"]), _gib(comm[k]["inter"]))
-    if d["experts"]:
-        t.add_row("(moving experts instead)", _gib(comm["moe_move_experts"]["intra"]), _gib(comm["moe_move_experts"]["inter"]))
     con.print(t)
+    if d["experts"] and d["experts"]["dispatch"]:
+        dd = d["experts"]["dispatch"]
+        t = table(f"MoE dispatch: {dd['chosen']} (moe.dispatch={dd['requested']}; {dd['reason']})",
+                  "mode", "intra-node", "inter-node", "calls", "time", "extra memory", "refused")
+        for mode in ("tokens", "experts"):
+            o = dd[mode]
+            t.add_row(mode, _gib(o["intra_bytes"]), _gib(o["inter_bytes"]), str(o["calls"]), _seconds(o["seconds"]),
+                      _gib(o["memory_bytes"]), o["refused"] or "-")
+        con.print(t)
 
     tm, ck = d["time"], d["checkpoint"]
     t = table("Time and checkpoints", "item", "value")
@@ -232,6 +261,7 @@ def render_table(plan: ParallelPlan, cfg: RunConfig, width: int = 110) -> str:
     t.add_row("checkpoint write", f"{_seconds(ck['write_seconds'])} at {cfg.cluster.storage_bw_GBps:g} GB/s")
     t.add_row("job MTBF", _seconds(ck["job_mtbf_seconds"]))
     t.add_row("checkpoint interval (Young/Daly)", f"{_seconds(ck['interval_seconds'])} = {ck['interval_steps']} steps")
+    t.add_row("save timeout (each wait)", _seconds(ck["save_timeout_seconds"]))
     con.print(t)
 
     if cfg.plan.suggest:

@@ -52,6 +52,9 @@ class ExpertPlan:
     """0 = unlimited."""
     ranks_per_node_in_ep_group: int
     """EP ranks of one EP group on each node it spans (ep when it fits one node)."""
+    dispatch: str = "tokens"
+    """How the MoE layers reach their experts: "tokens" (all-to-all) or "experts" (fetch the weights);
+    moe.dispatch=auto is resolved here by the planner (hpframe/plan/dispatch.py)."""
 
     def local_experts(self, ep_rank: int) -> range:
         """Global ids of the experts held by ``ep_rank`` (contiguous, ascending)."""
@@ -86,10 +89,12 @@ class MemoryEstimate:
     params_on_rank: int
     per_stage_total: tuple[int, ...]
     device_bytes: int
+    fetched_experts: int = 0
+    """moe.dispatch=experts: fetched expert weights kept for backward and their transient full gradients."""
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations
+        return self.weights + self.gradients + self.optimizer + self.activations + self.fetched_experts
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,17 +102,47 @@ class CommEstimate:
     """Bytes one GPU sends per optimizer step, by collective, split intra-/inter-node."""
 
     parts: dict[str, dict[str, int]]
-    """name -> {"intra": bytes, "inter": bytes}; names: moe_all_to_all, tp, dp, pp."""
+    """name -> {"intra": bytes, "inter": bytes}; names: moe_all_to_all, moe_fetch_experts, tp, dp, pp
+    (of the two MoE parts, the one of the dispatch mode not chosen is zero)."""
     moe_move_experts: dict[str, int]
-    """The alternative to all-to-all: gathering remote experts' weights and reducing their grads."""
+    """moe.dispatch=experts' bytes (fetches and gradient returns) whatever the mode chosen."""
     stage: int
     """The pipeline stage these figures are for (the one that sends the most)."""
     all_to_all_calls: int = 0
     """All-to-all calls of one rank per step (the rows' exchanges and each layer's count exchange)."""
+    fetch_calls: int = 0
+    """moe.dispatch=experts: all-gather and reduce-scatter calls of one rank per step."""
 
     @property
     def total(self) -> int:
         return sum(p["intra"] + p["inter"] for p in self.parts.values())
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchOption:
+    """One way of dispatching, as the planner costed it for the busiest stage (per rank, per step)."""
+
+    mode: str
+    intra_bytes: int
+    inter_bytes: int
+    calls: int
+    seconds: float
+    """intra/intra_node_bw + inter/inter_node_bw (all-to-all bytes at all_to_all_efficiency) + latency x calls."""
+    memory_bytes: int
+    """Extra memory per GPU this mode needs (fetched weights and gradients; 0 for tokens)."""
+    refused: str = ""
+    """Why this mode cannot run this configuration ("" when it can)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchPlan:
+    """moe.dispatch resolved: what was asked, what runs, why, and both options' costs."""
+
+    requested: str
+    chosen: str
+    reason: str
+    tokens: DispatchOption
+    experts: DispatchOption
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +170,8 @@ class CheckpointEstimate:
     """Young/Daly: sqrt(2 * write_seconds * job MTBF)."""
     interval_steps: int
     """interval_seconds / estimated step time, at least 1; the training loop's default save interval."""
+    save_timeout_seconds: float = 60.0
+    """Bound on each wait of the save protocol: checkpoint.save_timeout_s, or max(60 s, 10 x write_seconds)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,3 +202,5 @@ class ParallelPlan:
     time: TimeEstimate | None = None
     checkpoint: CheckpointEstimate | None = None
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    dispatch: DispatchPlan | None = None
+    """moe.dispatch resolved (None for dense models)."""

@@ -24,7 +24,7 @@ from hpframe.config.schema import RunConfig
 from hpframe.data import Data
 from hpframe.data.packing import model_inputs
 from hpframe.logging import current_rank, get_logger
-from hpframe.train.metrics import MetricsWriter, dropped_frac, mfu, summarize_ep_imbalance, summarize_moe
+from hpframe.train.metrics import MetricsWriter, dropped_frac, expert_shares, mfu, summarize_ep_imbalance, summarize_moe
 from hpframe.train.profile import StepProfiler
 from hpframe.train.progress import Progress
 from hpframe.train.schedule import lr_at
@@ -63,6 +63,11 @@ def checkpoint_interval(cfg: RunConfig, plan: "ParallelPlan") -> int:
     if plan.checkpoint is None:
         return 0
     return max(1, int(plan.checkpoint.interval_steps))
+
+
+def save_timeout(plan: "ParallelPlan") -> float:
+    """Bound on each wait of the save protocol (checkpoint.save_timeout_s or the plan's derived figure)."""
+    return plan.checkpoint.save_timeout_seconds if plan.checkpoint is not None else 600.0
 
 
 def _resume_path(cfg: RunConfig, root: Path) -> Path | None:
@@ -125,7 +130,8 @@ def step_record(out: Any, *, step: int, lr: float, elapsed: float, tokens: int, 
     bad = bool(out.skipped) or not math.isfinite(loss) or not math.isfinite(float(out.grad_norm))
     cv, dropped = summarize_moe(out.moe_stats)
     tps = tokens / elapsed
-    return {
+    shares = expert_shares(out.moe_stats)
+    record = {
         "step": step, "loss": loss, "lm_loss": float(out.lm_loss), "aux_loss": float(out.aux_loss), "lr": lr,
         "grad_norm": float(out.grad_norm), "tokens_per_s": tps,
         "mfu": mfu(tps, plan.flops_per_token, plan.world_size, cfg.cluster.peak_tflops),
@@ -134,6 +140,9 @@ def step_record(out: Any, *, step: int, lr: float, elapsed: float, tokens: int, 
         "skipped": bad,
         "consumed_tokens": consumed, "step_time_s": elapsed,
     }
+    if shares:  # MoE runs: each expert's share of the routed assignments (hpframe.plot draws it)
+        record["expert_load"] = shares
+    return record
 
 
 def _check_nonfinite(record: dict[str, Any], in_a_row: int, limit: int) -> None:
@@ -217,11 +226,14 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
         log.info(f"checkpoints {f'every {interval} steps and ' if interval else ''}at the end in {ckpt_root}")
     # one Checkpointer for the run: with checkpoint.async_save at most one save is in flight
     checkpointer = (
-        Checkpointer(engine, ckpt_root, keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save)
+        Checkpointer(engine, ckpt_root, keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save,
+                     timeout_s=save_timeout(plan))
         if cfg.checkpoint.enabled else None
     )
     rank0 = current_rank() == 0
-    writer = MetricsWriter(run_dir, enabled=rank0, tensorboard=cfg.train.tensorboard)
+    wandb = (dict(project=cfg.train.wandb_project, mode=cfg.train.wandb_mode, config=to_dict(cfg), name=Path(run_dir).name)
+             if cfg.train.wandb else None)
+    writer = MetricsWriter(run_dir, enabled=rank0, tensorboard=cfg.train.tensorboard, wandb=wandb)
     progress = Progress(total=cfg.train.steps, start=start, enabled=rank0 and cfg.train.progress)
     profiler = StepProfiler(run_dir, first=cfg.train.profile_from_step, count=cfg.train.profile_num_steps,
                             rank=current_rank(), cuda=torch.cuda.is_available() and engine_on_cuda(engine),

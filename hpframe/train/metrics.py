@@ -15,12 +15,15 @@ from typing import Any, Mapping
 
 import torch
 
+from hpframe.errors import UserError
+
 STEP_KEYS = (
     "step", "loss", "lm_loss", "aux_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "expert_load_cv",
     "dropped_token_frac", "ep_load_imbalance", "skipped", "consumed_tokens", "step_time_s",
 )
-"""Keys of every step line of metrics.jsonl. Other lines: evaluation (``step``, ``eval_loss``,
-``eval_ppl`` = exp(eval_loss), ``eval_tokens``) and
+"""Keys of every step line of metrics.jsonl. Step lines of MoE runs also hold ``expert_load``: each
+expert's share of the step's routed assignments, summed over the MoE layers (``expert_shares``).
+Other lines: evaluation (``step``, ``eval_loss``, ``eval_ppl`` = exp(eval_loss), ``eval_tokens``) and
 checkpoint saves (``step``, ``ckpt_stall_s``: seconds training waited for the save)."""
 
 
@@ -80,6 +83,17 @@ def summarize_moe(moe_stats: Any) -> tuple[float, float]:
     return mean(cvs), mean(drops)
 
 
+def expert_shares(moe_stats: Any) -> list[float]:
+    """Each expert's share of the routed assignments, summed over the layers reporting
+    ``tokens_per_expert`` (sums to 1; ``1/num_experts`` each when balanced); [] for a dense model."""
+    counts = [torch.as_tensor(layer["tokens_per_expert"]).detach().double().flatten()
+              for layer in _layers(moe_stats) if "tokens_per_expert" in layer]
+    if not counts or len({c.numel() for c in counts}) != 1:
+        return []
+    total = torch.stack(counts).sum(0)
+    return [round(float(x), 6) for x in total / total.sum()] if total.sum() > 0 else []
+
+
 def ep_load_imbalance(tokens_per_expert: Any, ep: int) -> float:
     """Busiest expert-parallel rank's routed assignments over the mean rank's (1.0 = balanced).
 
@@ -121,19 +135,42 @@ def _clean(value: Any) -> Any:
     return value
 
 
+def require_wandb() -> Any:
+    """The wandb module, or a UserError naming train.wandb when the library is not installed."""
+    try:
+        import wandb
+    except ImportError as err:
+        raise UserError("train.wandb=true needs the Weights & Biases library: pip install wandb "
+                        "(or set train.wandb=false)", key="train.wandb") from err
+    return wandb
+
+
+def open_wandb(run_dir: Path, *, project: str, mode: str, config: dict[str, Any], name: str) -> Any:
+    """A Weights & Biases run writing under ``run_dir/wandb`` (offline mode needs no network)."""
+    if mode not in ("online", "offline"):
+        raise UserError(f"train.wandb_mode={mode!r} must be online or offline", key="train.wandb_mode")
+    wandb = require_wandb()
+    return wandb.init(project=project, mode=mode, dir=str(run_dir), config=config, name=name)
+
+
 class MetricsWriter:
     """Appends one JSON object per step to ``run_dir/metrics.jsonl`` and mirrors scalars to TensorBoard.
 
     Only the rank that owns it writes (rank 0); other ranks construct it with ``enabled=False``.
     """
 
-    def __init__(self, run_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True,
+                 wandb: dict[str, Any] | None = None) -> None:
+        """``wandb``: keyword arguments of ``wandb.init`` (project, mode, config, name) to log there too; None = off."""
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self._file = None
         self._tb = None
+        self._wandb = None
         if not enabled:
             return
+        if wandb is not None:
+            self._wandb = open_wandb(Path(run_dir), **wandb)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = self.path.open("a", buffering=1)
         if tensorboard:
@@ -148,10 +185,13 @@ class MetricsWriter:
         clean = {k: _clean(v) for k, v in record.items()}
         assert self._file is not None
         self._file.write(json.dumps(clean) + "\n")
+        scalars = {f"{prefix}/{k}": v for k, v in clean.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)}
         if self._tb is not None:
-            for key, value in clean.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._tb.add_scalar(f"{prefix}/{key}", value, global_step=int(record["step"]))
+            for key, value in scalars.items():
+                self._tb.add_scalar(key, value, global_step=int(record["step"]))
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=int(record["step"]))
 
     def close(self) -> None:
         if self._file is not None:
@@ -160,6 +200,9 @@ class MetricsWriter:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:

@@ -32,16 +32,22 @@ def compact_record(record: Mapping[str, Any]) -> str:
 class Progress:
     """Shows step records: a bar when enabled and stdout is a terminal, else a log line per log step."""
 
-    def __init__(self, *, total: int, start: int, enabled: bool) -> None:
+    def __init__(self, *, total: int, start: int, enabled: bool, console: Any = None) -> None:
+        """``console``: a rich Console to draw on (tests pass one of fixed width); default: stdout when a terminal."""
         self.total = total
         self.bar = None
         self.enabled = enabled
-        if enabled and sys.stdout.isatty():
+        if enabled and (console is not None or sys.stdout.isatty()):
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeRemainingColumn
+            from rich.table import Column
 
+            # bar, step count and ETA keep their width; the figures take what is left of the line and wrap
+            fixed = Column(no_wrap=True)
             self.bar = RichProgress(
-                BarColumn(bar_width=20), MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[figures]}"),
-                transient=False,
+                BarColumn(bar_width=20, table_column=Column(no_wrap=True, min_width=20)), MofNCompleteColumn(table_column=fixed),
+                TimeRemainingColumn(table_column=Column(no_wrap=True)),
+                TextColumn("{task.fields[figures]}", table_column=Column(ratio=1, overflow="fold")),
+                transient=False, console=console,
             )
             self.task = self.bar.add_task("train", total=total, completed=start, figures="")
             self.bar.start()

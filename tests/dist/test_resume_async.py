@@ -6,7 +6,8 @@ with those of a synchronous save of the same state (bit for bit: the snapshot is
 returns, the first is committed: at most one save in flight; after ``close`` the second is, and
 ``latest`` names it); a failing background write raises from the next ``wait``/``close`` on every rank
 with the error of the file system, and nothing is committed; a write failing on one rank only makes
-every rank raise at close (rank 0 stops waiting for the missing part), and nothing is committed.
+every rank raise at close (rank 0 stops waiting for the missing part), and nothing is committed; each
+rank writes its own ZeRO partition (the two ranks' tensor files are of near equal size).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conftest import compose_run_config  # noqa: E402
 from hpframe.checkpoint import store  # noqa: E402
-from hpframe.checkpoint.portable import PortableCheckpoint  # noqa: E402
+from hpframe.checkpoint.portable import PortableCheckpoint, tensor_file  # noqa: E402
 from hpframe.testing.distributed import run_distributed  # noqa: E402
 
 pytestmark = pytest.mark.dist
@@ -98,3 +99,6 @@ def test_async_save_snapshot_order_and_errors(tmp_path):
     for kind, name in a.shapes:
         assert torch.equal(a.read(name, kind), s.read(name, kind)), (kind, name)
     assert not (tmp_path / "blocked").is_dir()
+    # every rank wrote its own ZeRO partition (fragments, nothing gathered): the two files are near equal
+    sizes = [(tmp_path / "sync" / "step_00000001" / tensor_file(r)).stat().st_size for r in (0, 1)]
+    assert min(sizes) > 0.4 * sum(sizes), sizes

@@ -44,3 +44,20 @@ def test_default_interval_is_the_planners(compose_cfg):
     assert checkpoint_interval(cfg, plan) == plan.checkpoint.interval_steps
     explicit = compose_cfg("recipe=mixtral_debug", "checkpoint.interval=7")
     assert checkpoint_interval(explicit, make_plan(explicit)) == 7
+
+
+def test_save_timeout_is_derived_from_the_planned_write_time(compose_cfg):
+    """checkpoint.save_timeout_s=0: max(60 s, 10 x the planned write time); an explicit value wins; a
+    negative or infinite one is refused naming the key."""
+    from hpframe.plan import PlanError
+
+    small = make_plan(compose_cfg("recipe=mixtral_debug"))
+    assert small.checkpoint.save_timeout_seconds == 60.0  # a debug model writes in milliseconds: the floor
+    slow = make_plan(compose_cfg("recipe=mixtral_debug", "cluster.storage_bw_GBps=1e-6"))
+    assert slow.checkpoint.save_timeout_seconds == pytest.approx(10 * slow.checkpoint.write_seconds)
+    assert slow.checkpoint.save_timeout_seconds > 60
+    assert make_plan(compose_cfg("recipe=mixtral_debug", "checkpoint.save_timeout_s=5")).checkpoint.save_timeout_seconds == 5.0
+    for bad in ("-1.0", "inf"):
+        with pytest.raises(PlanError, match=rf"checkpoint.save_timeout_s={bad} must be a finite number >= 0") as err:
+            make_plan(compose_cfg("recipe=mixtral_debug", f"checkpoint.save_timeout_s={bad}"))
+        assert err.value.key == "checkpoint.save_timeout_s"

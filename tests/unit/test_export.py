@@ -5,7 +5,7 @@ export CLI writes safetensors + config.json; transformers loads them (no missing
 as MixtralForCausalLM / DeepseekV3ForCausalLM, and its logits equal those of hpframe's single-device
 model loaded from the same checkpoint to 1e-5. The DeepSeek run moves its aux-loss-free router biases,
 so the exported selection bias is nonzero and matters. A corrupted checkpoint file makes the export
-exit with code 2 and name the file.
+exit with code 2 and name the file, and so does a file that its manifest does not list.
 """
 
 from __future__ import annotations
@@ -73,3 +73,11 @@ def test_export_of_a_corrupted_checkpoint_names_the_file(tmp_path):
     proc = export_cli(str(ckpt), str(tmp_path / "hf"))
     assert proc.returncode == 2
     assert f"{victim}: sha256 differs from the manifest (corrupted)" in proc.stderr
+    # repaired, plus another rank's part that the manifest does not list: refused, never merged
+    data[-10] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    extra = ckpt / "layout" / "rank00001.json"
+    extra.write_text((ckpt / "layout" / "rank00000.json").read_text())
+    proc = export_cli(str(ckpt), str(tmp_path / "hf"))
+    assert proc.returncode == 2
+    assert f"{extra}: not listed in {ckpt / 'MANIFEST.json'}" in proc.stderr

@@ -81,8 +81,9 @@ def test_comm_moe_all_to_all_by_hand(compose_cfg) -> None:
     comm = make_plan(compose_cfg("recipe=mixtral_debug", "parallel=dp2_ep2")).comm
     # 1024 tokens * top-2 copies * 128 * 4 bytes * 4 exchanges * 4 MoE blocks, half of the copies leave the rank
     assert comm.parts["moe_all_to_all"] == {"intra": 1024 * 2 * 128 * 4 * 4 * 4 // 2, "inter": 0}
-    # moving experts: half of 8 experts of 3*128*256 fp32 weights, gathered twice per micro-batch + reduced once
-    assert comm.moe_move_experts == {"intra": 4 * 4 * 3 * 128 * 256 * 4 * 3, "inter": 0}
+    # moving experts: the other rank's 4 experts of 3*128*256 fp32 weights, per MoE block (4) and micro-batch
+    # (1): gathered once in forward, their gradients reduce-scattered once in backward
+    assert comm.moe_move_experts == {"intra": 4 * 4 * 3 * 128 * 256 * 4 * 2, "inter": 0}
 
 
 def test_comm_inter_node_split(compose_cfg) -> None:
