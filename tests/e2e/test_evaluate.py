@@ -2,7 +2,8 @@
 
 A JSON Lines corpus is prepared (trained BPE), a mixtral_debug run (2 layers) trains 4 steps on it at
 pp=2 with ``data.document_mask=true`` and evaluates at step 4, saving a checkpoint there. The
-standalone evaluation of that checkpoint, with the same data, at 1 process and at tp=2 (2 processes),
+standalone evaluation of that checkpoint, with the same data, at 1 process and at tp=2 with sequence
+parallelism (2 processes),
 must report the same eval_loss to 1e-6 relative, the same perplexity and token count, and step 4.
 Because the 1-process figure goes through the flat model with positions and the training figure
 through the pipeline stages, their equality also shows that every stage applies the document mask
@@ -55,8 +56,9 @@ def test_standalone_evaluation_equals_in_training_evaluation(tmp_path):
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     (trained,) = [r for r in lines if "eval_loss" in r]
     ckpt = run_dir / "checkpoints" / "step_00000004"
-    for layout in (["parallel.pp=1", "parallel.grad_accum=1"], ["parallel.pp=1", "parallel.tp=2", "parallel.grad_accum=1"]):
-        out = tmp_path / f"eval_{len(layout)}"
+    tp2_sp = ["parallel.pp=1", "parallel.tp=2", "parallel.grad_accum=1", "parallel.sequence_parallel=true"]
+    for layout in (["parallel.pp=1", "parallel.grad_accum=1"], tp2_sp):
+        out = tmp_path / f"eval_{len(layout)}"  # distinct per layout
         stdout = ok(run(["-m", "hpframe.evaluate", str(ckpt), f"data.path={data}", *layout, f"output_dir={out}"]))
         (line,) = [x for x in stdout.splitlines() if x.startswith("eval: ")]
         got = json.loads(line[len("eval: "):])
