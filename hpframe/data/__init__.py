@@ -67,6 +67,45 @@ def open_tokenized(cfg: RunConfig, path: str, key: str) -> ShardedTokens:
     return source
 
 
+def _discovered(inputs: list[str]) -> list[str]:
+    from hpframe.data.sources import discover
+
+    return [str(f.path) for f in discover(inputs)]
+
+
+def ensure_prepared(cfg: RunConfig, rank: int) -> None:
+    """``data.inputs``: rank 0 prepares ``data.path`` from them when it holds no dataset yet, with
+    ``data.tokenizer``, else model.from_hf's tokenizer, else a BPE of ``model.vocab_size`` entries; every
+    rank waits for it (data.path must be on a file system all ranks see). A dataset already there must
+    have been prepared from the same input files."""
+    import torch.distributed as dist
+
+    from hpframe.data.dataset import META_FILE, read_meta
+    from hpframe.data.prepare import prepare
+
+    d = cfg.data
+    if not d.inputs:
+        return
+    if d.kind != DataKind.tokenized or not d.path:
+        raise DataError(f"data.inputs={list(d.inputs)} needs data.kind=tokenized and data.path=DIR to prepare them into")
+    if rank == 0:
+        out = Path(d.path)
+        if (out / META_FILE).is_file():
+            have, want = read_meta(out).get("sources"), _discovered(list(d.inputs))
+            if have != want:
+                raise DataError(
+                    f"data.path={d.path!r} holds a dataset prepared from {have}, not from data.inputs ({want}); "
+                    "choose another data.path or remove that one"
+                )
+        else:
+            tokenizer = d.tokenizer or getattr(cfg.model, "from_hf", "") or ""
+            meta = prepare(list(d.inputs), out, tokenizer=Path(tokenizer) if tokenizer else None,
+                           vocab_size=0 if tokenizer else cfg.model.vocab_size, field=d.text_field)
+            print(f"prepared {meta['num_documents']:,} documents, {meta['num_tokens']:,} tokens into {out}", flush=True)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()  # the others read data.path once rank 0 wrote it (or refused)
+
+
 def build_source(cfg: RunConfig) -> tuple[TokenSource, str]:
     """The token stream selected by ``data.kind``, and a one-line description of it."""
     if cfg.data.kind == DataKind.synthetic:
@@ -109,6 +148,7 @@ def document_eos(cfg: RunConfig, source: TokenSource) -> int | None:
 
 def build_data(cfg: RunConfig, plan: "ParallelPlan", rank: int) -> Data:
     """Build the train loader and eval batches of ``rank`` (sharded by its dp coordinate)."""
+    ensure_prepared(cfg, rank)
     source, description = build_source(cfg)
     train_split, eval_split, held_out = build_splits(cfg, source)
     dp_rank = plan.ranks.coords(rank)["dp"]
@@ -131,5 +171,5 @@ def build_data(cfg: RunConfig, plan: "ParallelPlan", rank: int) -> Data:
     return Data(loader, evals, train_split, eval_split, description, eos)
 
 
-__all__ = ["Data", "DataError", "ShardedLoader", "build_data", "build_source", "eval_batches", "split_sequences",
+__all__ = ["Data", "DataError", "ShardedLoader", "build_data", "build_source", "ensure_prepared", "eval_batches", "split_sequences",
            "synthetic_corpus"]

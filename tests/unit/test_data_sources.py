@@ -146,3 +146,35 @@ def test_eval_path_and_the_model_tokenizer_check(corpus, tmp_path):
         build_source(cfg)
     cfg.data.path = str(tmp_path / "train")
     assert build_source(cfg)[0].num_tokens == train_meta["num_tokens"]
+
+
+def test_data_inputs_are_prepared_through_the_run_config(corpus, tmp_path):
+    """data.inputs: build_data's first step prepares data.path with model.from_hf's tokenizer (else a
+    BPE of model.vocab_size entries), once; a dataset of other inputs there is refused."""
+    from hpframe.config.schema import DataKind, RunConfig
+    from hpframe.data import ensure_prepared
+
+    model = tmp_path / "model"
+    make_model_dir(model)
+    direct = prepare([corpus], tmp_path / "direct", tokenizer=model, field="content")
+    cfg = RunConfig()
+    cfg.data.kind, cfg.data.path, cfg.data.inputs, cfg.data.text_field = DataKind.tokenized, str(tmp_path / "auto"), [str(corpus)], "content"
+    cfg.model.from_hf = str(model)  # the field model.from_hf: set on the instance where the schema lacks it
+    ensure_prepared(cfg, rank=0)
+    a, b = ShardedTokens(tmp_path / "direct"), ShardedTokens(tmp_path / "auto")
+    assert np.array_equal(a.read(0, a.num_tokens), b.read(0, b.num_tokens)) and b.meta["sources"] == direct["sources"]
+    stamp = (tmp_path / "auto" / "meta.json").stat().st_mtime_ns
+    ensure_prepared(cfg, rank=0)  # already prepared from these inputs: left alone
+    assert (tmp_path / "auto" / "meta.json").stat().st_mtime_ns == stamp
+    cfg.data.inputs = [str(corpus / "sub")]
+    with pytest.raises(DataError, match=r"data.path=.*auto' holds a dataset prepared from \[.*a.jsonl.*\], not from data.inputs \(\[.*c.txt'\]\)"):
+        ensure_prepared(cfg, rank=0)
+    scratch = RunConfig()
+    scratch.data.kind, scratch.data.path, scratch.data.inputs = DataKind.tokenized, str(tmp_path / "bpe"), [str(corpus / "sub")]
+    scratch.model.vocab_size = 280
+    ensure_prepared(scratch, rank=0)
+    meta = ShardedTokens(tmp_path / "bpe").meta
+    assert meta["tokenizer_source"].startswith("byte-level BPE") and meta["vocab_size"] <= 280
+    scratch.data.kind = DataKind.synthetic
+    with pytest.raises(DataError, match=r"data.inputs=.* needs data.kind=tokenized and data.path=DIR"):
+        ensure_prepared(scratch, rank=0)
