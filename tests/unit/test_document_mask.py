@@ -1,12 +1,11 @@
 """data.document_mask: packed documents compute what each document computes alone.
 
-Three documents packed into one sequence (the first without a closing EOS at the sequence end is
-not needed: the third is cut by the end) run through the model with ``document_positions``; their
-per-token logits are compared with three separate forwards of the documents, for GQA (mixtral_debug,
-MoE) and MLA (deepseek_debug, MoE) in fp32 on CPU, within 2e-5 of the logits' scale. Without the
-mask the later documents' logits differ (the check can fail). Also the positions themselves and the
-mask on a hand-made example. Single process; the multi-process layouts are in
-tests/dist/test_document_mask_tp.py and tests/e2e/test_evaluate.py.
+Three documents (each closed by EOS) packed into one sequence, two rows, run through the model with
+``document_positions``; their per-token logits are compared with separate forwards of each document,
+for GQA (mixtral_debug, MoE) and MLA (deepseek_debug, MoE) in fp32 on CPU, within 2e-5 of the logits'
+scale. Without the mask the later documents' logits differ (so the check can fail), the first's do
+not. Also the positions and the mask on a hand-made example. Single process; multi-process layouts
+(pp=2 training, tp=2 with sequence parallelism) are compared in tests/e2e/test_evaluate.py.
 """
 
 from __future__ import annotations
