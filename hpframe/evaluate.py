@@ -84,6 +84,8 @@ def build_config(source: str, overrides: list[str]) -> tuple[RunConfig, Path | N
         except ValueError as err:  # export's resolver: no committed checkpoint there
             raise UserError(str(err)) from None
         cfg = _checkpoint_config(ckpt, overrides)
+    if not any(o.startswith("data.inputs=") for o in overrides):
+        cfg.data.inputs = []  # evaluation reads prepared data; it prepares only when asked on its command line
     if not any(o.startswith("output_dir=") for o in overrides):
         cfg.output_dir = str(Path("outputs") / "evaluate" / time.strftime("%Y-%m-%d") / time.strftime("%H-%M-%S"))
     return cfg, ckpt
