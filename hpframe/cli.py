@@ -13,6 +13,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from hpframe.config.hf_config import HFConfigError, expand_overrides
 from hpframe.config.store import CONF_DIR, register_configs
 
 
@@ -68,6 +69,11 @@ def main() -> None:
         return
     register_configs()
     sys.argv = strip_local_rank(sys.argv)
+    try:  # model.from_hf=DIR: DIR/config.json's fields join the overrides, so Hydra composes the real model
+        sys.argv = sys.argv[:1] + expand_overrides(sys.argv[1:])
+    except HFConfigError as err:
+        print(f"hpframe: invalid configuration: {err}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra re-raises instead of printing and exiting 1
     try:
         hydra_main()

@@ -52,7 +52,11 @@ def main(cfg: RunConfig) -> int:
     from hpframe.launcher import launch_local, single_process_env, under_launcher
     from hpframe.plan import make_plan
 
+    from hpframe.config.hf_config import HFConfigError, check_run_config
+
     try:
+        if cfg.model.from_hf:
+            check_run_config(cfg.model, cfg.moe)
         plan = make_plan(cfg)
     except UserError as err:
         print(f"hpframe: invalid configuration: {err}", file=sys.stderr)
@@ -103,6 +107,23 @@ def _log_peak_memory(plan: Any) -> None:
         log.info(f"peak device memory {peak / 2**30:.2f} GiB (planner estimate {est / 2**30:.2f} GiB)", all_ranks=True)
 
 
+def resolve_vocab_padding(cfg: RunConfig, tp: int) -> None:
+    """model.vocab_pad_multiple=0 means parallel.tp: fix it in ``cfg`` (saved with checkpoints) before the
+    model is built, so that its shapes are those of the plan."""
+    if cfg.model.vocab_pad_multiple == 0:
+        cfg.model.vocab_pad_multiple = tp
+
+
+def open_hf_weights(path: str, model: Any) -> Any:
+    """The checked ``HFCheckpoint`` of model.from_hf for ``model`` (meta, unsharded); ValueError if it does not fit."""
+    from hpframe.checkpoint.hf_load import HFCheckpoint
+
+    weights = HFCheckpoint(path)
+    weights.check(model)
+    log.info(f"initial weights: {path} ({len(weights.files)} tensors), read slice by slice into this rank's shards")
+    return weights
+
+
 def train_main(cfg: RunConfig, plan: "object") -> int:
     """This process's part of the run: groups, model, engine, data, loop. Returns the exit code."""
     import torch
@@ -129,11 +150,15 @@ def train_main(cfg: RunConfig, plan: "object") -> int:
                  f"({plan.micro_batch_size} per micro-batch x {plan.grad_accum} accumulation x {plan.dp} dp); run dir {cfg.output_dir}")
         log.info("groups: " + ", ".join(f"{axis} {groups.size(axis)}" for axis in ("tp", "pp", "dp", "ep", "edp"))
                  + f"; rank 0 coordinates {plan.ranks.coords(0)}")
-        # built on meta; parallelize materializes, initializes and shards this rank's parts block by block
+        # built on meta; parallelize materializes, initializes (or reads from model.from_hf) and shards
+        # this rank's parts block by block
+        resolve_vocab_padding(cfg, plan.tp)
         with torch.device("meta"):
             model = build_model(cfg.model, cfg.moe, routing_groups=plan.experts.routing_groups if plan.experts else None)
+        weights = open_hf_weights(cfg.model.from_hf, model) if cfg.model.from_hf else None
         model = parallelize(model, plan, groups, sequence_parallel=cfg.parallel.sequence_parallel, recompute=cfg.parallel.recompute,
-                            compile=cfg.train.compile, ep_overlap=cfg.parallel.ep_overlap, init_seed=cfg.train.seed)
+                            compile=cfg.train.compile, ep_overlap=cfg.parallel.ep_overlap, init_seed=cfg.train.seed,
+                            weights=weights)
         log.info(f"model: {cfg.model.name}, {sum(p.numel() for p in model.parameters() if not p.is_meta):,} "
                  "parameters on this rank")
         engine = build_engine(model, plan, groups, cfg)

@@ -193,6 +193,7 @@ class Checkpointer:
                 "plan_fingerprint": client_state.get("plan_fingerprint"),
                 "model_fingerprint": client_state.get("model_fingerprint"),
                 "format": "hpframe-portable",
+                "line": client_state.get("line"), "parent": client_state.get("parent"),  # store.py: lines
             })
             store.commit(self.root, tag)
             if self.keep_last > 0:

@@ -6,9 +6,10 @@ holding a portable checkpoint (``hpframe.checkpoint.portable``: every logical te
 weights and Adam moments in safetensors, each rank writing its own shard; client_state.json;
 one RNG JSON per rank). See docs/checkpointing.md.
 
-API: ``save(engine, step, client_state, root=...)`` (or a ``Checkpointer`` for asynchronous saves),
-``find_latest(root)``, ``load(engine, path)``. ``client_state`` is the loop's: step, consumed tokens,
-data-loader state, the composed config and the plan fingerprint (JSON values); ``load`` returns it.
+API for the loop: ``resume_point(choice, root)`` (which checkpoint ``checkpoint.resume`` selects, and
+the line this run's saves belong to), ``load(engine, path)``; saving is ``async_save.Checkpointer``.
+``client_state`` is the loop's: step, consumed tokens, data-loader state, the composed config, the plan
+fingerprint and the line (JSON values); ``load`` returns it.
 A checkpoint saved under another parallel layout (tp, pp, dp, ep, ZeRO stage) loads and is re-sharded
 on the fly; a checkpoint of another model is refused with the tensors that differ.
 """
@@ -17,13 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 
 from hpframe.checkpoint import reshard, store
-from hpframe.checkpoint.async_save import Checkpointer
 from hpframe.checkpoint.portable import CLIENT_STATE, PortableCheckpoint, rng_file, set_rng_state_json
 from hpframe.errors import UserError
 from hpframe.logging import get_logger
@@ -55,11 +56,6 @@ def layout_of(plan: Any) -> dict[str, int]:
     return {"world_size": plan.world_size, "tp": plan.tp, "pp": plan.pp, "dp": plan.dp, "ep": plan.ep, "zero_stage": plan.zero_stage}
 
 
-def checkpoint_path(root: str | Path, step: int) -> Path:
-    """Directory of the committed checkpoint taken after ``step`` optimizer steps."""
-    return Path(root) / store.tag_for_step(step)
-
-
 def _on_rank0(fn: Any) -> Any:
     """``fn()`` computed by rank 0 only and broadcast (checksumming every file once, not once per rank).
 
@@ -77,39 +73,59 @@ def _on_rank0(fn: Any) -> Any:
     return result[0]
 
 
-def find_latest(root: str | Path) -> Path | None:
-    """The newest committed checkpoint under ``root`` that verifies against its manifest, or None.
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a run starts: the checkpoint to load (None: step 0) and the line its saves belong to."""
 
-    Damaged newer checkpoints (truncated or corrupted files) are skipped with a warning naming the
-    file. Rank 0 checks the checksums; every rank gets its answer (a collective when distributed).
+    path: Path | None
+    lineage: dict[str, Any]
+    """``{"line", "parent"}`` written into every manifest this run saves (``store.line_after_resume``)."""
+    verified: bool
+    """The checkpoint's checksums were checked while choosing it (``load`` need not read it twice)."""
+
+
+def _decide(choice: str, root: Path) -> tuple[str | None, dict[str, Any], list[str], bool]:
+    """Rank 0's part of ``resume_point``: (path, lineage, warnings to log, checksums verified)."""
+    if choice == "none":
+        found = store.checkpoint_dirs(root)
+        notes = [f"checkpoint.resume=none: starting from step 0 although {root} holds {len(found)} checkpoint(s); "
+                 "saves of the same steps will replace them"] if found else []
+        return None, store.line_after_resume(root, None, None), notes, False
+    if choice == "auto":
+        sel = store.select_for_resume(root)  # CheckpointError (every checkpoint and why) when none is usable
+        if sel is None:
+            return None, store.line_after_resume(root, None, None), [], False
+        about_latest = f"{root / store.LATEST}:"
+        notes = [r if r.startswith(about_latest) else f"skipping a damaged checkpoint: {r}" for r in sel.skipped]
+        if not sel.from_latest:
+            notes.append(f"checkpoint.resume=auto: resuming from {sel.path} (step {sel.step}) instead of what "
+                         f"{store.LATEST} names, because {sel.skipped[0] if sel.skipped else '?'}; this run starts a new line")
+        return str(sel.path), store.line_after_resume(root, sel.path, sel.manifest), notes, True
+    path = Path(choice)
+    manifest = store.read_manifest(path)
+    return str(path), store.line_after_resume(root, path, manifest), [], False
+
+
+def resume_point(choice: str, root: str | Path) -> ResumePoint:
+    """The checkpoint ``checkpoint.resume`` (``choice``: auto, none or a path) selects under ``root``.
+
+    ``auto``: the checkpoint ``latest`` names; when it fails verification, the newest verified
+    checkpoint of its lineage, with the reasons logged; checkpoints exist but none verifies: a
+    UserError listing each one and why (a silent restart from step 0 would lose the run). Collective:
+    rank 0 decides (checksums read once) and every rank gets the same answer.
     """
-    def newest() -> tuple[str, tuple[str, ...]] | None:
-        found = store.find_latest_good(Path(root))
-        return None if found is None else (str(found.path), found.skipped)
-
-    found, error = _on_rank0(newest)
+    decided, error = _on_rank0(lambda: _decide(choice, Path(root)))
     if error is not None:
-        raise UserError(f"checkpoint.dir={str(root)!r}: {error}")
-    if found is None:
-        return None
-    for reason in found[1]:
-        log.warning(f"skipping a damaged checkpoint: {reason}")
-    return Path(found[0])
-
-
-def save(engine: Any, step: int, client_state: dict[str, Any], *, root: str | Path, keep_last: int = 0) -> Path:
-    """Save synchronously on every rank (collective); returns the committed directory."""
-    return Checkpointer(engine, root, keep_last=keep_last).save(step, json_client_state(client_state)).path
+        raise UserError(f"checkpoint.resume={choice!r}: {error}", key="checkpoint.resume")
+    path, lineage, notes, verified = decided
+    for note in notes:
+        log.warning(note)
+    return ResumePoint(path=None if path is None else Path(path), lineage=lineage, verified=verified)
 
 
 def json_client_state(client_state: dict[str, Any]) -> dict[str, Any]:
     """``client_state`` without in-memory RNG objects (each rank's RNG is saved in its own JSON file)."""
     return {k: v for k, v in client_state.items() if k != "rng"}
-
-
-def read_client_state(path: str | Path) -> dict[str, Any]:
-    """client_state.json of a committed checkpoint."""
-    return json.loads((Path(path) / CLIENT_STATE).read_text())
 
 
 def load(engine: Any, path: str | Path, *, plan_fingerprint: str | None = None, checksums: bool = True) -> dict[str, Any]:
@@ -129,7 +145,7 @@ def load(engine: Any, path: str | Path, *, plan_fingerprint: str | None = None, 
         raise UserError(f"checkpoint.resume={str(path)!r}: {err}") from err
     if not (path / CLIENT_STATE).is_file():
         raise UserError(f"checkpoint.resume={str(path)!r}: no {CLIENT_STATE}: not a portable hpframe checkpoint")
-    client_state = read_client_state(path)
+    client_state = json.loads((path / CLIENT_STATE).read_text())
     saved_fp = manifest.get("plan_fingerprint")
     same_layout = plan_fingerprint is None or saved_fp == plan_fingerprint
     if not same_layout:

@@ -22,11 +22,17 @@ class Arch(str, Enum):
     gpt = "gpt"  # dense decoder, GELU or SwiGLU MLP, multi-head attention
     mixtral = "mixtral"  # GQA attention, SwiGLU MoE with a softmax router
     deepseek_v3 = "deepseek_v3"  # MLA attention, fine-grained + shared experts, sigmoid router
+    qwen3_moe = "qwen3_moe"  # GQA attention with per-head q/k RMSNorm, softmax router, no shared experts
 
 
 class Attention(str, Enum):
     gqa = "gqa"  # grouped-query attention (num_kv_heads <= num_heads); MHA when equal
     mla = "mla"  # multi-head latent attention (DeepSeek-V2/V3)
+
+
+class RopeType(str, Enum):
+    default = "default"  # plain rotary: inv_freq = theta^(-2i/d)
+    yarn = "yarn"  # YaRN context extension (DeepSeek-V3): blended frequencies, attention-scale correction
 
 
 class Activation(str, Enum):
@@ -83,6 +89,10 @@ class ModelConfig:
 
     name: str = MISSING
     """Free-form name shown in reports, e.g. 'mixtral_8x7b'."""
+    from_hf: str = ""
+    """A transformers checkpoint directory (what ``save_pretrained`` writes: config.json, safetensors files).
+    Its config.json sets every field below that changes the computation (launch.py fills them in; an
+    override that contradicts it is refused) and its weights are the initial weights. '' = off."""
     arch: Arch = Arch.mixtral
     """Model family: gpt (dense), mixtral, deepseek_v3."""
     hidden_size: int = MISSING
@@ -95,10 +105,17 @@ class ModelConfig:
     """Key/value heads for GQA; -1 means num_heads (plain multi-head attention). Ignored by MLA."""
     head_dim: int = -1
     """Per-head dimension for GQA; -1 means hidden_size // num_heads."""
+    qk_norm: bool = False
+    """GQA: an RMSNorm over head_dim (one weight of head_dim shared by the heads, eps norm_eps) on every
+    query and key head before rotary, as Qwen3 does."""
     ffn_hidden_size: int = MISSING
     """Inner size of the dense MLP (dense layers and the dense family)."""
     vocab_size: int = MISSING
-    """Vocabulary size of embedding and head."""
+    """Vocabulary size of the tokenizer (what targets and token ids range over)."""
+    vocab_pad_multiple: int = 1
+    """Embedding and head rows are vocab_size rounded up to a multiple of this; the padded rows get logit
+    -inf (never any probability) and are dropped on export. 1 = no padding; 0 = parallel.tp (set at plan
+    time, so a vocabulary that tp does not divide can be split)."""
     max_seq_len: int = 4096
     """Longest sequence the rotary tables are built for."""
     tie_embeddings: bool = False
@@ -121,6 +138,23 @@ class ModelConfig:
     """MLA: per-head value dim."""
     rope_theta: float = 10000.0
     """Rotary base."""
+    rope_type: RopeType = RopeType.default
+    """Rotary frequencies: default, or yarn (the five rope_* fields below)."""
+    rope_factor: float = 1.0
+    """YaRN: context extension factor (interpolated frequencies are divided by it)."""
+    rope_original_max_len: int = 4096
+    """YaRN: context length of pre-training (original_max_position_embeddings)."""
+    rope_beta_fast: float = 32.0
+    """YaRN: rotations per original context above which a frequency is kept (extrapolated)."""
+    rope_beta_slow: float = 1.0
+    """YaRN: rotations per original context below which a frequency is interpolated."""
+    rope_mscale: float = 0.0
+    """YaRN: cos/sin are scaled by m(factor, rope_mscale) / m(factor, rope_mscale_all_dim) with
+    m(s, a) = 0.1 a ln s + 1; 0 (both 0) = scale by m(factor, 1)."""
+    rope_mscale_all_dim: float = 0.0
+    """YaRN: MLA's softmax scale is multiplied by m(factor, rope_mscale_all_dim)^2 when nonzero."""
+    rope_truncate: bool = True
+    """YaRN: round the correction range to whole dims (transformers' ``truncate``)."""
     norm_eps: float = 1e-5
     """RMSNorm epsilon."""
     init_std: float = 0.02
@@ -175,6 +209,9 @@ class MoEConfig:
     """Node-limited routing: a token reaches experts in at most this many groups/nodes; 0 = off."""
     moe_layer_freq: int = 1
     """Every n-th block after first_k_dense is MoE (1 = all)."""
+    dense_layers: list[int] = field(default_factory=list)
+    """Blocks that keep a dense MLP although the two rules above make them MoE (Qwen3-MoE's
+    mlp_only_layers); empty = none."""
     dispatch: Dispatch = Dispatch.tokens
     """With parallel.ep > 1: move tokens to the experts (all-to-all), move the experts' weights to the
     tokens (fetched per node, gradients returned to their owners), or let the planner choose (auto)."""
@@ -325,9 +362,11 @@ class CheckpointConfig:
     interval: int = 0
     """Steps between saves; 0 = the planner's recommended interval (Young/Daly), at least once at the end."""
     keep_last: int = 3
-    """Keep this many newest checkpoints; older ones are pruned after a save completes."""
+    """Keep this many newest checkpoints of the run's line (0 = all); older ones of that line are pruned
+    after a save completes; what ``latest`` names and other lines' checkpoints never are."""
     resume: str = "auto"
-    """'auto' (newest good checkpoint in dir, if any), 'none', or a checkpoint path."""
+    """'auto' (what ``latest`` in dir names, else the newest verified checkpoint of its lineage; exit 2 when
+    checkpoints exist but none verifies), 'none' (start over), or a checkpoint path."""
     async_save: bool = False
     """Snapshot to host memory and persist in a background thread."""
     save_timeout_s: float = 0.0

@@ -9,11 +9,13 @@ meta device; ``Transformer.init_weights`` fills them, and fills the rotary table
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpframe.config.schema import Activation, ModelConfig
+from hpframe.config.schema import Activation, ModelConfig, RopeType
 
 
 class RMSNorm(nn.Module):
@@ -31,32 +33,69 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(dtype)
 
 
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's magnitude correction m(s, a) = 0.1 a ln s + 1 (1 for s <= 1)."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def rope_frequencies(cfg: ModelConfig, dim: int) -> tuple[torch.Tensor, float]:
+    """(inv_freq[dim/2] fp32, factor on cos/sin) for rotary over ``dim`` dims, as transformers computes them.
+
+    default: theta^(-2i/dim), factor 1. yarn (``model.rope_*``): frequencies of more than beta_fast
+    rotations over the original context are kept, those of fewer than beta_slow divided by
+    rope_factor, a linear ramp in between; cos/sin scaled by m(f, mscale) / m(f, mscale_all_dim)
+    (or m(f, 1) when either is 0).
+    """
+    base = cfg.rope_theta
+    pos = base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+    if RopeType(cfg.rope_type) == RopeType.default:
+        return 1.0 / pos, 1.0
+    f = cfg.rope_factor
+    if cfg.rope_mscale and cfg.rope_mscale_all_dim:
+        attn_factor = yarn_mscale(f, cfg.rope_mscale) / yarn_mscale(f, cfg.rope_mscale_all_dim)
+    else:
+        attn_factor = yarn_mscale(f)
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(cfg.rope_original_max_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(cfg.rope_beta_fast), correction_dim(cfg.rope_beta_slow)
+    if cfg.rope_truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: extrapolate (original frequency), 0: interpolate (divided by the factor)
+    return (1.0 / (f * pos)) * (1 - keep) + (1.0 / pos) * keep, attn_factor
+
+
 class RotaryEmbedding(nn.Module):
     """cos/sin tables [max_seq_len, dim/2] of rotary position embedding (non-persistent buffers).
 
-    The tables are plain functions of (dim, max_seq_len, theta); they are recomputed by
-    ``reset_tables`` after a meta-device build (``init_weights`` calls it).
+    The tables are plain functions of (dim, max_seq_len, the rope fields of the config); they are
+    recomputed by ``reset_tables`` after a meta-device build (``init_weights`` calls it).
     """
 
-    def __init__(self, dim: int, max_seq_len: int, theta: float) -> None:
+    def __init__(self, dim: int, cfg: ModelConfig) -> None:
         super().__init__()
         if dim % 2:
             raise ValueError(f"rotary dim must be even, got {dim}")
-        self.dim, self.max_seq_len, self.theta = dim, max_seq_len, theta
-        self.register_buffer("cos", torch.empty(max_seq_len, dim // 2), persistent=False)
-        self.register_buffer("sin", torch.empty(max_seq_len, dim // 2), persistent=False)
+        self.dim, self.max_seq_len, self.cfg = dim, cfg.max_seq_len, cfg
+        self.register_buffer("cos", torch.empty(self.max_seq_len, dim // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(self.max_seq_len, dim // 2), persistent=False)
 
     @torch.no_grad()
     def reset_tables(self) -> None:
         """(Re)compute the tables in fp32 on CPU (same values on every device), then copy them in."""
-        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float32) / self.dim))
+        inv_freq, factor = rope_frequencies(self.cfg, self.dim)
         angles = torch.arange(self.max_seq_len, dtype=torch.float32)[:, None] * inv_freq[None, :]
         # through torch.polar (the C library's cos/sin, element by element), not Tensor.cos/sin: on a
         # CPU with MKL those run through MKL's vector math, whose accuracy mode is per thread, and the
         # first multi-threaded call of a process computed half the table ~1e-4 off (seen with 2 threads)
         rot = torch.polar(torch.ones_like(angles), angles)
-        self.cos.copy_(rot.real)
-        self.sin.copy_(rot.imag)
+        self.cos.copy_(rot.real * factor)
+        self.sin.copy_(rot.imag * factor)
 
     def forward(self, seq_len: int, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin for positions 0..seq_len-1, each [S, dim/2]; or at ``positions`` [B,S], each [B,S,dim/2]."""
@@ -104,7 +143,8 @@ def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
 
 
 class Attention(nn.Module):
-    """Causal grouped-query attention with rotary on q and k (MHA when nkv == nh)."""
+    """Causal grouped-query attention with rotary on q and k (MHA when nkv == nh), optionally
+    with a per-head RMSNorm on q and k before rotary (``model.qk_norm``)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -120,7 +160,10 @@ class Attention(nn.Module):
         self.wk = nn.Linear(h, nkv * hd, bias=False)
         self.wv = nn.Linear(h, nkv * hd, bias=False)
         self.wo = nn.Linear(nh * hd, h, bias=False)
-        self.rotary = RotaryEmbedding(hd, cfg.max_seq_len, cfg.rope_theta)
+        # Qwen3: one RMSNorm over head_dim for all query heads, one for all key heads
+        self.q_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
+        self.rotary = RotaryEmbedding(hd, cfg)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """x[B,S,H] -> [B,S,H]; ``positions`` [B,S] (packed documents): rotary at those positions and
@@ -129,6 +172,8 @@ class Attention(nn.Module):
         q = self.wq(x).view(b, s, self.num_heads, self.head_dim)
         k = self.wk(x).view(b, s, self.num_kv_heads, self.head_dim)
         v = self.wv(x).view(b, s, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = self.rotary(s, positions)
         q, k = apply_rotary_half(q, cos, sin), apply_rotary_half(k, cos, sin)
         mask = document_attention_mask(positions) if positions is not None else None

@@ -6,8 +6,8 @@ Queries: H -> rq (wq_a) -> RMSNorm -> nh*(dn+dr) (wq_b), or H -> nh*(dn+dr) (wq)
 Keys/values: H -> rkv + dr (wkv_a); the rkv latent is normalized and expanded to nh*(dn+dv) (wkv_b);
 the dr part is ONE rotary key shared by all heads (decoupled rotary). Rotary pairs dims (2i, 2i+1)
 as DeepSeek does, so weights load from DeepSeek checkpoints without permutation.
-Softmax scale 1/sqrt(dn+dr): transformers' DeepSeek-V3 adds a YaRN mscale only when rope scaling is
-configured, which hpframe does not use.
+Softmax scale 1/sqrt(dn+dr), times m(rope_factor, rope_mscale_all_dim)^2 under YaRN with a nonzero
+rope_mscale_all_dim, as transformers' DeepSeek-V3 does.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hpframe.config.schema import ModelConfig
-from hpframe.models.layers import RMSNorm, RotaryEmbedding, apply_rotary_interleaved, document_attention_mask
+from hpframe.config.schema import ModelConfig, RopeType
+from hpframe.models.layers import RMSNorm, RotaryEmbedding, apply_rotary_interleaved, document_attention_mask, yarn_mscale
 
 # DeepSeek's reference code (and transformers) build the two latent norms with their default eps,
 # not with the model's norm_eps.
@@ -46,8 +46,10 @@ class MLAttention(nn.Module):
         self.kv_norm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS)
         self.wkv_b = nn.Linear(cfg.kv_lora_rank, nh * (self.dn + self.dv), bias=False)
         self.wo = nn.Linear(nh * self.dv, h, bias=False)
-        self.rotary = RotaryEmbedding(self.dr, cfg.max_seq_len, cfg.rope_theta)
+        self.rotary = RotaryEmbedding(self.dr, cfg)
         self.scale = qk**-0.5
+        if RopeType(cfg.rope_type) == RopeType.yarn and cfg.rope_mscale_all_dim:
+            self.scale *= yarn_mscale(cfg.rope_factor, cfg.rope_mscale_all_dim) ** 2
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """x[B,S,H] -> [B,S,H]; ``positions`` [B,S]: packed documents, as in ``layers.Attention``."""

@@ -9,6 +9,7 @@ MODEL_CLASSES: dict[Arch, type[Transformer]] = {
     Arch.gpt: Transformer,
     Arch.mixtral: Transformer,
     Arch.deepseek_v3: Transformer,
+    Arch.qwen3_moe: Transformer,
 }
 
 

@@ -23,11 +23,13 @@ from hpframe.models.moe import MoE, GroupedExperts, Router
 
 
 def is_moe_layer(index: int, model_cfg: ModelConfig, moe_cfg: MoEConfig) -> bool:
-    """Block ``index`` has an MoE MLP iff E>0, index >= first_k_dense and (index-first_k_dense) % freq == 0."""
+    """Block ``index`` has an MoE MLP iff E>0, index >= first_k_dense, (index-first_k_dense) % freq == 0
+    and index is not in moe.dense_layers."""
     return (
         moe_cfg.num_experts > 0
         and index >= model_cfg.first_k_dense
         and (index - model_cfg.first_k_dense) % moe_cfg.moe_layer_freq == 0
+        and index not in moe_cfg.dense_layers
     )
 
 
@@ -62,6 +64,23 @@ class Block(nn.Module):
         # positions travel positionally: the TP hooks pass every argument after x through unchanged
         h = x + (self.attn(self.attn_norm(x)) if positions is None else self.attn(self.attn_norm(x), positions))
         return h, self.mlp_norm(h)
+
+
+def padded_vocab_size(model_cfg: ModelConfig) -> int:
+    """Rows of the embedding and head: vocab_size rounded up to a multiple of model.vocab_pad_multiple
+    (a value of 0 is resolved to parallel.tp before the model is built; here it counts as 1)."""
+    k = max(model_cfg.vocab_pad_multiple, 1)
+    return -(-model_cfg.vocab_size // k) * k
+
+
+def mask_padded_vocab(logits: torch.Tensor, vocab_size: int, vocab_start: int = 0) -> torch.Tensor:
+    """logits[..., Vl] of vocabulary rows [vocab_start, vocab_start + Vl) with the rows >= vocab_size
+    (padding) set to -inf, so softmax gives them exactly zero probability and gradient."""
+    v_local = logits.shape[-1]
+    if vocab_start + v_local <= vocab_size:
+        return logits
+    ids = torch.arange(vocab_start, vocab_start + v_local, device=logits.device)
+    return logits.masked_fill(ids >= vocab_size, float("-inf"))
 
 
 def param_seed(seed: int, name: str) -> int:
@@ -107,7 +126,8 @@ class Transformer(nn.Module):
     def __init__(self, model_cfg: ModelConfig, moe_cfg: MoEConfig, routing_groups: int) -> None:
         super().__init__()
         self.model_cfg, self.moe_cfg = model_cfg, moe_cfg
-        h, v = model_cfg.hidden_size, model_cfg.vocab_size
+        h, v = model_cfg.hidden_size, padded_vocab_size(model_cfg)
+        self.vocab_size = model_cfg.vocab_size  # rows >= vocab_size (padding) get logit -inf
         self.embed = nn.Embedding(v, h)
         self.layers = nn.ModuleList(
             Block(i, model_cfg, moe_cfg, routing_groups) for i in range(model_cfg.num_layers)
@@ -121,7 +141,7 @@ class Transformer(nn.Module):
         return [b.mlp for b in self.layers if isinstance(b.mlp, MoE)]
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens[B,S] int64 -> logits[B,S,V]; sets ``self.aux_loss`` (sum of the MoE layers' losses).
+        """tokens[B,S] int64 -> logits[B,S,Vp] (padded rows -inf); sets ``self.aux_loss`` (sum of the MoE layers' losses).
 
         ``positions`` [B,S] int64 (``data.document_mask``): each token's position inside its packed
         document, 0 where a document starts; attention and rotary positions then stay inside each
@@ -132,6 +152,9 @@ class Transformer(nn.Module):
             x = block(x) if positions is None else block(x, positions)
         x = self.norm(x)
         logits = self.head(x) if self.head is not None else F.linear(x, self.embed.weight)
+        # vocab_start: the first row of a tensor-parallel shard (attribute set by parallel.tensor)
+        start = getattr(self.head if self.head is not None else self.embed, "vocab_start", 0)
+        logits = mask_padded_vocab(logits, self.vocab_size, start)
         aux = torch.zeros((), device=logits.device, dtype=torch.float32)
         for m in self.moe_modules():
             aux = aux + m.aux_loss

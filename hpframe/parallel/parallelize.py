@@ -56,18 +56,20 @@ def parallelize(
     ep_overlap: bool = True,
     init_seed: int | None = None,
     device: str = "cpu",
+    weights: Any = None,
 ) -> nn.Module:
     """Apply TP, then EP, then activation checkpointing to ``model`` (in place); return it.
 
     ``sequence_parallel``, ``recompute`` and ``ep_overlap`` come from ``cfg.parallel``, ``compile`` from ``cfg.train``
-    (the plan carries degrees only).
+    (the plan carries degrees only). ``weights``: on a meta model, an ``hpframe.checkpoint.hf_load.HFCheckpoint``
+    (already ``check``-ed) whose tensors fill this rank's shards instead of ``init_seed``'s random init.
     """
     _check_groups(plan, groups)
     if any(p.is_meta for p in model.parameters()):
-        if init_seed is None:
+        if init_seed is None and weights is None:
             raise ValueError("parallelize: a model on the meta device needs init_seed (train.seed) to be initialized")
-        _stream_shards(model, plan, groups, seed=init_seed, device=device, sequence_parallel=sequence_parallel,
-                       ep_overlap=ep_overlap)
+        _stream_shards(model, plan, groups, seed=init_seed or 0, device=device, sequence_parallel=sequence_parallel,
+                       ep_overlap=ep_overlap, weights=weights)
     else:
         if plan.tp > 1:
             apply_tp(model, groups.tp, sequence_parallel=sequence_parallel)
@@ -99,26 +101,34 @@ def owned_parts(model: nn.Module, plan: Any, stage: int) -> tuple[list[str], lis
 
 
 def _stream_shards(model: nn.Module, plan: Any, groups: ParallelGroups, *, seed: int, device: str,
-                   sequence_parallel: bool, ep_overlap: bool) -> None:
-    """Materialize, initialize and shard this rank's parts of a meta model, one block at a time."""
+                   sequence_parallel: bool, ep_overlap: bool, weights: Any = None) -> None:
+    """Materialize, initialize and shard this rank's parts of a meta model, one block at a time.
+
+    With ``weights`` the parts are sharded uninitialized (``to_empty`` memory is not touched until
+    written, so the full block costs no resident memory) and each shard is then read from the files."""
     import torch.distributed as dist
 
     from hpframe.models import MoE
 
-    stage = plan.ranks.coords(dist.get_rank())["pp"]
-    outer, blocks = owned_parts(model, plan, stage)
+    coords = plan.ranks.coords(dist.get_rank())
+    outer, blocks = owned_parts(model, plan, coords["pp"])
     for name in outer:
         getattr(model, name).to_empty(device=device)
-    model.init_parts(seed, outer)
+    if weights is None:
+        model.init_parts(seed, outer)
     if plan.tp > 1:
         apply_tp_outer(model, groups.tp, sequence_parallel=sequence_parallel, embed="embed" in outer,
                        head="head" in outer)
+    if weights is not None:
+        for name in outer:
+            weights.load_into(getattr(model, name), name, tp_rank=coords["tp"])
     split_experts = plan.ep > 1 and plan.experts is not None
     fetch = build_fetch_groups(plan, groups) if split_experts and plan.experts.dispatch == "experts" else None
     for i in blocks:
         block = model.layers[i]
         block.to_empty(device=device)
-        model.init_parts(seed, [f"layers.{i}"])
+        if weights is None:
+            model.init_parts(seed, [f"layers.{i}"])
         if plan.tp > 1:
             apply_tp_block(block, groups.tp, sequence_parallel=sequence_parallel)
         if split_experts and isinstance(block.mlp, MoE):
@@ -126,5 +136,7 @@ def _stream_shards(model: nn.Module, plan: Any, groups: ParallelGroups, *, seed:
                 apply_fetch_moe(block.mlp, plan, groups, fetch, overlap=ep_overlap)
             else:
                 apply_ep_moe(block.mlp, plan, groups, overlap=ep_overlap)
+        if weights is not None:
+            weights.load_into(block, f"layers.{i}", tp_rank=coords["tp"])
     if fetch is not None:
         link_prefetch(model, plan, groups.rank)

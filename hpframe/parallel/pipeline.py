@@ -36,6 +36,7 @@ from deepspeed.runtime.pipe.module import PipelineModule
 from torch import nn
 
 from hpframe.models.moe import MoE
+from hpframe.models.transformer import mask_padded_vocab
 from hpframe.parallel.tensor import vocab_parallel_cross_entropy
 
 
@@ -68,16 +69,18 @@ class BlockStage(nn.Module):
 class HeadStage(nn.Module):
     """Final norm and LM head; ``tied`` = the embedding module whose weight is the head (tied embeddings)."""
 
-    def __init__(self, norm: nn.Module, head: nn.Module | None, tied: nn.Module | None) -> None:
+    def __init__(self, norm: nn.Module, head: nn.Module | None, tied: nn.Module | None, vocab_size: int) -> None:
         super().__init__()
         assert (head is None) != (tied is None)
         self.norm, self.head, self.tied = norm, head, tied
+        self.vocab_size = vocab_size
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         x, aux = inputs[:2]
         x = self.norm(x)
         logits = self.head(x) if self.head is not None else F.linear(x, self.tied.weight)
-        return logits, aux
+        start = getattr(self.head if self.head is not None else self.tied, "vocab_start", 0)
+        return mask_padded_vocab(logits, self.vocab_size, start), aux
 
 
 class PipelineLoss:
@@ -110,7 +113,7 @@ class PipelineLoss:
 def stage_layers(model: nn.Module) -> list[nn.Module]:
     """The flat layer list: embedding, one entry per block, norm + head."""
     tied = model.embed if model.head is None else None
-    return [EmbedStage(model.embed), *(BlockStage(b) for b in model.layers), HeadStage(model.norm, model.head, tied)]
+    return [EmbedStage(model.embed), *(BlockStage(b) for b in model.layers), HeadStage(model.norm, model.head, tied, model.vocab_size)]
 
 
 def plan_parts(plan: Any) -> list[int]:

@@ -417,6 +417,9 @@ def _shard_gqa(attn: nn.Module, group: Any, t: int) -> None:
     for name in ("wq", "wk", "wv"):
         setattr(attn, name, ColumnParallelLinear.from_linear(getattr(attn, name), group, what=f"attention.{name}"))
     attn.wo = RowParallelLinear.from_linear(attn.wo, group, what="attention.wo", reduce="none")
+    for norm in (attn.q_norm, attn.k_norm):  # per-head norms (qk_norm) see this rank's heads only:
+        if norm is not None:  # their weight gradients are partial sums over the heads
+            norm.weight.register_hook(lambda g: _all_reduce(g.clone(), group))
 
 
 def _shard_mla(attn: nn.Module, group: Any, t: int) -> None:
@@ -475,6 +478,7 @@ def apply_tp_outer(model: nn.Module, group: Any, *, sequence_parallel: bool = Fa
         model.embed = VocabParallelEmbedding(model.embed, group, sequence_parallel=sp)
     if head and model.head is not None:
         model.head = ColumnParallelLinear.from_linear(model.head, group, what="head")
+        model.head.vocab_start = _rank(group) * model.head.out_features  # padded rows are masked by index
     # The LM head is column-parallel: its input enters the TP region after the final norm.
     enter_head = (lambda y: gather_from_sp_region(y, group)) if sp else (lambda y: copy_to_tp_region(y, group))
     model.norm.register_forward_hook(_output_hook(enter_head))

@@ -94,7 +94,7 @@ def add_estimates(plan: ParallelPlan, cfg: RunConfig, warnings: list[str]) -> Pa
     """
     plan = dataclasses.replace(
         plan,
-        params=count_params(cfg.model, cfg.moe),
+        params=count_params(cfg.model, cfg.moe, plan.tp),
         flops_per_token=flops_per_token(cfg.model, cfg.moe, cfg.data.seq_len),
     )
     plan = resolve_dispatch(cfg, plan, warnings)

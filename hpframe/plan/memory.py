@@ -31,7 +31,8 @@ from dataclasses import dataclass
 
 from hpframe.config.schema import Attention, DType, Recompute, RunConfig
 from hpframe.plan.fetch import fetched_weight_bytes
-from hpframe.plan.params import attention_replicated_params, block_params, expert_ffn, head_dim, mlp_mats, num_kv_heads
+from hpframe.plan.params import (attention_replicated_params, block_params, expert_ffn, head_dim, mlp_mats, num_kv_heads,
+                                 padded_vocab)
 from hpframe.plan.types import MemoryEstimate, ParallelPlan, StagePlan
 
 GIB = 1 << 30
@@ -62,7 +63,7 @@ def stage_params(cfg: RunConfig, plan: ParallelPlan, stage: StagePlan) -> StageP
         rep = attention_replicated_params(m)
         dense += (b.attention - rep + b.mlp) // t + rep + b.shared_experts + b.norms + b.router
         expert += b.experts // plan.ep
-    vh = m.vocab_size * m.hidden_size // t
+    vh = padded_vocab(m, t) * m.hidden_size // t
     if stage.has_embedding:
         dense += vh
     if stage.has_head:
@@ -120,7 +121,7 @@ def stage_activation_bytes(cfg: RunConfig, plan: ParallelPlan, stage: StagePlan)
         # logits and their fp32 softmax for the loss; under train.compile (tp = pp = 1) the loss is one
         # compiled kernel that upcasts on the fly: the logits only (measured on one H200: -4.7 GiB)
         fused_loss = cfg.train.compile and plan.tp == 1 and plan.pp == 1
-        total += tokens * m.vocab_size / plan.tp * (e if fused_loss else e + 4)
+        total += tokens * padded_vocab(m, plan.tp) / plan.tp * (e if fused_loss else e + 4)
     return int(total)
 
 

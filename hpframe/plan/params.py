@@ -5,7 +5,9 @@ embedding V*H; final norm H; head V*H unless tied; per block two RMSNorm weights
 GQA wq H*(nh*hd), wk and wv H*(nkv*hd), wo (nh*hd)*H; MLA as in DeepSeek-V2/V3 (see
 ``attention_params``); dense MLP 3*H*F (SwiGLU) or 2*H*F (GELU); an MoE block has a router gate
 H*E (the aux-loss-free bias is a buffer), E routed experts and S shared experts of (3 or 2)*H*Fe.
-Block i is MoE when E > 0, i >= first_k_dense and (i - first_k_dense) % moe_layer_freq == 0.
+Block i is MoE when E > 0, i >= first_k_dense, (i - first_k_dense) % moe_layer_freq == 0 and i is not
+in moe.dense_layers. With model.qk_norm a GQA block has two more norm weights of head_dim (q and k).
+Embedding and head rows are the padded vocabulary (``padded_vocab``).
 """
 
 from __future__ import annotations
@@ -35,7 +37,15 @@ def mlp_mats(m: ModelConfig) -> int:
 
 
 def is_moe_block(m: ModelConfig, moe: MoEConfig, i: int) -> bool:
-    return moe.num_experts > 0 and i >= m.first_k_dense and (i - m.first_k_dense) % max(moe.moe_layer_freq, 1) == 0
+    return (moe.num_experts > 0 and i >= m.first_k_dense and (i - m.first_k_dense) % max(moe.moe_layer_freq, 1) == 0
+            and i not in moe.dense_layers)
+
+
+def padded_vocab(m: ModelConfig, tp: int = 1) -> int:
+    """Rows of the embedding and head: vocab_size rounded up to a multiple of model.vocab_pad_multiple
+    (0: of ``tp``, the run's parallel.tp)."""
+    k = m.vocab_pad_multiple if m.vocab_pad_multiple > 0 else tp
+    return -(-m.vocab_size // k) * k
 
 
 def moe_layers(m: ModelConfig, moe: MoEConfig) -> tuple[int, ...]:
@@ -55,14 +65,14 @@ def attention_params(m: ModelConfig) -> int:
         kv = h * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank + m.kv_lora_rank * nh * (m.qk_nope_head_dim + m.v_head_dim)
         return q + kv + nh * m.v_head_dim * h
     hd, nkv = head_dim(m), num_kv_heads(m)
-    return h * nh * hd + 2 * h * nkv * hd + nh * hd * h
+    return h * nh * hd + 2 * h * nkv * hd + nh * hd * h + (2 * hd if m.qk_norm else 0)
 
 
 def attention_replicated_params(m: ModelConfig) -> int:
     """The part of ``attention_params`` that tensor parallelism replicates: MLA's down-projections
-    (wq_a, wkv_a) and latent norms; GQA attention is split whole (by heads)."""
+    (wq_a, wkv_a) and latent norms; GQA attention is split by heads, except its q/k norms."""
     if m.attention != Attention.mla:
-        return 0
+        return 2 * head_dim(m) if m.qk_norm else 0  # the q/k norms
     h = m.hidden_size
     q = h * m.q_lora_rank + m.q_lora_rank if m.q_lora_rank > 0 else 0
     return q + h * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank
@@ -80,7 +90,7 @@ def moe_fwd_flops(m: ModelConfig, moe: MoEConfig) -> int:
 def attention_norm_params(m: ModelConfig) -> int:
     """The part of ``attention_params`` that is norm weights (no matmul FLOPs)."""
     if m.attention != Attention.mla:
-        return 0
+        return 2 * head_dim(m) if m.qk_norm else 0
     return m.kv_lora_rank + (m.q_lora_rank if m.q_lora_rank > 0 else 0)
 
 
@@ -122,9 +132,9 @@ class ParamCounts:
     active_by_component: dict[str, int]
 
 
-def count_params(m: ModelConfig, moe: MoEConfig) -> ParamCounts:
+def count_params(m: ModelConfig, moe: MoEConfig, tp: int = 1) -> ParamCounts:
     """Exact totals and active-per-token counts (active = total - (E - top_k) experts per MoE block)."""
-    h, v = m.hidden_size, m.vocab_size
+    h, v = m.hidden_size, padded_vocab(m, tp)
     comp = dict.fromkeys(COMPONENTS, 0)
     comp["embedding"] = v * h
     comp["head"] = 0 if m.tie_embeddings else v * h

@@ -9,7 +9,7 @@ from __future__ import annotations
 from hpframe.config.schema import Attention, DType, RunConfig
 from hpframe.plan.errors import PlanError
 from hpframe.plan.mesh import Degrees
-from hpframe.plan.params import moe_layers, num_kv_heads
+from hpframe.plan.params import moe_layers, num_kv_heads, padded_vocab
 
 
 def _divides(what: str, key_a: str, a: int, key_b: str, b: int) -> None:
@@ -79,7 +79,14 @@ def validate_parallel(cfg: RunConfig, d: Degrees, warnings: list[str]) -> None:
         _divides("each tensor-parallel rank takes whole attention heads", "parallel.tp", d.tp, "model.num_heads", m.num_heads)
         if m.attention == Attention.gqa:
             _divides("each tensor-parallel rank takes whole key/value heads", "parallel.tp", d.tp, "model.num_kv_heads", num_kv_heads(m))
-        _divides("the embedding and head are split over the vocabulary", "parallel.tp", d.tp, "model.vocab_size", m.vocab_size)
+        if padded_vocab(m, d.tp) % d.tp:
+            raise PlanError(
+                f"parallel.tp={d.tp} does not divide model.vocab_size={m.vocab_size} padded to a multiple of "
+                f"model.vocab_pad_multiple={m.vocab_pad_multiple} ({padded_vocab(m, d.tp)} rows; the embedding and head "
+                "are split over the vocabulary; model.vocab_pad_multiple=0 pads to a multiple of parallel.tp)",
+                key="parallel.tp, model.vocab_size", values={"parallel.tp": d.tp, "model.vocab_size": m.vocab_size,
+                                                           "model.vocab_pad_multiple": m.vocab_pad_multiple},
+            )
         if len(moe_layers(m, moe)) < m.num_layers:  # dense MLPs exist and are split over their inner dimension
             _divides("the dense MLP is split over its inner dimension", "parallel.tp", d.tp, "model.ffn_hidden_size", m.ffn_hidden_size)
     elif p.sequence_parallel:

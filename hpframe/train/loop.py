@@ -9,6 +9,7 @@ line of metrics.jsonl is ``step`` 1, and a checkpoint taken at step k resumes wi
 from __future__ import annotations
 
 import gc
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from hpframe.checkpoint import faults, manager
+from hpframe.checkpoint import faults, manager, store
 from hpframe.checkpoint.async_save import Checkpointer
 from hpframe.config.convert import to_dict
 from hpframe.config.schema import RunConfig
@@ -70,15 +71,6 @@ def save_timeout(plan: "ParallelPlan") -> float:
     return plan.checkpoint.save_timeout_seconds if plan.checkpoint is not None else 600.0
 
 
-def _resume_path(cfg: RunConfig, root: Path) -> Path | None:
-    choice = cfg.checkpoint.resume
-    if choice == "none":
-        return None
-    if choice == "auto":
-        return manager.find_latest(root)
-    return Path(choice)
-
-
 def as_pairs(batches: list[torch.Tensor], eos_id: int | None = None) -> list[tuple[Any, torch.Tensor]]:
     """Sequences [B, S+1] -> (tokens [B, S], targets [B, S]) shifted by one, the engine's micro-batch form;
     with ``eos_id`` (data.document_mask) the inputs are (tokens, positions) (``hpframe.data.packing``)."""
@@ -103,16 +95,37 @@ def eval_record(step: int, loss: float, data: Data, plan: "ParallelPlan") -> dic
     return {"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)), "eval_tokens": tokens}
 
 
-def _resume(engine: Any, data: Data, cfg: RunConfig, root: Path, fingerprint: str) -> tuple[int, int, Path | None]:
-    """Load the checkpoint ``checkpoint.resume`` selects, if any: (step, consumed tokens, path)."""
-    path = _resume_path(cfg, root)
-    if path is None:
-        return 0, 0, None
-    state = manager.load(engine, path, plan_fingerprint=fingerprint)
+def _resume(engine: Any, data: Data, cfg: RunConfig, root: Path, fingerprint: str) -> tuple[int, int, manager.ResumePoint]:
+    """Load the checkpoint ``checkpoint.resume`` selects, if any: (step, consumed tokens, where from + line)."""
+    point = manager.resume_point(cfg.checkpoint.resume, root)
+    if point.path is None:
+        return 0, 0, point
+    state = manager.load(engine, point.path, plan_fingerprint=fingerprint, checksums=not point.verified)
     data.train.load_state_dict(state["data"])
     step, consumed = int(state["step"]), int(state["consumed_tokens"])
-    log.info(f"resumed from {path}: step {step}, {consumed:,} tokens consumed")
-    return step, consumed, path
+    how = "continuing its line" if point.lineage["line"] == state.get("line") else f"new line {point.lineage['line']}"
+    log.info(f"resumed from {point.path}: step {step}, {consumed:,} tokens consumed ({how})")
+    return step, consumed, point
+
+
+def logged_steps(metrics_path: Path) -> set[int]:
+    """Steps that already have a training record in ``metrics_path`` (empty when there is no file).
+
+    A run marks its records of these steps ``rerun: true``: after a resume, the steps after the
+    checkpoint that the interrupted run had already logged. A torn line (a killed writer) is ignored.
+    """
+    if not metrics_path.is_file():
+        return set()
+    steps = set()
+    with metrics_path.open("rb") as f:
+        for raw in f:
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and "loss" in record and isinstance(record.get("step"), int):
+                steps.add(record["step"])
+    return steps
 
 
 def _dropped(moe_stats: Any, from_layers: float, module: Any) -> float:
@@ -220,17 +233,21 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
     interval = checkpoint_interval(cfg, plan) if cfg.checkpoint.enabled else 0
     fingerprint = manager.plan_fingerprint(plan, cfg)
     tokens_per_step = plan.global_batch_size * cfg.data.seq_len
-    start, consumed, resumed_from = _resume(engine, data, cfg, ckpt_root, fingerprint)
-    result = TrainResult(steps_done=start, resumed_from=resumed_from)
+    start, consumed, point = _resume(engine, data, cfg, ckpt_root, fingerprint)
+    result = TrainResult(steps_done=start, resumed_from=point.path)
+    rank0 = current_rank() == 0
     if cfg.checkpoint.enabled:
         log.info(f"checkpoints {f'every {interval} steps and ' if interval else ''}at the end in {ckpt_root}")
+        # saves killed in an earlier run left staging directories; none of this run's is in flight yet
+        for stale in store.remove_staging(ckpt_root) if rank0 else []:
+            log.info(f"removed {stale}, left by a save that did not finish")
+    rerun = logged_steps(run_dir / "metrics.jsonl") if rank0 else set()  # steps this run logs again
     # one Checkpointer for the run: with checkpoint.async_save at most one save is in flight
     checkpointer = (
         Checkpointer(engine, ckpt_root, keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save,
                      timeout_s=save_timeout(plan))
         if cfg.checkpoint.enabled else None
     )
-    rank0 = current_rank() == 0
     wandb = (dict(project=cfg.train.wandb_project, mode=cfg.train.wandb_mode, config=to_dict(cfg), name=Path(run_dir).name)
              if cfg.train.wandb else None)
     writer = MetricsWriter(run_dir, enabled=rank0, tensorboard=cfg.train.tensorboard, wandb=wandb)
@@ -245,6 +262,7 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
         client_state = {
             "step": step, "consumed_tokens": consumed, "data": data.train.state_dict(),
             "config": to_dict(cfg), "plan_fingerprint": fingerprint, "layout": manager.layout_of(plan),
+            **point.lineage,  # line and parent: also written into the manifest (store.py, lines)
         }
         stats = checkpointer.save(step, manager.json_client_state(client_state))
         result.checkpoints.append(stats.path)
@@ -276,6 +294,8 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
             consumed += tokens_per_step
             record = step_record(out, step=step, lr=lr, elapsed=elapsed, tokens=tokens_per_step, consumed=consumed,
                                  module=engine.module, plan=plan, cfg=cfg)
+            if step in rerun:  # logged before the interruption: this is the re-run of that step
+                record["rerun"] = True
             result.history.append(record)
             writer.write(record)
             nonfinite = nonfinite + 1 if record["skipped"] else 0

@@ -22,7 +22,8 @@ STEP_KEYS = (
     "dropped_token_frac", "ep_load_imbalance", "skipped", "consumed_tokens", "step_time_s",
 )
 """Keys of every step line of metrics.jsonl. Step lines of MoE runs also hold ``expert_load``: each
-expert's share of the step's routed assignments, summed over the MoE layers (``expert_shares``).
+expert's share of the step's routed assignments, summed over the MoE layers (``expert_shares``); a step
+the file already held when the run started (re-run after a resume) also ``rerun: true``.
 Other lines: evaluation (``step``, ``eval_loss``, ``eval_ppl`` = exp(eval_loss), ``eval_tokens``) and
 checkpoint saves (``step``, ``ckpt_stall_s``: seconds training waited for the save)."""
 

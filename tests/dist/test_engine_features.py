@@ -1,7 +1,7 @@
 """Engine behaviour beyond equivalence, on CPU with gloo (2 processes):
-  * checkpoint resume: save after step 1, run steps 2-3, load, run steps 2-3 again -> bit-identical
-    losses, grad norms and parameters (EP with ZeRO 0 and 1, where DeepSpeed's own model file holds
-    only EP rank 0's experts; pipeline + MoE + router bias with ZeRO 1);
+  * checkpoint resume through hpframe's portable checkpoints (``Checkpointer`` + ``manager.load``): save
+    after step 1, run steps 2-3, load, run steps 2-3 again -> bit-identical losses, grad norms and
+    parameters (EP with ZeRO 0 and 1; pipeline + MoE + router bias with ZeRO 1; pp2 x dp2 x ep2);
   * a non-finite loss on one rank skips the step on every rank: parameters, Adam state (moments and
     step count) and router bias untouched; the next (finite) step equals the single-process reference's
     first step, and its moe_stats count every routed assignment of the global batch once;
@@ -46,6 +46,8 @@ def _snapshot(engine) -> dict[str, torch.Tensor]:
 
 
 def _resume_worker(rank: int, world_size: int, cfgs: list, root: str) -> list[dict]:
+    from hpframe.checkpoint import manager
+    from hpframe.checkpoint.async_save import Checkpointer
     from hpframe.engine.ds_env import prepare_deepspeed
     from hpframe.engine.moe_bridge import release_expert_groups
 
@@ -54,13 +56,12 @@ def _resume_worker(rank: int, world_size: int, cfgs: list, root: str) -> list[di
     for i, cfg in enumerate(cfgs):
         plan, engine = _build(cfg, world_size)
         engine.train_step(_mine(plan, rank, 0, cfg))
-        path = f"{root}/case{i}"
-        engine.save_checkpoint(path, {"step": 1})
+        path = Checkpointer(engine, f"{root}/case{i}").save(1, {"step": 1}).path
         first = [engine.train_step(_mine(plan, rank, s, cfg)) for s in (1, 2)]
         after_first = _snapshot(engine)
         # Disturb the live state so that a load that restored nothing would be caught.
         engine.train_step(_mine(plan, rank, 5, cfg))
-        client = engine.load_checkpoint(path)
+        client = manager.load(engine, path)
         second = [engine.train_step(_mine(plan, rank, s, cfg)) for s in (1, 2)]
         after_second = _snapshot(engine)
         out.append({
@@ -162,7 +163,7 @@ def test_nonfinite_loss_skips_everywhere() -> None:
 
 
 def test_checkpoint_resume_pipeline_with_expert_parallelism(tmp_path) -> None:
-    """pp2 x dp2 x ep2, ZeRO 0: DeepSpeed's per-layer files come from one dp rank per layer."""
+    """pp2 x dp2 x ep2, ZeRO 0: each stage's experts written by their EP ranks, dense tensors by dp rank 0."""
     cases = [Case("pp2xep2-deepseek", "deepseek_debug", ["parallel.pp=2", "parallel.dp=2", "parallel.ep=2"]).cfg(0)]
     results = run_distributed(_resume_worker, 4, (cases, str(tmp_path)), timeout=300)
     for rank, (r,) in enumerate(results):

@@ -204,7 +204,7 @@ def test_round_trip_is_identity() -> None:
     ("arch_override", "message"),
     [
         ({"arch": "gpt"}, "model.arch=gpt"),
-        ({"first_k_dense": 1}, "transformers' Mixtral needs"),
+        ({"first_k_dense": 1}, "transformers' mixtral needs"),
     ],
 )
 def test_unsupported_configs_raise(arch_override: dict[str, object], message: str) -> None:
