@@ -18,14 +18,14 @@ default ``outputs/evaluate/DATE/TIME``). Exit codes: 0, 2 for a user error.
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from hpframe.config.schema import ModelConfig, RunConfig
+from hpframe.config.schema import RunConfig
 from hpframe.errors import UserError
 from hpframe.logging import get_logger
 
@@ -53,16 +53,20 @@ def _checkpoint_config(path: Path, overrides: list[str]) -> RunConfig:
 
 def _model_dir_config(directory: Path, overrides: list[str]) -> RunConfig:
     """A Hugging Face model directory: composed as ``launch.py model.from_hf=DIR overrides``."""
-    if "from_hf" not in {f.name for f in dataclasses.fields(ModelConfig)}:
-        raise UserError(f"{directory} is a Hugging Face model directory; this build has no model.from_hf to read it")
     from hydra import compose, initialize_config_dir
 
     from hpframe.config.convert import to_run_config
     from hpframe.config.store import CONF_DIR, register_configs
 
+    from hpframe.config.hf_config import HFConfigError, expand_overrides
+
     register_configs()
+    try:  # as launch.py does: DIR/config.json's fields join the overrides
+        full = expand_overrides([f"model.from_hf={directory}", *overrides])
+    except HFConfigError as err:
+        raise UserError(str(err)) from None
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return to_run_config(compose("config", overrides=[f"model.from_hf={directory}", *overrides]))
+        return to_run_config(compose("config", overrides=full))
 
 
 def build_config(source: str, overrides: list[str]) -> tuple[RunConfig, Path | None]:
@@ -99,17 +103,24 @@ def evaluate_main(cfg: RunConfig, plan: Any, checkpoint: Path | None) -> int:
     from hpframe.checkpoint import manager
     from hpframe.data import build_data
     from hpframe.engine import build_engine
+    from hpframe.machine import prepare_process
     from hpframe.models import build_model
     from hpframe.parallel import init_distributed, parallelize
+    from hpframe.run import open_hf_weights, resolve_vocab_padding
     from hpframe.train.loop import eval_record, evaluate_loss
 
     try:
+        prepare_process(cfg, local_procs=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
         groups = init_distributed(plan)
+        resolve_vocab_padding(cfg, plan.tp)
         with torch.device("meta"):
             model = build_model(cfg.model, cfg.moe, routing_groups=plan.experts.routing_groups if plan.experts else None)
+        # a model directory's weights are read slice by slice as at the start of a run; a checkpoint's
+        # are loaded below (over random initial weights)
+        weights = open_hf_weights(cfg.model.from_hf, model) if checkpoint is None and cfg.model.from_hf else None
         model = parallelize(model, plan, groups, sequence_parallel=cfg.parallel.sequence_parallel,
                             recompute=cfg.parallel.recompute, compile=False, ep_overlap=cfg.parallel.ep_overlap,
-                            init_seed=cfg.train.seed)
+                            init_seed=cfg.train.seed, weights=weights)
         engine = build_engine(model, plan, groups, cfg)
         step = 0
         if checkpoint is not None:
@@ -118,7 +129,7 @@ def evaluate_main(cfg: RunConfig, plan: Any, checkpoint: Path | None) -> int:
         data = build_data(cfg, plan, dist.get_rank())
         log.info(f"data: {data.description}")
         record = eval_record(step, evaluate_loss(engine, data, plan), data, plan)
-        record.update(source=str(checkpoint) if checkpoint is not None else getattr(cfg.model, "from_hf", ""),
+        record.update(source=str(checkpoint) if checkpoint is not None else cfg.model.from_hf,
                       layout=manager.layout_of(plan))
         if dist.get_rank() == 0:
             Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)

@@ -36,7 +36,7 @@ class Data:
 
 def _check_model_tokenizer(cfg: RunConfig, source: ShardedTokens, key: str) -> None:
     """With ``model.from_hf=DIR``, the dataset must have been tokenized by DIR's tokenizer.json."""
-    model_dir = getattr(cfg.model, "from_hf", "")
+    model_dir = cfg.model.from_hf
     if not model_dir or not (Path(model_dir) / "tokenizer.json").is_file():
         return
     mine = source.path / str(source.meta.get("tokenizer", "tokenizer.json"))
@@ -98,7 +98,7 @@ def ensure_prepared(cfg: RunConfig, rank: int) -> None:
                     "choose another data.path or remove that one"
                 )
         else:
-            tokenizer = d.tokenizer or getattr(cfg.model, "from_hf", "") or ""
+            tokenizer = d.tokenizer or cfg.model.from_hf
             meta = prepare(list(d.inputs), out, tokenizer=Path(tokenizer) if tokenizer else None,
                            vocab_size=0 if tokenizer else cfg.model.vocab_size, field=d.text_field)
             print(f"prepared {meta['num_documents']:,} documents, {meta['num_tokens']:,} tokens into {out}", flush=True)

@@ -8,7 +8,9 @@ must report the same eval_loss to 1e-6 relative, the same perplexity and token c
 Because the 1-process figure goes through the flat model with positions and the training figure
 through the pipeline stages, their equality also shows that every stage applies the document mask
 (tests/unit/test_document_mask.py shows the masked model equals separate documents and that the mask
-changes the logits). User errors exit 2 (in process). CPU, gloo; three launches of 8-15 s each.
+changes the logits). A model directory (tiny Qwen3-MoE written by transformers) evaluates to
+transformers' own loss on the same held-out documents. User errors exit 2 (in process). CPU, gloo;
+four launches of 5-15 s each.
 """
 
 from __future__ import annotations
@@ -76,3 +78,50 @@ def test_evaluate_user_errors(tmp_path, capsys):
     assert "nowhere' not found (a checkpoint directory" in capsys.readouterr().err
     assert main([str(tmp_path), "data.seq_len"]) == 2
     assert "overrides must be key=value, got ['data.seq_len']" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(300)
+def test_model_directory_evaluation_equals_transformers(tmp_path):
+    """``hpframe.evaluate MODEL_DIR`` (a tiny Qwen3-MoE written by transformers, with a tokenizer.json
+    built here) with data prepared by that directory's tokenizer and data.document_mask=true: its loss
+    equals transformers' mean token cross-entropy on the same held-out sequences, each document run
+    through transformers alone (1e-5 relative)."""
+    import torch
+    import torch.nn.functional as F
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from hpframe.data.dataset import ShardedTokens, split_sequences
+    from hpframe.data.loader import eval_batches
+    from hpframe.testing.hf_models import write_checkpoint
+
+    model_dir = tmp_path / "qwen"
+    hf = write_checkpoint("qwen3_moe", model_dir)
+    rng = random.Random(1)
+    words = "alpha beta gamma delta eps zeta eta theta iota kappa lambda mu".split()
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randint(3, 12))) for _ in range(300)]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>", "<eos>"], show_progress=False))
+    tok.save(str(model_dir / "tokenizer.json"))
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<eos>"}))
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    data = tmp_path / "ds"
+    meta = prepare([tmp_path / "docs.jsonl"], data, tokenizer=model_dir)
+    out = tmp_path / "eval"
+    stdout = ok(run(["-m", "hpframe.evaluate", str(model_dir), "data=tokenized", f"data.path={data}", "data.seq_len=16",
+                     "data.eval_fraction=0.1", "data.document_mask=true", "parallel.micro_batch_size=2",
+                     "train.eval_steps=2", f"output_dir={out}"]))
+    got = json.loads((out / "eval.json").read_text())
+    assert f"eval: {json.dumps(got)}" in stdout and got["step"] == 0 and got["source"] == str(model_dir)
+
+    _, held_out = split_sequences(ShardedTokens(data), 16, 0.1)
+    losses = []
+    with torch.no_grad():
+        for batch in eval_batches(held_out, micro_batch_size=2, num_batches=2, dp=1, dp_rank=0):
+            tokens, targets = batch[:, :-1], batch[:, 1:]
+            for row, target in zip(tokens, targets):  # documents end with the EOS; each runs alone
+                cuts = [0] + [i + 1 for i, t in enumerate(row.tolist()) if t == meta["eos_id"] and i + 1 < len(row)] + [len(row)]
+                logits = torch.cat([hf(row[a:b][None]).logits[0] for a, b in zip(cuts, cuts[1:])])
+                losses.append(F.cross_entropy(logits, target, reduction="none"))
+    reference = torch.cat(losses).mean().item()
+    assert got["eval_loss"] == pytest.approx(reference, rel=1e-5)

@@ -140,7 +140,7 @@ def test_eval_path_and_the_model_tokenizer_check(corpus, tmp_path):
     cfg.data.eval_path = str(tmp_path / "other")
     with pytest.raises(DataError, match=r"data.eval_path=.*other' \(vocab 2\d\d, eos \d+\) and data.path=.* come from different tokenizers"):
         build_splits(cfg, source)
-    cfg.model.from_hf = str(model)  # the field model.from_hf: set on the instance where the schema lacks it
+    cfg.model.from_hf = str(model)
     cfg.data.path = str(tmp_path / "other")
     with pytest.raises(DataError, match=r"data.path=.*other' was not tokenized with the tokenizer of model.from_hf="):
         build_source(cfg)
@@ -159,7 +159,7 @@ def test_data_inputs_are_prepared_through_the_run_config(corpus, tmp_path):
     direct = prepare([corpus], tmp_path / "direct", tokenizer=model, field="content")
     cfg = RunConfig()
     cfg.data.kind, cfg.data.path, cfg.data.inputs, cfg.data.text_field = DataKind.tokenized, str(tmp_path / "auto"), [str(corpus)], "content"
-    cfg.model.from_hf = str(model)  # the field model.from_hf: set on the instance where the schema lacks it
+    cfg.model.from_hf = str(model)
     ensure_prepared(cfg, rank=0)
     a, b = ShardedTokens(tmp_path / "direct"), ShardedTokens(tmp_path / "auto")
     assert np.array_equal(a.read(0, a.num_tokens), b.read(0, b.num_tokens)) and b.meta["sources"] == direct["sources"]
