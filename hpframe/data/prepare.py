@@ -142,7 +142,13 @@ def prepare(inputs: list, out: Path, *, vocab_size: int = 0, tokenizer: Path | N
         old.unlink()
     tok.tok.save(str(out / "tokenizer.json"))
     writer = ShardWriter(out, dtype, shard_tokens)
-    num_docs = _encode_all(files, tok, writer, field=field, workers=workers, progress=progress)
+    try:
+        num_docs = _encode_all(files, tok, writer, field=field, workers=workers, progress=progress)
+    except BaseException:  # a refused input or an interrupt: no half-written shards stay behind
+        writer.close()
+        for shard in writer.shards:
+            (out / shard["path"]).unlink(missing_ok=True)
+        raise
     num_tokens = sum(s["num_tokens"] for s in writer.shards)
     if num_tokens == 0:
         names = ", ".join(str(f.path) for f in files[:5]) + (f" and {len(files) - 5} more" if len(files) > 5 else "")

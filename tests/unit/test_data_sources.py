@@ -91,8 +91,10 @@ def test_user_errors_name_file_and_numbers(corpus, tmp_path, capsys):
     tok = make_model_dir(model, add_bos=False)
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("fine line\ncaf\xe9\n".encode("latin-1"))
-    assert main([str(bad), "--out", str(tmp_path / "x"), "--tokenizer", str(model), "--workers", "1"]) == 2
+    assert main([str(corpus / "a.jsonl"), str(bad), "--out", str(tmp_path / "x"), "--tokenizer", str(model),
+                 "--workers", "1", "--shard-tokens", "4", "--field", "content"]) == 2
     assert f"{bad}: line 2 is not UTF-8 (byte 0xe9 at column 4" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["tokenizer.json"]  # the shards written so far are gone
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "e1.txt").write_text("")
