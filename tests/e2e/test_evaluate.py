@@ -2,15 +2,15 @@
 
 A JSON Lines corpus is prepared (trained BPE), a mixtral_debug run (2 layers) trains 4 steps on it at
 pp=2 with ``data.document_mask=true`` and evaluates at step 4, saving a checkpoint there. The
-standalone evaluation of that checkpoint, with the same data, at 1 process and at tp=2 with sequence
-parallelism (2 processes),
+standalone evaluation of that checkpoint, with the same data, at 1 process, at tp=2 with sequence
+parallelism and at dp=2 x ep=2 (2 processes each),
 must report the same eval_loss to 1e-6 relative, the same perplexity and token count, and step 4.
 Because the 1-process figure goes through the flat model with positions and the training figure
 through the pipeline stages, their equality also shows that every stage applies the document mask
 (tests/unit/test_document_mask.py shows the masked model equals separate documents and that the mask
 changes the logits). A model directory (tiny Qwen3-MoE written by transformers) evaluates to
 transformers' own loss on the same held-out documents. User errors exit 2 (in process). CPU, gloo;
-four launches of 5-15 s each.
+five launches of 5-15 s each.
 """
 
 from __future__ import annotations
@@ -59,8 +59,9 @@ def test_standalone_evaluation_equals_in_training_evaluation(tmp_path):
     (trained,) = [r for r in lines if "eval_loss" in r]
     ckpt = run_dir / "checkpoints" / "step_00000004"
     tp2_sp = ["parallel.pp=1", "parallel.tp=2", "parallel.grad_accum=1", "parallel.sequence_parallel=true"]
-    for layout in (["parallel.pp=1", "parallel.grad_accum=1"], tp2_sp):
-        out = tmp_path / f"eval_{len(layout)}"  # distinct per layout
+    dp2_ep2 = ["parallel.pp=1", "parallel.dp=2", "parallel.ep=2", "parallel.grad_accum=1"]
+    for layout in (["parallel.pp=1", "parallel.grad_accum=1"], tp2_sp, dp2_ep2):
+        out = tmp_path / f"eval_{'_'.join(o.split('.')[-1] for o in layout)}"
         stdout = ok(run(["-m", "hpframe.evaluate", str(ckpt), f"data.path={data}", *layout, f"output_dir={out}"]))
         (line,) = [x for x in stdout.splitlines() if x.startswith("eval: ")]
         got = json.loads(line[len("eval: "):])
@@ -68,7 +69,7 @@ def test_standalone_evaluation_equals_in_training_evaluation(tmp_path):
         assert got["step"] == trained["step"] == 4 and got["eval_tokens"] == trained["eval_tokens"] == 2 * 2 * 32
         assert got["eval_loss"] == pytest.approx(trained["eval_loss"], rel=1e-6), (layout, got, trained)
         assert got["eval_ppl"] == pytest.approx(trained["eval_ppl"], rel=1e-5)
-        assert got["layout"]["world_size"] == (2 if "parallel.tp=2" in layout else 1)
+        assert got["layout"]["world_size"] == (1 if len(layout) == 2 else 2)
 
 
 def test_evaluate_user_errors(tmp_path, capsys):
