@@ -75,7 +75,8 @@ def _ordered_map(fn: Callable, items: Iterator, workers: int, init: Callable, in
             yield item, fn(item)
         return
     ctx = multiprocessing.get_context("spawn")  # no fork of a process whose tokenizer threads ran
-    with ctx.Pool(workers, initializer=init, initargs=init_args) as pool:
+    threads = max(1, (os.cpu_count() or 1) // workers)  # each worker's share of the cores
+    with ctx.Pool(workers, initializer=init, initargs=(*init_args, threads)) as pool:
         pending: deque = deque()
         for item in items:
             pending.append((item, pool.apply_async(fn, (item,))))

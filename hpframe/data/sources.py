@@ -173,8 +173,14 @@ def unit_documents(unit: Unit, field: str) -> list[str]:
 _WORKER: dict = {}
 
 
-def init_worker(tokenizer_json: str, eos_id: int, bos_id: int | None, field: str) -> None:
-    """Pool initializer (also called in-process when there are no workers)."""
+def init_worker(tokenizer_json: str, eos_id: int, bos_id: int | None, field: str, threads: int = 0) -> None:
+    """Pool initializer (also called in-process when there are no workers). ``threads`` > 0: the
+    `tokenizers` library's thread pool of this process (its cores' share, so N workers do not each
+    start one thread per core); set before the first encode, when the library reads it."""
+    import os
+
+    if threads > 0:
+        os.environ["RAYON_NUM_THREADS"] = str(threads)
     from tokenizers import Tokenizer
 
     _WORKER.update(tok=Tokenizer.from_str(tokenizer_json), eos=eos_id, bos=bos_id, field=field)
