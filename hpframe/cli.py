@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from hpframe.config.hf_config import HFConfigError, expand_overrides
 from hpframe.config.store import CONF_DIR, register_configs
+from hpframe.rundir import register_resolvers
 
 
 def strip_local_rank(argv: list[str]) -> list[str]:
@@ -68,6 +69,7 @@ def main() -> None:
         print(render_help())
         return
     register_configs()
+    register_resolvers()  # ${hpframe_pid:} in the run directory's name (hpframe/conf/config.yaml)
     sys.argv = strip_local_rank(sys.argv)
     try:  # model.from_hf=DIR: DIR/config.json's fields join the overrides, so Hydra composes the real model
         sys.argv = sys.argv[:1] + expand_overrides(sys.argv[1:])

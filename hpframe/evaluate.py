@@ -151,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) == 3 and argv[1] == WORKER_FLAG:  # a worker started by launch_local below: CONFIG --worker CKPT
+        from hpframe.launcher import watch_parent
+
+        watch_parent()  # ends with the launcher
         cfg = read_run_config(argv[0])
         return evaluate_main(cfg, make_plan(cfg), Path(argv[2]) if argv[2] else None)
     if not argv or argv[0].startswith("-"):

@@ -147,29 +147,35 @@ class HFCheckpoint:
 
     # ---- loading shards ----------------------------------------------------------------------------
 
-    def _tensor(self, ours: str, region: list[slice]) -> torch.Tensor:
+    def _fill(self, ours: str, region: list[slice], dest: torch.Tensor) -> None:
+        """Copy ``ours[region]`` (hpframe full name, regions of the full tensor) into ``dest``, one file
+        tensor (slice) at a time: stacked experts are written expert by expert, never stacked in memory."""
         src = self.sources[ours]
-        if src.kind == "direct":
-            return self.read(src.names[0][0], tuple(region))
-        if src.kind == "vocab":
+
+        def put(d: torch.Tensor, value: torch.Tensor) -> None:  # copy_ would broadcast a wrong shape silently
+            assert d.shape == value.shape, (ours, tuple(d.shape), tuple(value.shape))
+            d.copy_(value)
+
+        if src.kind == "zeros":
+            dest.zero_()
+        elif src.kind == "direct":
+            put(dest, self.read(src.names[0][0], tuple(region)))
+        elif src.kind == "vocab":  # rows past the file's vocabulary are padding: zero
             rows, v = region[0], self.vocab_size
-            part = self.read(src.names[0][0], (slice(rows.start, min(rows.stop, v)), *region[1:])) if rows.start < v else None
-            pad = rows.stop - max(rows.start, v)
-            if pad <= 0:
-                assert part is not None
-                return part
-            zeros = torch.zeros(pad, region[1].stop - region[1].start)
-            return zeros if part is None else torch.cat([part, zeros])
-        experts = range(region[0].start, region[0].stop)
-        rest = tuple(region[1:])
-        if src.kind == "w13":
-            f = (rest[0].stop - rest[0].start) // 2
-            assert rest[0].start == 0, "expert weights are never split by tensor parallelism"
-            return torch.stack([torch.cat([self.read(src.names[e][0], (slice(0, f), rest[1])),
-                                           self.read(src.names[e][1], (slice(0, f), rest[1]))]) for e in experts])
-        if src.kind == "w2":
-            return torch.stack([self.read(src.names[e][0], rest) for e in experts])
-        return torch.zeros(region[0].stop - region[0].start)
+            real = max(0, min(rows.stop, v) - rows.start)
+            if real:
+                put(dest[:real], self.read(src.names[0][0], (slice(rows.start, rows.start + real), *region[1:])))
+            dest[real:].zero_()
+        else:
+            rest = tuple(region[1:])
+            for j, e in enumerate(range(region[0].start, region[0].stop)):
+                if src.kind == "w2":
+                    put(dest[j], self.read(src.names[e][0], rest))
+                    continue
+                assert rest[0] == slice(0, dest.shape[1]), "expert weights are never split by tensor parallelism"
+                f = dest.shape[1] // 2  # w13 rows: gate (w1), then up (w3)
+                put(dest[j, :f], self.read(src.names[e][0], (slice(0, f), rest[1])))
+                put(dest[j, f:], self.read(src.names[e][1], (slice(0, f), rest[1])))
 
     @torch.no_grad()
     def load_into(self, module: nn.Module, prefix: str, *, tp_rank: int) -> None:
@@ -190,9 +196,8 @@ class HFCheckpoint:
                     region[d] = slice(tp_rank * n, (tp_rank + 1) * n)
                 if ids is not None:
                     region[0] = slice(ids.start, ids.stop)
-                value = self._tensor(f"{base}.{name}", region)
-                assert value.shape == t.shape, (f"{base}.{name}", value.shape, t.shape)
-                t.copy_(value)
+                assert [r.stop - r.start for r in region] == list(t.shape), (f"{base}.{name}", region, t.shape)
+                self._fill(f"{base}.{name}", region, t)
             if isinstance(sub, RotaryEmbedding):
                 sub.reset_tables()
             elif isinstance(sub, Router):

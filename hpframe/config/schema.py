@@ -314,6 +314,9 @@ class TrainConfig:
     """Steps traced when ``profile_from_step`` > 0."""
     profile_with_stack: bool = False
     """Record the Python call stack of every operator (finds which code issues a kernel; slower)."""
+    collective_timeout_s: float = 0.0
+    """Seconds a collective may wait for the other ranks before the run fails (a stalled or stopped rank);
+    0 = derived from the plan: max(600, 20 x the estimated step time, 4 x the estimated checkpoint write time)."""
     fail_at_step: int = 0
     """Testing aid for restart tests: rank 1 (rank 0 alone) SIGKILLs itself after this step, in the first
     attempt of a torchrun job only (TORCHELASTIC_RESTART_COUNT=0); 0 = off. Never set it in real runs."""
@@ -369,6 +372,10 @@ class CheckpointConfig:
     checkpoints exist but none verifies), 'none' (start over), or a checkpoint path."""
     async_save: bool = False
     """Snapshot to host memory and persist in a background thread."""
+    preempt_grace_s: float = 25.0
+    """On SIGTERM or SIGINT (preemption, Ctrl-C), seconds allowed to finish the current step and write a final
+    checkpoint before the process exits anyway (below SLURM's default KillWait and Kubernetes' default
+    terminationGracePeriodSeconds of 30 s). Exit code 4: stopped with a final checkpoint; 5: without one."""
     save_timeout_s: float = 0.0
     """Bound on every wait of the save protocol (a rank waiting for the others at a barrier, rank 0 for
     every rank's part, the previous background write); past it the save fails naming the missing ranks.

@@ -151,7 +151,9 @@ class _Fetch:
         fg = module.fetch_groups
         self.stream = None
         if module.w2.is_cuda:
-            self.stream = fg.streams.setdefault("side", torch.cuda.Stream(device=module.w2.device))
+            if "side" not in fg.streams:
+                fg.streams["side"] = torch.cuda.Stream(device=module.w2.device)
+            self.stream = fg.streams["side"]
             self.stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.stream):
                 self._issue(fg)
@@ -160,6 +162,7 @@ class _Fetch:
 
     def _issue(self, fg: FetchGroups) -> None:
         flat = self.module.packed_local()  # [1, Q]
+        self.send = flat  # alive until the collective that reads it has completed
         self.buf, self.work, self.level2_pending = flat, None, False
         if fg.inter is not None:
             self.buf, self.work = _all_gather(flat, fg.inter, fg.nodes, fg.counter, True, async_op=True)  # [n, Q]
@@ -287,6 +290,7 @@ class ExpertFetchExperts(ExpertParallelExperts):
         if side is not None and not self.overlap:
             side_out = side()
         params = dict(zip(self._names(), weights))
+        self._template[0].impl = self.impl  # whatever impl this module was given since
         if x.shape[0] == 0:
             y = x.new_zeros(0, self.hidden)
             return (_KeepInGraph.apply(y, *weights) if torch.is_grad_enabled() else y), side_out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -40,12 +41,29 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_distributed(plan: Any, *, backend: str | None = None) -> ParallelGroups:
+def set_collective_timeout(timeout_s: float) -> timedelta:
+    """Make ``timeout_s`` the timeout of the world group and of every group created later.
+
+    torch gives ``new_group`` (ours and DeepSpeed's) its module default of 30 minutes unless a timeout
+    is passed; replacing that default (``distributed_c10d.default_pg_timeout``, a private name, read at
+    each group creation in torch 2.11-2.13) is the one place that covers groups created by libraries.
+    """
+    from torch.distributed import distributed_c10d as c10d
+
+    timeout = timedelta(seconds=timeout_s)
+    c10d.default_pg_timeout = timeout
+    if hasattr(c10d, "default_pg_nccl_timeout"):
+        c10d.default_pg_nccl_timeout = timeout
+    return timeout
+
+
+def init_distributed(plan: Any, *, backend: str | None = None, timeout_s: float | None = None) -> ParallelGroups:
     """Initialize torch.distributed (unless already initialized) and return this rank's ParallelGroups.
 
     ``backend`` defaults to nccl on GPUs (the CUDA device is set from LOCAL_RANK first) and gloo on
     CPUs. Raises ValueError when WORLD_SIZE (or an existing group's size) differs from
-    ``plan.world_size``.
+    ``plan.world_size``. ``timeout_s``: how long any collective waits for the other ranks (see
+    ``set_collective_timeout``); None keeps torch's default.
     """
     backend = backend or default_backend()
     if dist.is_initialized():
@@ -76,5 +94,6 @@ def init_distributed(plan: Any, *, backend: str | None = None) -> ParallelGroups
             raise UserError("backend nccl needs CUDA, which is not available; use gloo on CPUs")
         torch.cuda.set_device(local_rank)
     # under torchrun a store scoped to this restart attempt (hpframe/checkpoint/restart.py); else env://
-    dist.init_process_group(backend, rank=rank, world_size=world_size, store=attempt_store(world_size))
+    timeout = set_collective_timeout(timeout_s) if timeout_s else None
+    dist.init_process_group(backend, rank=rank, world_size=world_size, store=attempt_store(world_size), timeout=timeout)
     return build_groups(plan)

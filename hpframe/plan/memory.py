@@ -125,6 +125,19 @@ def stage_activation_bytes(cfg: RunConfig, plan: ParallelPlan, stage: StagePlan)
     return int(total)
 
 
+def load_host_peak(cfg: RunConfig, plan: ParallelPlan, params_on_rank: int) -> int:
+    """model.from_hf: bytes of host memory one rank adds while it streams the checkpoint (0 without from_hf).
+
+    The rank's parameters in fp32 plus the largest slice read at once: its share of the embedding or head
+    (padded vocabulary / tp rows), one expert matrix, or its share of a dense MLP matrix; the full
+    model never is (measured: bench/results/2026-12-06_cpu_hf_stream)."""
+    if not cfg.model.from_hf:
+        return 0
+    m, t = cfg.model, plan.tp
+    largest = max(padded_vocab(m, t) // t, expert_ffn(m, cfg.moe), m.ffn_hidden_size // t) * m.hidden_size
+    return 4 * (params_on_rank + largest)
+
+
 def estimate_memory(cfg: RunConfig, plan: ParallelPlan) -> MemoryEstimate:
     """Memory of every stage; the worst stage's parts are reported."""
     w = g = dtype_bytes(cfg)
@@ -165,4 +178,5 @@ def estimate_memory(cfg: RunConfig, plan: ParallelPlan) -> MemoryEstimate:
         per_stage_total=tuple(sum(r[1]) for r in rows),
         device_bytes=int(cfg.cluster.gpu_memory_gb * GIB),
         fetched_experts=worst[1][4],
+        load_host_peak=max(load_host_peak(cfg, plan, r[2]) for r in rows),
     )

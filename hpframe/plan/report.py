@@ -112,6 +112,7 @@ def plan_to_dict(plan: ParallelPlan, cfg: RunConfig) -> dict[str, Any]:
             "params_on_rank": mem.params_on_rank,
             "per_stage_total": list(mem.per_stage_total),
             "fetched_experts": mem.fetched_experts,
+            "load_host_peak": mem.load_host_peak,
         },
         "pipeline": {
             "manual": plan.pipeline.manual,
@@ -222,6 +223,8 @@ def render_table(plan: ParallelPlan, cfg: RunConfig, width: int = 110) -> str:
     t = table(f"Memory per GPU, worst rank (stage {mem['stage']}; device {_gib(mem['device'])})", "part", "bytes")
     for k in ("weights", "gradients", "optimizer", "activations", *(("fetched_experts",) if mem["fetched_experts"] else ()), "total"):
         t.add_row(k, _gib(mem[k]))
+    if mem["load_host_peak"]:
+        t.add_row("host, loading model.from_hf", _gib(mem["load_host_peak"]))
     con.print(t)
 
     if d["experts"]:

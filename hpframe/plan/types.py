@@ -91,6 +91,10 @@ class MemoryEstimate:
     device_bytes: int
     fetched_experts: int = 0
     """moe.dispatch=experts: fetched expert weights kept for backward and their transient full gradients."""
+    load_host_peak: int = 0
+    """model.from_hf: host memory the worst rank adds while streaming the checkpoint into its shards (its
+    parameters in fp32, as built before the engine casts them, plus the largest single slice it reads); 0 otherwise.
+    Not part of ``total`` (host memory, freed once the model moves to the device)."""
 
     @property
     def total(self) -> int:

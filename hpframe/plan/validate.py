@@ -6,6 +6,10 @@ reported as warnings in the plan.
 
 from __future__ import annotations
 
+import dataclasses
+import math
+from typing import Any
+
 from hpframe.config.schema import Attention, DType, RunConfig
 from hpframe.plan.errors import PlanError
 from hpframe.plan.mesh import Degrees
@@ -118,8 +122,60 @@ def validate_parallel(cfg: RunConfig, d: Degrees, warnings: list[str]) -> None:
         warnings.append("parallel.pipeline_layout has no effect with parallel.pp=1")
 
 
+# (key, lower bound, whether the bound itself is allowed): numbers with a range. Every float of the
+# config must be finite besides (``validate_finite``).
+_BOUNDS: tuple[tuple[str, float, bool], ...] = (
+    ("train.steps", 1, True), ("train.lr", 0, True), ("train.min_lr", 0, True), ("train.warmup_steps", 0, True),
+    ("train.weight_decay", 0, True), ("train.beta1", 0, True), ("train.beta2", 0, True), ("train.grad_clip", 0, True),
+    ("train.log_interval", 1, True), ("train.eval_interval", 0, True), ("train.eval_steps", 1, True),
+    ("train.max_nonfinite_steps", 1, True), ("train.collective_timeout_s", 0, True), ("train.fail_at_step", 0, True),
+    ("data.num_synthetic_tokens", 1, True), ("data.eval_fraction", 0, True),
+    ("checkpoint.interval", 0, True), ("checkpoint.keep_last", 0, True), ("checkpoint.preempt_grace_s", 0, False),
+    ("moe.capacity_factor", 0, False), ("moe.eval_capacity_factor", 0, False), ("moe.min_capacity", 0, True),
+    ("moe.aux_loss_coef", 0, True), ("moe.importance_loss_coef", 0, True), ("moe.seq_aux_loss_coef", 0, True),
+    ("moe.z_loss_coef", 0, True), ("moe.bias_update_rate", 0, True), ("moe.noisy_gate_std", 0, True),
+    ("moe.jitter_eps", 0, True),
+    ("model.rope_theta", 0, False), ("model.norm_eps", 0, False), ("model.init_std", 0, False),
+    ("cluster.nodes", 1, True), ("cluster.gpu_memory_gb", 0, False), ("cluster.intra_node_bw_GBps", 0, False),
+    ("cluster.inter_node_bw_GBps", 0, False), ("cluster.peak_tflops", 0, False), ("cluster.storage_bw_GBps", 0, False),
+    ("cluster.gpu_mtbf_hours", 0, False), ("plan.assumed_mfu", 0, False),
+)
+_BELOW_ONE = ("train.beta1", "train.beta2", "data.eval_fraction")  # also < 1
+"""Keys whose value must also stay below 1."""
+
+
+def _value(cfg: RunConfig, key: str) -> Any:
+    node: Any = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def validate_finite(node: Any, prefix: str = "") -> None:
+    """Refuse NaN and infinity in any float setting (``train.lr=inf`` would train on NaN weights)."""
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            validate_finite(value, key + ".")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise PlanError(f"{key}={value} must be a finite number", key=key, values={key: value})
+
+
+def validate_settings(cfg: RunConfig) -> None:
+    """Finite numbers everywhere; steps, counts, intervals, rates and sizes within their ranges."""
+    validate_finite(cfg)
+    for key, low, inclusive in _BOUNDS:
+        value = _value(cfg, key)
+        if value < low or (value == low and not inclusive):
+            rel = ">=" if inclusive else ">"
+            raise PlanError(f"{key}={value} must be {rel} {low:g}", key=key, values={key: value})
+        if key in _BELOW_ONE and value >= 1:
+            raise PlanError(f"{key}={value} must be < 1", key=key, values={key: value})
+
+
 def validate_train(cfg: RunConfig, warnings: list[str]) -> None:
     """Loop settings that the planner can check before anything runs."""
+    validate_settings(cfg)
     t = cfg.train
     if t.profile_from_step < 0:
         raise PlanError(f"train.profile_from_step={t.profile_from_step} must be >= 0 (0 = off)",

@@ -25,7 +25,9 @@ from hpframe.config.schema import RunConfig
 from hpframe.data import Data
 from hpframe.data.packing import model_inputs
 from hpframe.logging import current_rank, get_logger
+from hpframe.train.guards import after_failed_save, note_batch_change
 from hpframe.train.metrics import MetricsWriter, dropped_frac, expert_shares, mfu, summarize_ep_imbalance, summarize_moe
+from hpframe.train.preempt import Preempted, StopRequest
 from hpframe.train.profile import StepProfiler
 from hpframe.train.progress import Progress
 from hpframe.train.schedule import lr_at
@@ -251,24 +253,37 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
     wandb = (dict(project=cfg.train.wandb_project, mode=cfg.train.wandb_mode, config=to_dict(cfg), name=Path(run_dir).name)
              if cfg.train.wandb else None)
     writer = MetricsWriter(run_dir, enabled=rank0, tensorboard=cfg.train.tensorboard, wandb=wandb)
+    if point.path is not None:
+        note_batch_change(point.path, step=start, consumed=consumed, global_batch=plan.global_batch_size,
+                          seq_len=cfg.data.seq_len, writer=writer)
+    stop = StopRequest(cfg.checkpoint.preempt_grace_s)  # SIGTERM / SIGINT: final checkpoint, then EXIT_PREEMPTED
+    stop_device = torch.device("cuda", torch.cuda.current_device()) if engine_on_cuda(engine) else None
     progress = Progress(total=cfg.train.steps, start=start, enabled=rank0 and cfg.train.progress)
     profiler = StepProfiler(run_dir, first=cfg.train.profile_from_step, count=cfg.train.profile_num_steps,
                             rank=current_rank(), cuda=torch.cuda.is_available() and engine_on_cuda(engine),
                             with_stack=cfg.train.profile_with_stack)
 
-    def save(step: int) -> None:
+    def save(step: int) -> bool:
+        """Checkpoint ``step``; False when the save failed but a later one can succeed (guards.after_failed_save)."""
         assert checkpointer is not None
         # RNG states are saved per rank by the checkpointer; the rest is JSON in client_state.json
         client_state = {
             "step": step, "consumed_tokens": consumed, "data": data.train.state_dict(),
             "config": to_dict(cfg), "plan_fingerprint": fingerprint, "layout": manager.layout_of(plan),
+            "global_batch_size": plan.global_batch_size, "seq_len": cfg.data.seq_len,
             **point.lineage,  # line and parent: also written into the manifest (store.py, lines)
         }
-        stats = checkpointer.save(step, manager.json_client_state(client_state))
+        try:
+            stats = checkpointer.save(step, manager.json_client_state(client_state))
+        except (OSError, store.CheckpointError) as err:  # disk full, permissions: go on only if a retry can work
+            after_failed_save(err, step=step, root=ckpt_root, need_bytes=plan.checkpoint.bytes if plan.checkpoint else 0,
+                              last_good=result.checkpoints[-1].name if result.checkpoints else None, writer=writer)
+            return False
         result.checkpoints.append(stats.path)
         writer.write({"step": step, "ckpt_stall_s": stats.stall_s}, prefix="checkpoint")  # metrics.jsonl + TensorBoard
         how = "writing in the background" if cfg.checkpoint.async_save else "saved"
         log.info(f"checkpoint {stats.path}: {how} (training stalled {stats.stall_s:.2f} s)")
+        return True
 
     def evaluate(step: int) -> None:
         record = eval_record(step, evaluate_loss(engine, data, plan), data, plan)
@@ -281,6 +296,7 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
     nonfinite, last_saved, last_eval = 0, start, -1
     clock = StepClock()
     collector = ManualGC(t.gc_interval)
+    stop.install()
     try:
         for step in range(start + 1, t.steps + 1):
             lr = lr_at(step - 1, lr=t.lr, min_lr=t.min_lr, warmup_steps=t.warmup_steps, total_steps=t.steps)
@@ -310,9 +326,12 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
                 last_eval = step
                 clock.reset()
             if interval and step % interval == 0:
-                save(step)
-                last_saved = step
+                if save(step):
+                    last_saved = step
                 clock.reset()
+            if stop.agreed(stop_device):  # every rank stops after the same step
+                saved = checkpointer is not None and (last_saved == step or save(step))
+                raise Preempted(step, stop.signame, saved=saved)
         if result.steps_done > start and last_eval != result.steps_done:
             evaluate(result.steps_done)
         if checkpointer is not None and last_saved != result.steps_done:
@@ -322,6 +341,7 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
         profiler.close()
         if checkpointer is not None:
             checkpointer.close()  # the last asynchronous save is committed before the process ends
+        stop.uninstall()  # after the final save: the grace timer bounds it
         progress.close()
         writer.close()
     return result

@@ -4,7 +4,7 @@ Engine runs on CPU (gloo, fp32), 3 optimizer steps each, checked as tests/dist/t
 checks them (losses, LM/aux losses, pre-clip grad norms within 1e-5 relative of the single-process run,
 every local parameter and router bias after the steps): dp2 x ep2, dp4 x ep4 on two simulated nodes
 (hierarchical fetch) with node-limited routing, shared experts and the bias update, pp2 x ep2, tp2 x ep2,
-with capacity dropping, full recompute and ZeRO 0/1/2. The two-node case also runs with token dispatch
+with capacity dropping, full recompute, gradient accumulation (pp2) and ZeRO 0/1/2. The two-node case also runs with token dispatch
 and both runs' per-step losses and norms are compared directly. Then, per layout, one forward/backward
 counts the bytes each rank sent in the fetch collectives (``CommCounter``) and compares them with the
 planner's ``comm.moe_move_experts`` for the same run, and checks that every MoE layer but the first of
@@ -22,16 +22,17 @@ from hpframe.testing.distributed import run_distributed
 pytestmark = pytest.mark.dist
 TOL = 1e-5
 EXPERTS = ["moe.dispatch=experts"]
+GA1 = ["parallel.grad_accum=1"]  # halves the reference's work; the pp2 case keeps 2 micro-batches per step
 NODES2 = ["cluster.nodes=2", "cluster.gpus_per_node=2", "parallel.dp=4", "parallel.ep=4",
-          "moe.num_expert_groups=2", "moe.max_nodes_per_token=1"]
+          "moe.num_expert_groups=2", "moe.max_nodes_per_token=1", *GA1]
 CASES = [
-    (Case("dp2xep2-mixtral-capacity", "mixtral_debug", ["parallel.dp=4", "parallel.ep=2", "moe.dropless=false",
+    (Case("dp2xep2-mixtral-capacity", "mixtral_debug", ["parallel.dp=4", "parallel.ep=2", *GA1, "moe.dropless=false",
                                                          "moe.capacity_factor=1.0", "moe.min_capacity=1", *EXPERTS]), 1),
     (Case("nodes2-dp4xep4-deepseek-limit1", "deepseek_debug", [*NODES2, *EXPERTS]), 0),
     (Case("nodes2-dp4xep4-deepseek-tokens", "deepseek_debug", NODES2), 0),
     (Case("pp2xep2-deepseek-recompute", "deepseek_debug", ["parallel.pp=2", "parallel.dp=2", "parallel.ep=2",
                                                            "parallel.recompute=full", *EXPERTS]), 1),
-    (Case("tp2xep2-mixtral", "mixtral_debug", ["parallel.tp=2", "parallel.dp=2", "parallel.ep=2", *EXPERTS]), 2),
+    (Case("tp2xep2-mixtral", "mixtral_debug", ["parallel.tp=2", "parallel.dp=2", "parallel.ep=2", *GA1, *EXPERTS]), 2),
 ]
 BYTES = {
     "dp2xep2": ["recipe=mixtral_debug", "parallel.dp=4", "parallel.ep=2"],
@@ -40,6 +41,9 @@ BYTES = {
                           "parallel.recompute=full"],
     "tp2xep2-selective": ["recipe=mixtral_debug", "parallel.tp=2", "parallel.dp=2", "parallel.ep=2",
                           "parallel.recompute=selective"],
+    # auto resolves to experts here (small experts, 256 tokens per rank over 2 nodes) and the runtime follows
+    "nodes2-auto": ["recipe=mixtral_debug", "cluster.nodes=2", "cluster.gpus_per_node=2", "parallel.dp=4",
+                    "parallel.ep=4", "moe.expert_ffn_hidden_size=32", "data.seq_len=128", "moe.dispatch=auto"],
 }
 SMALL = ["parallel.micro_batch_size=2", "parallel.grad_accum=1", "data.seq_len=16", "train.dtype=fp32", *EXPERTS]
 
@@ -71,7 +75,8 @@ def _count_bytes(rank: int, cfg) -> dict:
     est = fetch_bytes(cfg, plan, stage)
     return {"rank": rank, "measured": {"intra": counter.intra, "inter": counter.inter}, "estimate": est,
             "plan_comm": dict(plan.comm.moe_move_experts), "stage_is_busiest": plan.comm.stage == coords["pp"],
-            "prefetched": counter.prefetched, "moe_layers": len(mods), "nodes": mods[0].fetch_groups.nodes}
+            "prefetched": counter.prefetched, "moe_layers": len(mods), "nodes": mods[0].fetch_groups.nodes,
+            "dispatch": (plan.dispatch.requested, plan.experts.dispatch)}
 
 
 def _worker(rank: int, world_size: int, jobs: list, byte_cfgs: list) -> dict:
@@ -94,7 +99,7 @@ def test_experts_dispatch_matches_tokens_and_one_process() -> None:
             refs[case.recipe, key] = reference(cfg, cfg.parallel.dp)
         jobs.append((cfg, refs[case.recipe, key]))
         names.append(case.name)
-    byte_cfgs = [compose_run_config(*o, *SMALL) for o in BYTES.values()]
+    byte_cfgs = [compose_run_config(*SMALL, *o) for o in BYTES.values()]
     results = run_distributed(_worker, 4, (jobs, byte_cfgs), timeout=280)
     failures = []
     for rank, res in enumerate(results):
@@ -122,5 +127,7 @@ def test_experts_dispatch_matches_tokens_and_one_process() -> None:
             if b["stage_is_busiest"]:
                 assert b["plan_comm"] == b["estimate"], tag
             assert b["prefetched"] == b["moe_layers"] - 1, tag  # every layer but the stage's first fetched ahead
+            assert b["dispatch"][1] == "experts", tag
+    assert results[0]["bytes"][list(BYTES).index("nodes2-auto")]["dispatch"] == ("auto", "experts")
     nodes2 = [r["bytes"][list(BYTES).index("nodes2")] for r in results]
     assert all(b["nodes"] == 2 and b["measured"]["inter"] > 0 for b in nodes2), nodes2

@@ -7,7 +7,8 @@ launch per world size then builds each layout the way ``hpframe.run`` does (meta
 ``HFCheckpoint``, ``parallelize(weights=...)``: every rank reads only its slices) and runs the
 forward: pipeline stages hand the hidden states on with send/recv, tensor-parallel logits are
 gathered over the vocabulary. Checked on every last-stage rank: logits equal transformers' on the
-real vocabulary, padded columns are -inf, and no rank holds the whole model when the layout shards it.
+real vocabulary, padded columns are -inf, no rank holds the whole model when the layout shards it, and
+the largest rank holds exactly the parameters the planner counts for it.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def _worker(rank: int, world: int, root: str, cfgs: dict) -> dict:
         with torch.no_grad():
             logits = sharded_logits(model, plan, groups, ref["tokens"])
         real = sum(p.numel() for p in model.parameters() if not p.is_meta)
-        result = {"real": real, "full": full}
+        result = {"real": real, "full": full, "planned": plan.memory.params_on_rank,
+                  "planned_load": plan.memory.load_host_peak}
         if logits is not None:
             v = cfg.model.vocab_size
             result["diff"] = (logits[..., :v] - ref[family]).abs().max().item()
@@ -128,3 +130,6 @@ def test_initial_logits_equal_transformers_at_every_layout(world: int, tmp_path:
             assert r["padded"] == (1 if "tp2" in case else 0), (case, r)
         if "tp2" in case or "pp2" in case or "ep" in case:  # a sharded layout: nobody holds the whole model
             assert all(r[case]["real"] < r[case]["full"] for r in results), case
+        # the planner's parameters of the worst rank (and the loading estimate built on them) are exact
+        assert max(r[case]["real"] for r in results) == results[0][case]["planned"], case
+        assert results[0][case]["planned_load"] > 4 * results[0][case]["planned"], case

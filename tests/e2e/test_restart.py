@@ -40,7 +40,7 @@ def run(cmd: list[str], run_dir: Path, env: dict | None = None, timeout: float =
 
 
 def launch(args: list[str], run_dir: Path, env: dict | None = None) -> subprocess.CompletedProcess:
-    """launch.py with 2 local processes (dp2, ZeRO-1), started by its elastic launcher."""
+    """launch.py with 2 local processes (dp2, ZeRO-1), started by its local launcher."""
     return run([sys.executable, str(REPO / "launch.py"), *COMMON, "parallel.dp=2", "parallel.zero_stage=1", *args], run_dir, env)
 
 

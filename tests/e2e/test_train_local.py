@@ -133,7 +133,7 @@ def test_four_processes_match_single_process(single_run, tmp_path):
 @pytest.mark.dist
 def test_nonfinite_losses_stop_the_run(tmp_path):
     # lr 1e6 blows the weights up after the first update; later steps have NaN gradients and are skipped.
-    # Two processes: the workers' exit code 3 must reach the shell through the elastic launcher.
+    # Two processes: the workers' exit code 3 must reach the shell through the local launcher.
     proc = launch(["train=smoke", "train.steps=10", "train.lr=1e6", "train.min_lr=1e6", "train.max_nonfinite_steps=2",
                    "parallel.dp=2", "checkpoint=off", "train.progress=false"], tmp_path)
     assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -175,5 +175,5 @@ def test_cfg_job_and_multirun_dry_run(tmp_path):
     sweep = subprocess.run([sys.executable, "launch.py", "-m", "plan.dry_run=true", "parallel.dp=1,2",
                             f"hydra.sweep.dir={tmp_path}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert sweep.returncode == 0, sweep.stderr[-3000:]
-    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["0", "1"]
+    assert not [p.name for p in tmp_path.iterdir() if p.is_dir()]  # dry runs leave no job directory
     assert sweep.stdout.count("mixtral_debug on cpu") == 2
