@@ -21,9 +21,9 @@ EOS = 3
 
 @pytest.mark.parametrize("recipe", ["mixtral_debug", "deepseek_debug"])
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 3e-2)])
-def test_packed_equals_separate_on_cuda(compose_cfg, recipe: str, dtype: torch.dtype, tol: float) -> None:
+def test_packed_equals_separate_on_cuda(compose_cfg, monkeypatch, recipe: str, dtype: torch.dtype, tol: float) -> None:
     cfg = compose_cfg(f"recipe={recipe}", "model.num_layers=2")
-    torch.backends.cuda.matmul.allow_tf32 = False
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     model = build_model(cfg.model, cfg.moe)
     model.init_weights(11)
     model = model.to("cuda", dtype)
