@@ -5,7 +5,8 @@
 SOURCE is a committed checkpoint (``.../checkpoints/step_00000040``), a checkpoint root (its newest
 good checkpoint), or a Hugging Face model directory (``config.json`` + safetensors; read through
 ``model.from_hf``). A checkpoint brings the run's own config; ``key=value`` overrides change the data
-(``data.path``, ``data.eval_path``, ``data.document_mask``, ``train.eval_steps``), the layout
+(``data.path``, which implies ``data.kind=tokenized``; ``data.eval_path``, ``data.document_mask``,
+``train.eval_steps``), the layout
 (``parallel.*``, at any layout: the checkpoint is re-sharded as on resume) or anything else. A model
 directory is composed like ``launch.py model.from_hf=DIR``, so a recipe may set the layout.
 
@@ -80,6 +81,8 @@ def build_config(source: str, overrides: list[str]) -> tuple[RunConfig, Path | N
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise UserError(f"overrides must be key=value, got {bad}")
+    if any(o.startswith("data.path=") for o in overrides) and not any(o.startswith(("data=", "data.kind=")) for o in overrides):
+        overrides = [*overrides, "data.kind=tokenized"]  # a data.path names prepared shards
     if (path / "config.json").is_file() and not (path / store.MANIFEST).is_file():
         cfg, ckpt = _model_dir_config(path, overrides), None
     else:

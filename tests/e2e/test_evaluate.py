@@ -109,7 +109,7 @@ def test_model_directory_evaluation_equals_transformers(tmp_path):
     data = tmp_path / "ds"
     meta = prepare([tmp_path / "docs.jsonl"], data, tokenizer=model_dir)
     out = tmp_path / "eval"
-    stdout = ok(run(["-m", "hpframe.evaluate", str(model_dir), "data=tokenized", f"data.path={data}", "data.seq_len=16",
+    stdout = ok(run(["-m", "hpframe.evaluate", str(model_dir), f"data.path={data}", "data.seq_len=16",
                      "data.eval_fraction=0.1", "data.document_mask=true", "parallel.micro_batch_size=2",
                      "train.eval_steps=2", f"output_dir={out}"]))
     got = json.loads((out / "eval.json").read_text())
