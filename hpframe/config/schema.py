@@ -337,12 +337,28 @@ class DataConfig:
     """synthetic (built-in corpus) or tokenized (shards written by `python -m hpframe.data.prepare`)."""
     path: str = ""
     """Directory of a tokenized dataset (kind=tokenized)."""
+    eval_path: str = ""
+    """Directory of a separate tokenized evaluation set; empty = hold out the last ``eval_fraction`` of
+    ``path`` (with it, all of ``path`` trains)."""
     seq_len: int = 128
     """Tokens per training sequence."""
     num_synthetic_tokens: int = 1_000_000
     """Size of the synthetic corpus."""
     eval_fraction: float = 0.01
-    """Held-out fraction for evaluation."""
+    """Held-out fraction for evaluation (unused with ``eval_path``)."""
+    inputs: list[str] = field(default_factory=list)
+    """Text, JSON Lines or Parquet files, directories or glob patterns that rank 0 prepares into
+    ``path`` before training when ``path`` holds no dataset yet (``python -m hpframe.data.prepare``);
+    empty = ``path`` must already hold one."""
+    tokenizer: str = ""
+    """For ``inputs``: a model directory or tokenizer.json; empty = ``model.from_hf``'s tokenizer when set,
+    else a byte-level BPE of ``model.vocab_size`` entries trained on the inputs."""
+    text_field: str = "text"
+    """For ``inputs``: the JSON Lines field / Parquet column holding the text."""
+    document_mask: bool = False
+    """Packed documents do not see each other: attention is block-diagonal causal and rotary positions
+    restart at each document (a document ends with the dataset's EOS id; token 0 for the synthetic
+    corpus). False = plain causal attention across the packed sequence."""
     seed: int = 1234
     """Seed of the sampling order (and of the synthetic corpus)."""
 

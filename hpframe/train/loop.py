@@ -24,6 +24,7 @@ from hpframe.checkpoint.memory import MemoryTier
 from hpframe.config.convert import to_dict
 from hpframe.config.schema import RunConfig
 from hpframe.data import Data
+from hpframe.data.packing import model_inputs
 from hpframe.logging import current_rank, get_logger
 from hpframe.train.guards import after_failed_save, note_batch_change
 from hpframe.train.metrics import MetricsWriter, dropped_frac, expert_shares, mfu, summarize_ep_imbalance, summarize_moe
@@ -75,17 +76,28 @@ def save_timeout(plan: "ParallelPlan") -> float:
     return plan.checkpoint.save_timeout_seconds if plan.checkpoint is not None else 600.0
 
 
-def as_pairs(batches: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Sequences [B, S+1] -> (tokens [B, S], targets [B, S]) shifted by one, the engine's micro-batch form."""
-    return [(b[:, :-1], b[:, 1:]) for b in batches]
+def as_pairs(batches: list[torch.Tensor], eos_id: int | None = None) -> list[tuple[Any, torch.Tensor]]:
+    """Sequences [B, S+1] -> (tokens [B, S], targets [B, S]) shifted by one, the engine's micro-batch form;
+    with ``eos_id`` (data.document_mask) the inputs are (tokens, positions) (``hpframe.data.packing``)."""
+    return model_inputs(batches, eos_id)
 
 
-def _evaluate(engine: Any, data: Data, plan: "ParallelPlan") -> float:
-    """Mean held-out LM loss; a pipelined engine takes grad_accum micro-batches per call."""
-    batches = as_pairs(data.eval)
+def evaluate_loss(engine: Any, data: Data, plan: "ParallelPlan") -> float:
+    """Mean held-out LM loss over this evaluation's micro-batches of every dp rank (collective).
+
+    ``hpframe.evaluate`` calls this too, so its figure is the in-training one. A pipelined engine
+    takes grad_accum micro-batches per call.
+    """
+    batches = as_pairs(data.eval, data.eos_id)
     chunk = plan.grad_accum if plan.pp > 1 else len(batches)
     losses = [float(engine.eval_step(batches[i : i + chunk])) for i in range(0, len(batches), chunk)]
     return sum(losses) / len(losses)
+
+
+def eval_record(step: int, loss: float, data: Data, plan: "ParallelPlan") -> dict[str, Any]:
+    """The metrics.jsonl line of an evaluation: loss, perplexity exp(loss), tokens it covered."""
+    tokens = sum(b.shape[0] * (b.shape[1] - 1) for b in data.eval) * plan.dp
+    return {"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)), "eval_tokens": tokens}
 
 
 def _resume(engine: Any, data: Data, cfg: RunConfig, root: Path, fingerprint: str,
@@ -318,10 +330,11 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
         return True
 
     def evaluate(step: int) -> None:
-        record = {"step": step, "eval_loss": _evaluate(engine, data, plan)}
+        record = eval_record(step, evaluate_loss(engine, data, plan), data, plan)
         result.evals.append(record)
         writer.write(record, prefix="eval")
-        log.info(f"eval step {step}: loss {record['eval_loss']:.4f}")
+        log.info(f"eval step {step}: loss {record['eval_loss']:.4f}, perplexity {record['eval_ppl']:.2f} "
+                 f"({record['eval_tokens']:,} held-out tokens)")
 
     t = cfg.train
     nonfinite, last_saved, last_eval = 0, start, -1
@@ -334,7 +347,7 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
             engine.set_lr(lr)
             profiler.before_step(step)
             clock.start()
-            out = engine.train_step(as_pairs(data.train.next_step()))
+            out = engine.train_step(as_pairs(data.train.next_step(), data.eos_id))
             elapsed = clock.stop()
             if profiler.after_step(step):  # the trace was written: not the next step's time
                 clock.reset()
