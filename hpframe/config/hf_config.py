@@ -93,12 +93,14 @@ def _common(hf: dict[str, Any], family: str, where: str) -> dict[str, Any]:
         raise _refuse(where, "attention_dropout", hf["attention_dropout"], "hpframe has no dropout")
     if hf.get("mlp_bias", False):
         raise _refuse(where, "mlp_bias", True, "hpframe's MLPs have no bias")
-    heads = int(hf["num_attention_heads"])
+    kinds = sorted(set(hf.get("layer_types") or []) - {"full_attention"})
+    if kinds:
+        raise _refuse(where, "layer_types", kinds, "every block attends over the whole causal context")
     return {
         "model.arch": family,
         "model.hidden_size": int(hf["hidden_size"]),
         "model.num_layers": int(hf["num_hidden_layers"]),
-        "model.num_heads": heads,
+        "model.num_heads": int(hf["num_attention_heads"]),
         "model.vocab_size": int(hf["vocab_size"]),
         "model.tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
         "model.activation": "swiglu",

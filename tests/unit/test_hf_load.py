@@ -109,6 +109,7 @@ def _edit_config(path: Path, **changes: object) -> None:
     ("mixtral", {"model_type": "llama4"}, "model_type='llama4' is not supported"),
     ("qwen3_moe", {"use_sliding_window": True}, "use_sliding_window=True is not supported"),
     ("qwen3_moe", {"attention_bias": True}, "attention_bias=True is not supported"),
+    ("qwen3_moe", {"layer_types": ["full_attention", "sliding_attention"] * 2}, "layer_types=['sliding_attention'] is not supported"),
     ("mixtral", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "rope type='longrope' is not supported"),
     ("deepseek_v3", {"quantization_config": {"quant_method": "gptq", "bits": 4}},
      "quantization_config.quant_method='gptq' is not supported"),
