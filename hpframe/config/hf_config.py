@@ -17,6 +17,7 @@ composes (and ``--cfg job`` and ``plan.dry_run`` show) the real model. Standard 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -252,7 +253,10 @@ def _render(value: Any) -> str:
         return "[" + ",".join(_render(v) for v in value) + "]"
     if isinstance(value, float):
         return repr(value)
-    return str(value)
+    text = str(value)
+    if isinstance(value, str) and not re.fullmatch(r"[\w.:/-]+", text):
+        return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"  # Hydra's quoted string
+    return text
 
 
 def expand_overrides(overrides: list[str]) -> list[str]:
@@ -269,7 +273,7 @@ def expand_overrides(overrides: list[str]) -> list[str]:
             given[key] = (i, value)
     if not given.get("model.from_hf", (0, ""))[1]:
         return list(overrides)
-    where = given["model.from_hf"][1]
+    where = str(_parse(given["model.from_hf"][1]))  # a quoted path (spaces) is unquoted as Hydra does
     fixed, defaults = hf_fields(read_config(where), where)
     for key, want in fixed.items():
         if key in given and not _same(_parse(given[key][1]), want):

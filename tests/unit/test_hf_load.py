@@ -137,6 +137,19 @@ def test_overrides_contradicting_config_json(tmp_path: Path) -> None:
         check_run_config(cfg.model, cfg.moe)
 
 
+def test_a_directory_with_spaces_composes(tmp_path: Path) -> None:
+    path = tmp_path / "my model (v2)"
+    write_checkpoint("mixtral", path, max_shard_size="10MB")
+    cfg = compose_run_config_quoted(f"model.from_hf='{path}'")
+    assert (cfg.model.from_hf, cfg.model.name, cfg.model.num_kv_heads) == (str(path), "mixtral:my model (v2)", 2)
+
+
+def compose_run_config_quoted(*overrides: str):  # noqa: ANN201
+    from conftest import compose_run_config
+
+    return compose_run_config(*expand_overrides(list(overrides)))
+
+
 def test_launch_exits_2_and_dry_run_and_cfg_job_see_the_real_model(tmp_path: Path) -> None:
     theirs = write_checkpoint("deepseek_v3", tmp_path, max_shard_size="10MB")
     env = dict(os.environ, PYTHONPATH=str(REPO))
