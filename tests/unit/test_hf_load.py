@@ -238,6 +238,13 @@ def test_fp8_block_quantized_weights_are_dequantized(tmp_path: Path) -> None:
     t = sample_tokens(101)
     with torch.no_grad():
         assert (ours(t) - theirs(t).logits).abs().max().item() < ATOL
+    # a tensor-parallel slice that starts and ends inside quantization blocks dequantizes like the whole
+    files = HFCheckpoint(tmp_path)
+    name = "model.layers.1.mlp.shared_experts.down_proj.weight"  # [48, 24]
+    whole = files.read(name, (slice(0, 48), slice(0, 24)))
+    assert torch.equal(whole, deq[name])
+    for rows, cols in ((slice(5, 29), slice(0, 24)), (slice(0, 48), slice(7, 19)), (slice(17, 18), slice(15, 17))):
+        assert torch.equal(files.read(name, (rows, cols)), whole[rows, cols]), (rows, cols)
     # without the scales the fp8 codes would load as garbage: refused
     from safetensors.torch import load_file, save_file
 
