@@ -16,8 +16,9 @@ from the same initial weights on the same batches:
 and compares the global gradient norm of each step (DeepSpeed's ``get_global_grad_norm``, correct for
 these dp-only layouts), the losses, and every weight after the last step. Cases: bf16 + ZeRO 1
 (BF16_Optimizer, every bf16 patch), fp32 ZeRO 1 and ZeRO 0 (the guard's gradient reads: ``param.grad``,
-``averaged_gradients``), and tp 2 with dp 1 under ZeRO 0 (a data-parallel group of one member: the
-replaced ``allreduce_no_retain``). In the fp32 cases clipping is active in every step (clip 0.05 below
+``averaged_gradients``), and tp 2 with dp 1 under ZeRO 0 and bf16 ZeRO 1 (a data-parallel group of one
+member: the replaced ``allreduce_no_retain``; in bf16 against DeepSpeed with fp32 communication, see
+``_deepspeed_own``). In the fp32 cases clipping is active in every step (clip 0.05 below
 every norm) and DeepSpeed clips with its own norm; the bf16 case runs without clipping and is
 bit-identical. Each comparison fails when a replaced method computes something else; checked with
 the hand-over's accumulation of the second micro-batch dropped (the bf16 case's norms differ from the
@@ -39,20 +40,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 STEPS = 3
-CASES = [  # (name, overrides)
+CASES = [  # (name, overrides, DeepSpeed with fp32 communication)
     # no clipping: DeepSpeed's BF16_Optimizer clips inside the step hpframe replaces (hpframe clips in
     # its guard); without it the two bf16 paths are bit-identical. bf16 clipping is compared with the
     # fp32 run in test_engine_bf16.py.
-    ("bf16-zero1", ["parallel.dp=2", "parallel.zero_stage=1", "train.dtype=bf16", "train.grad_clip=0"]),
-    ("fp32-zero1", ["parallel.dp=2", "parallel.zero_stage=1"]),
-    ("fp32-tp2-zero0", ["parallel.tp=2", "parallel.dp=1", "parallel.zero_stage=0"]),
+    ("bf16-zero1", ["parallel.dp=2", "parallel.zero_stage=1", "train.dtype=bf16", "train.grad_clip=0"], False),
+    # dp = 1: hpframe skips the all-reduce of a one-member group, where DeepSpeed's bf16 default rounds
+    # the fp32 gradients to bf16 for it (2.6 lr apart after 3 steps, measured): equal to DeepSpeed's
+    # reduction in fp32 communication
+    ("bf16-tp2-zero1", ["parallel.tp=2", "parallel.dp=1", "parallel.zero_stage=1", "train.dtype=bf16",
+                        "train.grad_clip=0"], True),
+    ("fp32-zero1", ["parallel.dp=2", "parallel.zero_stage=1"], False),
+    ("fp32-tp2-zero0", ["parallel.tp=2", "parallel.dp=1", "parallel.zero_stage=0"], False),
 ]
 BASE = ["recipe=mixtral_debug", "parallel.micro_batch_size=2", "parallel.grad_accum=2", "data.seq_len=16",
         "train.grad_clip=0.05", "train.lr=0.001", "train.weight_decay=0.1"]
 
 
-def _deepspeed_own(cfg, plan, groups, rank: int) -> tuple[list[float], list[float], dict[str, torch.Tensor], str]:
-    """DeepSpeed's unpatched engine on the same initial weights and batches: (losses, norms, weights, optimizer)."""
+def _deepspeed_own(cfg, plan, groups, rank: int, *, fp32_communication: bool = False,
+                   ) -> tuple[list[float], list[float], dict[str, torch.Tensor], str]:
+    """DeepSpeed's unpatched engine on the same initial weights and batches: (losses, norms, weights, optimizer).
+
+    ``fp32_communication``: DeepSpeed's ``communication_data_type`` fp32. With bf16 on, DeepSpeed casts
+    the (fp32) gradients it reduces to bf16 for the all-reduce, also over a group of one member, where
+    hpframe skips the all-reduce (engine/moe_bridge.py ``_ExpertAware.allreduce_no_retain``) and keeps
+    them in fp32; with fp32 communication DeepSpeed's reduction is the identity there too.
+    """
     import deepspeed
     import torch.distributed as dist
     from deepspeed.runtime.utils import clip_grad_norm_
@@ -74,6 +87,8 @@ def _deepspeed_own(cfg, plan, groups, rank: int) -> tuple[list[float], list[floa
     model = model.to(device)
     ds_cfg = deepspeed_config(plan, dtype=t.dtype.value, device=device, master_dtype=t.master_dtype.value)
     ds_cfg["gradient_clipping"] = t.grad_clip  # DeepSpeed clips itself
+    if fp32_communication:
+        ds_cfg["communication_data_type"] = "fp32"
     opt = torch.optim.AdamW(optimizer_param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
                             weight_decay=t.weight_decay, fused=True)
     ds, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds_cfg, mpu=PlanMPU(plan, rank, groups),
@@ -115,14 +130,14 @@ def _worker(rank: int, world: int) -> dict:
 
     out = {}
     groups_by_layout: dict = {}
-    for name, overrides in CASES:
+    for name, overrides, fp32_communication in CASES:
         cfg = compose_run_config(*BASE, *overrides)
         layout = (cfg.parallel.tp, cfg.parallel.dp)
         engine, plan, groups = build_rank_engine(cfg, groups_by_layout.get(layout))
         groups_by_layout[layout] = groups
         rows = [engine.train_step(rank_batches(cfg, plan, rank, step)) for step in range(STEPS)]
         ours = _master_weights(engine.ds)
-        losses, norms, theirs, ds_opt = _deepspeed_own(cfg, plan, groups, rank)
+        losses, norms, theirs, ds_opt = _deepspeed_own(cfg, plan, groups, rank, fp32_communication=fp32_communication)
         worst = max(float((ours[n] - theirs[n]).abs().max()) for n in ours)
         off = sum(int(((ours[n] - theirs[n]).abs() > 1e-3 * cfg.train.lr).sum()) for n in ours)
         out[name] = {
