@@ -36,6 +36,8 @@ log = get_logger(__name__)
 
 CONFIG_FILE = "run_config.yaml"
 PR_SET_PDEATHSIG = 1  # from <sys/prctl.h>
+LAUNCHER_PID_ENV = "HPFRAME_LAUNCHER_PID"
+"""The pid of the ``launch_local`` process, in its workers' environment."""
 
 
 def under_launcher() -> bool:
@@ -91,16 +93,24 @@ def _child_setup(parent: int) -> Callable[[], None]:
     return setup
 
 
-def watch_parent(interval_s: float = 0.5) -> None:
-    """End this process (SIGKILL) once its parent is gone: a daemon thread polling the parent pid.
+def started_by_a_launcher_process() -> bool:
+    """Whether this worker's parent is a launcher that supervises it: ``launch_local`` or torchrun's agent.
 
-    Covers what PR_SET_PDEATHSIG cannot: other systems than Linux, and workers of other launchers
-    (torchrun, the DeepSpeed launcher) whose agent was killed with SIGKILL.
+    Ranks started by hand (RANK/WORLD_SIZE exported in a shell, perhaps under nohup) are not: their
+    parent is a shell whose exit must not end them.
+    """
+    return os.environ.get(LAUNCHER_PID_ENV) == str(os.getppid()) or "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def watch_parent(interval_s: float = 0.5) -> None:
+    """End this worker (SIGKILL) once its launcher is gone: PR_SET_PDEATHSIG on Linux, and a daemon
+    thread polling the parent pid, which also covers other systems and torchrun's workers (whose
+    agent may have been killed with SIGKILL). No-op for ranks not started by a launcher process.
     """
     parent = os.getppid()
+    if parent == 1 or not started_by_a_launcher_process():
+        return  # no launcher to outlive
     _set_parent_death_signal()  # pdeathsig fires on the death of the thread that forked us; harmless if set twice
-    if parent == 1:
-        return  # started by init or a container's pid 1: no launcher to outlive
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -139,10 +149,10 @@ class LocalJob:
         self._kill_timer: threading.Timer | None = None
 
     def start(self, config_path: Path, *, argv: list[str] | None = None) -> None:
-        """Start the workers: ``python -m hpframe.worker CONFIG`` (``argv`` replaces it, for tests)."""
+        """Start the workers: ``python -m hpframe.worker CONFIG`` (``argv`` replaces it: tests, hpframe.evaluate)."""
         argv = argv or [sys.executable, "-m", "hpframe.worker", str(config_path)]
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(self.nproc),
-                   LOCAL_WORLD_SIZE=str(self.nproc), GROUP_RANK="0", NODE_RANK="0")
+                   LOCAL_WORLD_SIZE=str(self.nproc), GROUP_RANK="0", NODE_RANK="0", **{LAUNCHER_PID_ENV: str(os.getpid())})
         # two CPU processes per core would fight over OpenMP threads; torchrun makes the same choice
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.nproc)))
         for rank in range(self.nproc):
@@ -193,13 +203,14 @@ class LocalJob:
 
     def result(self) -> int:
         """0; or the code of the worker that failed first (named in the log), preemption codes unchanged."""
-        from hpframe.train.preempt import EXIT_PREEMPTED
+        from hpframe.train.preempt import EXIT_PREEMPTED, EXIT_PREEMPTED_UNSAVED
 
         failed = [(rank, code) for rank, code in self.exits if code != 0]
         if not failed:
             return 0
-        if self.stopping and all(code == EXIT_PREEMPTED for _, code in self.exits):
-            return EXIT_PREEMPTED
+        codes = {code for _, code in self.exits}
+        if self.stopping and codes <= {0, EXIT_PREEMPTED, EXIT_PREEMPTED_UNSAVED}:  # a stop, not a failure
+            return EXIT_PREEMPTED_UNSAVED if EXIT_PREEMPTED_UNSAVED in codes else EXIT_PREEMPTED
         rank, code = failed[0]
         later = ", ".join(f"rank {r} {describe_exit(c)}" for r, c in failed[1:])
         log.error(f"{len(failed)} of {self.nproc} processes failed; first: rank {rank} ({describe_exit(code)})"
@@ -207,10 +218,11 @@ class LocalJob:
         return shell_code(code)
 
 
-def launch_local(cfg: RunConfig, nproc: int) -> int:
+def launch_local(cfg: RunConfig, nproc: int, *, module: str = "hpframe.worker", extra_args: tuple[str, ...] = ()) -> int:
     """Start ``nproc`` workers on this machine and wait for them; return the run's exit code.
 
-    Each worker runs ``python -m hpframe.worker RUN_DIR/run_config.yaml`` with the environment torchrun
+    Each worker runs ``python -m MODULE RUN_DIR/run_config.yaml EXTRA_ARGS...`` (``hpframe.worker`` by
+    default; ``hpframe.evaluate`` starts its workers this way too) with the environment torchrun
     would give it (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT). Workers die with the launcher
     (PR_SET_PDEATHSIG on Linux, plus ``watch_parent``). SIGTERM or SIGINT to the launcher is passed on as
     SIGTERM: the workers agree on a step, write a final checkpoint and exit with EXIT_PREEMPTED.
@@ -223,7 +235,7 @@ def launch_local(cfg: RunConfig, nproc: int) -> int:
     log.info(f"starting {nproc} local processes, config {path}")
     previous = {sig: signal.signal(sig, job.forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        job.start(path)
+        job.start(path, argv=[sys.executable, "-m", module, str(path), *extra_args])
         job.wait()
     finally:
         for sig, handler in previous.items():

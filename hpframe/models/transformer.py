@@ -52,17 +52,18 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(h, model_cfg.ffn_hidden_size, model_cfg.activation)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, normed = self.attention_half(x)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        h, normed = self.attention_half(x, positions)
         return h + self.mlp(normed)
 
-    def attention_half(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attention_half(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """h = x + attn(attn_norm(x)) and mlp_norm(h): the part of the block whose shapes never change.
 
         ``train.compile`` compiles this whole function (``parallel.compile.apply_compile``), so the
         residual add and both norms fuse with their neighbours forward and backward.
         """
-        h = x + self.attn(self.attn_norm(x))
+        # positions travel positionally: the TP hooks pass every argument after x through unchanged
+        h = x + (self.attn(self.attn_norm(x)) if positions is None else self.attn(self.attn_norm(x), positions))
         return h, self.mlp_norm(h)
 
 
@@ -140,11 +141,16 @@ class Transformer(nn.Module):
         """The MoE MLPs, in block order."""
         return [b.mlp for b in self.layers if isinstance(b.mlp, MoE)]
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens[B,S] int64 -> logits[B,S,Vp] (padded rows -inf); sets ``self.aux_loss`` (sum of the MoE layers' losses)."""
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens[B,S] int64 -> logits[B,S,Vp] (padded rows -inf); sets ``self.aux_loss`` (sum of the MoE layers' losses).
+
+        ``positions`` [B,S] int64 (``data.document_mask``): each token's position inside its packed
+        document, 0 where a document starts; attention and rotary positions then stay inside each
+        document, so every document computes what it computes alone.
+        """
         x = self.embed(tokens)
         for block in self.layers:
-            x = block(x)
+            x = block(x) if positions is None else block(x, positions)
         x = self.norm(x)
         logits = self.head(x) if self.head is not None else F.linear(x, self.embed.weight)
         # vocab_start: the first row of a tensor-parallel shard (attribute set by parallel.tensor)
