@@ -18,7 +18,7 @@ from hpframe.config import schema
 from hpframe.config.store import CONF_DIR, RECIPES_DIR, recipe_names
 
 COMMON_KEYS = (
-    "parallel.tp", "parallel.pp", "parallel.dp", "parallel.ep", "parallel.zero_stage", "parallel.micro_batch_size",
+    "model.from_hf", "parallel.tp", "parallel.pp", "parallel.dp", "parallel.ep", "parallel.zero_stage", "parallel.micro_batch_size",
     "parallel.global_batch_size", "parallel.recompute", "train.steps", "train.lr", "train.dtype", "train.master_dtype",
     "train.device", "train.num_threads", "train.compile", "train.progress", "train.tensorboard", "train.wandb",
     "data.kind", "data.path", "data.seq_len", "data.inputs", "data.eval_path", "data.document_mask", "checkpoint.enabled", "checkpoint.dir", "checkpoint.interval",
