@@ -1,6 +1,7 @@
 """Fine-tune start on one GPU: a Mixtral-8x7B-shaped checkpoint (fewer layers) through model.from_hf vs from scratch.
 
     PYTHONPATH=. python bench/hf_mixtral_gpu.py [--layers 2] [--steps 20] [--out DIR] [-- extra overrides]
+    PYTHONPATH=. python bench/hf_mixtral_gpu.py --tiny --seq 64 --steps 5 --ckpt /tmp/tiny   # CPU smoke run
 
 1. transformers writes a MixtralForCausalLM with Mixtral-8x7B's widths (hidden 4096, 32 query / 8
    key-value heads, 8 experts of 14336, top-2, vocabulary 32000) but ``--layers`` blocks, random weights
@@ -32,16 +33,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 REPO = Path(__file__).resolve().parent.parent
 
 
-def write_checkpoint(path: Path, layers: int) -> float:
-    """Mixtral-8x7B widths, ``layers`` blocks, transformers' random init, bf16; returns the seconds it took."""
+MIXTRAL_8X7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                    num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768,
+                    rope_theta=1e6, rms_norm_eps=1e-5)
+"""Mixtral-8x7B-v0.1's config.json fields (all but num_hidden_layers)."""
+TINY = MIXTRAL_8X7B | dict(vocab_size=1000, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                           num_key_value_heads=2)
+"""--tiny: the same family at a size a CPU runs in seconds (checks the script's plumbing, not a figure)."""
+
+
+def write_checkpoint(path: Path, layers: int, shape: dict[str, Any]) -> float:
+    """``shape``'s widths, ``layers`` blocks, transformers' random init, bf16; returns the seconds it took."""
     import torch
     import transformers
 
     t0 = time.perf_counter()
-    config = transformers.MixtralConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
-                                        num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=8,
-                                        num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=32768,
-                                        rope_theta=1e6, rms_norm_eps=1e-5)
+    config = transformers.MixtralConfig(num_hidden_layers=layers, **shape)
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # initialization is faster on the GPU
         model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
@@ -85,15 +92,20 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=4096)
     parser.add_argument("--ckpt", default="/tmp/mixtral8x7b_shape")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/results/local"))
+    parser.add_argument("--tiny", action="store_true", help="small widths and CPU overrides: a smoke run of the script")
     parser.add_argument("extra", nargs="*", help="more launch.py overrides for both runs")
     args = parser.parse_args()
     out, ckpt = Path(args.out), Path(args.ckpt)
     out.mkdir(parents=True, exist_ok=True)
-    write_s = None if (ckpt / "config.json").is_file() else write_checkpoint(ckpt, args.layers)
-    common = ["recipe=mixtral_h200", f"train.steps={args.steps}", "train.dtype=bf16", "train.master_dtype=bf16",
-              "parallel.zero_stage=0", f"parallel.micro_batch_size={args.batch}", f"data.seq_len={args.seq}",
-              "data.num_synthetic_tokens=2000000", "train.progress=false", "train.tensorboard=false",
-              "checkpoint.enabled=false", "checkpoint.resume=none", *args.extra]
+    write_s = None if (ckpt / "config.json").is_file() else write_checkpoint(ckpt, args.layers, TINY if args.tiny else MIXTRAL_8X7B)
+    settings = {"recipe": "mixtral_h200", "train.steps": args.steps, "train.dtype": "bf16", "train.master_dtype": "bf16",
+                "parallel.zero_stage": 0, "parallel.micro_batch_size": args.batch, "data.seq_len": args.seq,
+                "data.num_synthetic_tokens": 2_000_000, "train.progress": "false", "train.tensorboard": "false",
+                "checkpoint.enabled": "false", "checkpoint.resume": "none"}
+    if args.tiny:
+        settings |= {"cluster": "cpu", "train.device": "cpu", "train.dtype": "fp32", "train.master_dtype": "fp32",
+                     "train.compile": "false", "data.num_synthetic_tokens": 50_000}
+    common = [f"{k}={v}" for k, v in settings.items()] + list(args.extra)
     from_hf = expand_overrides([f"model.from_hf={ckpt}", f"model.max_seq_len={args.seq}", *common])
     scratch = [o for o in from_hf if not o.startswith("model.from_hf=")]
     results: dict[str, Any] = {
