@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
@@ -247,12 +248,14 @@ def train_main(cfg: RunConfig, plan: "object") -> int:
         resolve_vocab_padding(cfg, plan.tp)
         with torch.device("meta"):
             model = build_model(cfg.model, cfg.moe, routing_groups=plan.experts.routing_groups if plan.experts else None)
+        loading = time.perf_counter()
         weights = open_hf_weights(cfg.model.from_hf, model) if cfg.model.from_hf else None
         model = parallelize(model, plan, groups, sequence_parallel=cfg.parallel.sequence_parallel, recompute=cfg.parallel.recompute,
                             compile=cfg.train.compile, ep_overlap=cfg.parallel.ep_overlap, init_seed=cfg.train.seed,
                             weights=weights)
         if weights is not None:
             weights.close()  # unmaps the files: their pages no longer count in this process
+            log.info(f"initial weights read into this rank's shards in {time.perf_counter() - loading:.1f} s", all_ranks=True)
         log.info(f"model: {cfg.model.name}, {sum(p.numel() for p in model.parameters() if not p.is_meta):,} "
                  "parameters on this rank")
         engine = build_engine(model, plan, groups, cfg)
