@@ -112,11 +112,55 @@ def measure_copy_gbps(num_bytes: int = 2**31) -> float:
     return 2 * num_bytes / (t["median_ms"] * 1e-3) / 1e9
 
 
+REPO = Path(__file__).resolve().parents[1]
+LIBRARIES = ("torch", "deepspeed", "transformers", "triton")
+
+
+def pinned_versions(pyproject: Path = REPO / "pyproject.toml") -> dict[str, str]:
+    """{library: version} of the exact pins (``name==version``) in pyproject.toml."""
+    import re
+
+    text = pyproject.read_text() if pyproject.is_file() else ""
+    return {m.group(1).lower(): m.group(2) for m in re.finditer(r'"([A-Za-z0-9_.-]+)==([^";,\s]+)"', text)}
+
+
+def source_digest(root: Path = REPO) -> str:
+    """sha256 over the Python sources that decide what a run computes (hpframe/, bench/, launch.py) and
+    the config tree, path and bytes of each file in sorted order: identifies the code of a run on a
+    machine whose copy of the tree has no .git (compare with the digest of a checkout of a commit)."""
+    import hashlib
+
+    files = sorted(p for pattern in ("hpframe/**/*.py", "bench/*.py", "launch.py", "conf/**/*.yaml", "recipes/*.yaml",
+                                     "hpframe/**/*.yaml")
+                   for p in root.glob(pattern) if p.is_file())
+    h = hashlib.sha256()
+    for p in dict.fromkeys(files):
+        h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def git_commit(root: Path = REPO) -> tuple[str | None, str]:
+    """(commit, where it came from): $BENCH_COMMIT when set (the device machine's copy of the tree has
+    no .git), else ``git rev-parse HEAD`` of ``root`` (with "+dirty" when tracked files differ)."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"], "BENCH_COMMIT"
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=False).stdout.strip()
+        if len(head) != 40:
+            return None, "none"
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, check=False).stdout.strip()
+        return head + ("+dirty" if dirty else ""), "git"
+    except OSError:
+        return None, "none"
+
+
 def environment() -> dict[str, Any]:
-    """What the numbers were measured on: GPU, driver, library versions, git commit."""
+    """What the numbers were measured with, read when called: GPU, library versions (and whether each
+    is the version pyproject.toml pins), git commit, a digest of the sources."""
     env: dict[str, Any] = {
         "python": platform.python_version(),
-        "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "host": platform.node(),
         "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -125,19 +169,18 @@ def environment() -> dict[str, Any]:
         p = torch.cuda.get_device_properties(0)
         env.update(gpu=p.name, num_gpus=torch.cuda.device_count(), sms=p.multi_processor_count,
                    gpu_mem_gib=round(gib(p.total_memory), 1))
-    for mod in ("transformers", "deepspeed", "triton"):
+    pins = pinned_versions()
+    for mod in LIBRARIES:
         try:
             env[mod] = __import__(mod).__version__
         except ImportError:
             env[mod] = None
-    # the device machine gets a copy of the tree without .git: the caller passes the commit
-    env["git_commit"] = os.environ.get("BENCH_COMMIT")
-    if not env["git_commit"]:
-        try:
-            out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False).stdout
-            env["git_commit"] = out.strip() if len(out.strip()) == 40 else None
-        except OSError:
-            env["git_commit"] = None
+    env["pinned"] = {mod: pins.get(mod) for mod in LIBRARIES if pins.get(mod)}
+    # the device's torch (a CUDA build) is not the pinned CPU one: say so in every result
+    env["differs_from_pin"] = sorted(mod for mod, want in env["pinned"].items()
+                                     if env[mod] is None or env[mod].split("+")[0] != want)
+    env["git_commit"], env["git_commit_from"] = git_commit()
+    env["source_sha256"] = source_digest()
     return env
 
 
@@ -189,3 +232,27 @@ def profile_table(fn: Callable[[], Any], *, steps: int = 2, row_limit: int = 25)
             fn()
         torch.cuda.synchronize()
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=row_limit, max_name_column_width=60)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python3 bench/common.py env FILE [--command CMD]``: write ``{"env": environment(), "command": CMD}``
+    to FILE (bench/run_launch_gpu.sh records each launch.py run with it); ``digest`` prints source_digest()."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="bench/common.py")
+    sub = parser.add_subparsers(dest="what", required=True)
+    env_p = sub.add_parser("env", help="write the environment JSON of a run")
+    env_p.add_argument("file")
+    env_p.add_argument("--command", default=None)
+    sub.add_parser("digest", help="print the source digest of this tree")
+    args = parser.parse_args(argv)
+    if args.what == "digest":
+        print(source_digest())
+        return 0
+    Path(args.file).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.file).write_text(json.dumps({"env": environment(), "command": args.command}, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -7,7 +7,7 @@ No shared experts, no aux loss, dropless: the layer is the routed-expert part on
 
   loop           plain per-expert Python loop (find each expert's tokens, three matmuls, index_add)
   hpframe        hpframe.models.moe.MoE as it is in the tree (whatever path it takes on CUDA)
-  hpframe_fast   the same module run through hpframe.models.moe_gpu (the fused GPU path)
+  hpframe_fast   the same module run through hpframe.models.moe.moe_forward (the fused GPU path)
   hf_eager       transformers' MixtralSparseMoeBlock, experts_implementation="eager"
   hf_grouped_mm  the same block, experts_implementation="grouped_mm"
   deepspeed      deepspeed.moe.layer.MoE (top-1/top-2 gating only), dropless, no random token selection
@@ -140,10 +140,10 @@ class _Flat3d(nn.Module):
 
 
 def build_hpframe_fast(w: Weights, shape: Shape) -> nn.Module:
-    from hpframe.models import moe_gpu
+    from hpframe.models.moe import moe_forward
 
     flat = build_hpframe(w, shape)
-    return _Flat3d(flat.inner, moe_gpu.moe_forward)
+    return _Flat3d(flat.inner, moe_forward)
 
 
 def build_hf(w: Weights, shape: Shape, impl: str) -> nn.Module:

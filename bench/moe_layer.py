@@ -27,7 +27,7 @@ from bench.moe_impls import (  # noqa: E402
     init_deepspeed_single, roofline_gemm_step,
 )
 
-# hpframe_fast (moe_gpu.moe_forward called directly) equals hpframe now that MoE.forward takes that
+# hpframe_fast (hpframe.models.moe.moe_forward called directly) equals hpframe now that MoE.forward takes that
 # path on CUDA; it stays selectable by name.
 ALL_IMPLS = ["roofline_gemm", "dense_swiglu", "hpframe", "hf_grouped_mm", "hf_eager", "deepspeed", "loop"]
 

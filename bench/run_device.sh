@@ -25,6 +25,7 @@ what=${1:-gpu1}
   python3 -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__); from transformers.integrations import moe; print('hf experts impls', sorted(moe.ExpertsInterface._global_mapping))"
   python3 -c "import deepspeed; print('deepspeed', deepspeed.__version__)"
 } 2>&1 | tee "$LOG"
+python3 bench/common.py env "$OUT/env.json" --command "bash bench/run_device.sh $*"
 
 one_gpu() {
   timeout 90 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/unit/test_moe_layer.py 2>&1 | tail -15 | tee -a "$LOG"

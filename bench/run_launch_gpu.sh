@@ -45,7 +45,9 @@
 #            autotuned choice, six forms, three shapes)
 #   trace    (1 GPU) GPU tests, the MoE layer bench, the plain bf16 update profiled with Python stacks
 #            and its kernels grouped by caller (bench/trace_callers.py), fp32 master weights
-# Copies each run's metrics.jsonl, log and profile tables to $OUT and prints a summary.
+# Copies each run's metrics.jsonl, log and profile tables to $OUT and prints a summary; NAME.env.json
+# beside each run records its command, git commit ($BENCH_COMMIT on a machine without .git), source
+# digest and library versions (bench/common.py environment()).
 set -u -o pipefail
 SET=${1:-ep}
 OUT=${OUT:-bench/results/local}
@@ -60,6 +62,8 @@ common="recipe=mixtral_h200 train.steps=$STEPS train.progress=false train.tensor
 run() {  # name, timeout, overrides...
   local name=$1 t=$2; shift 2
   echo "=== $name: $*"
+  # commit, library versions (read now) and the command of this run, beside its results
+  python3 bench/common.py env "$OUT/$name.env.json" --command "python3 launch.py $common $* (bench/run_launch_gpu.sh $SET)"
   timeout "$t" python3 launch.py $common "$@" hydra.run.dir=/tmp/hp_$name > "$OUT/$name.log" 2>&1
   echo "exit $?"
   grep -E "peak device memory|step +$STEPS/|Error|error" "$OUT/$name.log" | tail -6

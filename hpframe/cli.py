@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 
 import hydra
 from omegaconf import DictConfig
@@ -79,11 +80,14 @@ def main() -> None:
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra re-raises instead of printing and exiting 1
     try:
         hydra_main()
-    except CONFIG_ERRORS as err:
-        if _TASK_STARTED:  # raised by hpframe's own code, not by composition: a bug
-            raise
-        print(f"hpframe: invalid configuration: {describe_config_error(err)}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+    except Exception as err:
+        if isinstance(err, CONFIG_ERRORS) and not _TASK_STARTED:  # raised while composing, before hpframe's code ran
+            print(f"hpframe: invalid configuration: {describe_config_error(err)}", file=sys.stderr)
+            sys.exit(EXIT_USER_ERROR)
+        traceback.print_exc()  # anything else is a bug in hpframe, reported as one with its traceback
+        print("hpframe: internal error: this is a bug in hpframe, not a problem with your configuration; "
+              "please report it with the traceback above", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 ``python launch.py`` runs as one process. When the plan needs several processes and none were
 started by a launcher (RANK/WORLD_SIZE unset), ``launch_local`` starts them itself, with the
 environment torchrun gives its workers: the composed config is written to ``RUN_DIR/run_config.yaml``
-and every worker runs ``python -m hpframe.launcher RUN_DIR/run_config.yaml``, so all ranks share one
+and every worker runs ``python -m hpframe.worker RUN_DIR/run_config.yaml``, so all ranks share one
 config and one run directory. The launcher reaps the workers in the order they end (the failure
 summary names the rank that failed first), passes SIGTERM/SIGINT on for a preemption stop, and its
 workers die with it (``watch_parent``, PR_SET_PDEATHSIG). Under torchrun or the DeepSpeed launcher
@@ -149,8 +149,8 @@ class LocalJob:
         self._kill_timer: threading.Timer | None = None
 
     def start(self, config_path: Path, *, argv: list[str] | None = None) -> None:
-        """Start the workers: ``python -m hpframe.launcher CONFIG`` (``argv`` replaces it, for tests)."""
-        argv = argv or [sys.executable, "-m", "hpframe.launcher", str(config_path)]
+        """Start the workers: ``python -m hpframe.worker CONFIG`` (``argv`` replaces it: tests, hpframe.evaluate)."""
+        argv = argv or [sys.executable, "-m", "hpframe.worker", str(config_path)]
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(self.nproc),
                    LOCAL_WORLD_SIZE=str(self.nproc), GROUP_RANK="0", NODE_RANK="0", **{LAUNCHER_PID_ENV: str(os.getpid())})
         # two CPU processes per core would fight over OpenMP threads; torchrun makes the same choice
@@ -218,10 +218,11 @@ class LocalJob:
         return shell_code(code)
 
 
-def launch_local(cfg: RunConfig, nproc: int) -> int:
+def launch_local(cfg: RunConfig, nproc: int, *, module: str = "hpframe.worker", extra_args: tuple[str, ...] = ()) -> int:
     """Start ``nproc`` workers on this machine and wait for them; return the run's exit code.
 
-    Each worker runs ``python -m hpframe.launcher RUN_DIR/run_config.yaml`` with the environment torchrun
+    Each worker runs ``python -m MODULE RUN_DIR/run_config.yaml EXTRA_ARGS...`` (``hpframe.worker`` by
+    default; ``hpframe.evaluate`` starts its workers this way too) with the environment torchrun
     would give it (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT). Workers die with the launcher
     (PR_SET_PDEATHSIG on Linux, plus ``watch_parent``). SIGTERM or SIGINT to the launcher is passed on as
     SIGTERM: the workers agree on a step, write a final checkpoint and exit with EXIT_PREEMPTED.
@@ -234,7 +235,7 @@ def launch_local(cfg: RunConfig, nproc: int) -> int:
     log.info(f"starting {nproc} local processes, config {path}")
     previous = {sig: signal.signal(sig, job.forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        job.start(path)
+        job.start(path, argv=[sys.executable, "-m", module, str(path), *extra_args])
         job.wait()
     finally:
         for sig, handler in previous.items():
@@ -289,17 +290,3 @@ def exit_worker(code: int) -> None:
     sys.stderr.flush()
     logging.shutdown()
     os._exit(code)
-
-
-def worker_main(argv: list[str]) -> int:
-    """Entry of a worker started by ``launch_local``: run the written config."""
-    if len(argv) != 1:
-        print("usage: python -m hpframe.launcher RUN_DIR/run_config.yaml", file=sys.stderr)
-        return 2
-    from hpframe.run import main
-
-    return main(read_run_config(argv[0]))
-
-
-if __name__ == "__main__":
-    exit_worker(worker_main(sys.argv[1:]))

@@ -70,7 +70,8 @@ def check_placement(cfg: RunConfig, machine: Machine, local_procs: int) -> list[
         if local_procs > machine.cuda_devices:
             raise UserError(
                 f"the plan needs {local_procs} processes on this machine, one per GPU, but it has "
-                f"{machine.cuda_devices} CUDA GPU(s); lower parallel.tp/pp/dp, or start the nodes with torchrun",
+                f"{machine.cuda_devices} CUDA GPU(s); lower parallel.tp/pp/dp, start each node with torchrun, "
+                "or set train.device=cpu",
                 key="parallel.tp, parallel.pp, parallel.dp", values={"local_procs": local_procs, "cuda_devices": machine.cuda_devices})
         return warnings
     if local_procs > MAX_PROCS_PER_CORE * machine.cpu_cores:

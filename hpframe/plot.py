@@ -16,6 +16,7 @@ from typing import Any
 
 
 def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of the records holding a number under ``key`` (nulls and other lines skipped)."""
     pairs = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
     return [s for s, _ in pairs], [v for _, v in pairs]
 
@@ -43,6 +44,7 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def plot_loss(records: list[dict[str, Any]], out: Path) -> Path:
+    """loss and LM loss per step, evaluation loss at its steps."""
     fig, ax = _figure("loss")
     for key, style in (("loss", "-"), ("lm_loss", "--"), ("eval_loss", "o-")):
         steps, values = _series(records, key)
@@ -53,6 +55,7 @@ def plot_loss(records: list[dict[str, Any]], out: Path) -> Path:
 
 
 def plot_lr(records: list[dict[str, Any]], out: Path) -> Path:
+    """The learning rate per step (the schedule as it ran)."""
     fig, ax = _figure("learning rate")
     ax.plot(*_series(records, "lr"))
     ax.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
@@ -60,17 +63,20 @@ def plot_lr(records: list[dict[str, Any]], out: Path) -> Path:
 
 
 def plot_throughput(records: list[dict[str, Any]], out: Path) -> Path:
+    """tokens/s per step; MFU (proportional to it within a run) on the right-hand axis."""
     fig, ax = _figure("throughput")
-    ax.plot(*_series(records, "tokens_per_s"), color="tab:blue")
-    ax.set_ylabel("tokens/s", color="tab:blue")
-    mfu_axis = ax.twinx()
-    steps, mfu = _series(records, "mfu")
-    mfu_axis.plot(steps, [100 * x for x in mfu], color="tab:orange")
-    mfu_axis.set_ylabel("MFU %", color="tab:orange")
+    steps, tps = _series(records, "tokens_per_s")
+    ax.plot(steps, tps)
+    ax.set_ylabel("tokens/s")
+    ratios = [r["mfu"] / r["tokens_per_s"] for r in records if r.get("mfu") and r.get("tokens_per_s")]
+    if ratios:
+        k = 100 * ratios[0]
+        ax.secondary_yaxis("right", functions=(lambda x: x * k, lambda y: y / k)).set_ylabel("MFU %")
     return _save(fig, out / "throughput.png")
 
 
 def plot_expert_load(records: list[dict[str, Any]], out: Path) -> Path:
+    """Each expert's share per step as a heat map (experts x steps); the load CV for runs without ``expert_load``."""
     loads = [(r["step"], r["expert_load"]) for r in records if r.get("expert_load")]
     fig, ax = _figure("expert load: share of routed tokens per expert")
     if loads:
@@ -97,6 +103,7 @@ def plot_run(run_dir: Path, out: Path | None = None) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command line; exit code 2 when RUN_DIR holds no metrics.jsonl."""
     parser = argparse.ArgumentParser(prog="python -m hpframe.plot", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="a run directory holding metrics.jsonl")
     parser.add_argument("--out", type=Path, default=None, help="where the PNG files go (default RUN_DIR/plots)")

@@ -132,8 +132,7 @@ def main(cfg: RunConfig) -> int:
     from hpframe.machine import check_placement, probe
 
     try:  # before any process starts: GPUs and cores for plan.world_size processes; the run directory
-        for warning in check_placement(cfg, probe(), plan.world_size):
-            log.warning(warning)
+        check_placement(cfg, probe(), plan.world_size)  # refusals; each process logs the warnings (train_main)
         lock = claim_run_dir(cfg, plan)
     except UserError as err:
         print(f"hpframe: invalid configuration: {err}", file=sys.stderr)
@@ -267,7 +266,7 @@ def train_main(cfg: RunConfig, plan: "object") -> int:
     except torch.OutOfMemoryError:
         where = _save_traceback(cfg.output_dir)
         log.error(oom_report(cfg, plan, dist.get_rank() if dist.is_initialized() else 0)
-                  + (f" Traceback in {where}." if where else ""))
+                  + (f" Full error: {where}." if where else ""))
         return EXIT_USER_ERROR
     except NonFiniteLossError as err:
         log.error(f"hpframe: stopping: {err}")

@@ -103,8 +103,13 @@ class Checkpointer:
         self._error: BaseException | None = None
         self.last_committed: Path | None = None
 
-    def save(self, step: int, client_state: dict[str, Any]) -> SaveStats:
-        """Checkpoint after ``step`` optimizer steps (collective); returns the stall of the calling thread."""
+    def save(self, step: int, client_state: dict[str, Any], *, part: RankPart | None = None,
+             rng: dict | None = None) -> SaveStats:
+        """Checkpoint after ``step`` optimizer steps (collective); returns the stall of the calling thread.
+
+        ``part``/``rng``: this step's snapshot already taken for the fast tier (``memory.MemoryTier``),
+        written as it is instead of capturing the same state again.
+        """
         t0 = time.perf_counter()
         self.wait()
         waited = time.perf_counter() - t0
@@ -115,8 +120,8 @@ class Checkpointer:
         bounded_barrier(self.timeout_s, f"checkpoint save of step {step}")
         self._step = step
         t1 = time.perf_counter()
-        part = reshard.capture(self.engine)
-        rng = rng_state_json()
+        part = part if part is not None else reshard.capture(self.engine)
+        rng = rng if rng is not None else rng_state_json()
         snapshot = time.perf_counter() - t1
         if self.async_save:
             self._thread = threading.Thread(

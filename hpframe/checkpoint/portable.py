@@ -27,9 +27,10 @@ fragments that overlap it, reading only those byte ranges. Safetensors key: ``KI
 Version 1 (written before every rank wrote: dp-rank 0 wrote gathered whole tensors or expert rows)
 is the special case of whole boxes, and still loads.
 
-This module is the format only (no torch.distributed): writing one rank's part, reading the merged
-index, slicing a logical tensor, and the compatibility check that names every missing, unexpected or
-mis-shaped tensor.
+Errors about a checkpoint's files or contents are ``UserError`` (a ValueError; exit code 2 from
+``launch.py``), each naming the file. This module is the format only (no torch.distributed): writing
+one rank's part, reading the merged index, slicing a logical tensor, and the compatibility check that
+names every missing, unexpected or mis-shaped tensor.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ import torch
 
 from hpframe.checkpoint import store
 from hpframe.checkpoint.store import fsync_path
+from hpframe.errors import UserError
 
 FORMAT_VERSION = 2
 KINDS = ("param", "exp_avg", "exp_avg_sq")
@@ -115,17 +117,8 @@ class RankPart:
     coords: dict[str, int] = field(default_factory=dict)
 
 
-def write_part(directory: Path, part: RankPart) -> list[Path]:
-    """Write ``part``'s safetensors file, then its layout JSON (the completion mark); returns both paths."""
-    from safetensors.torch import save_file
-
-    directory = Path(directory)
-    tpath, lpath = directory / tensor_file(part.rank), directory / layout_file(part.rank)
-    tpath.parent.mkdir(parents=True, exist_ok=True)
-    lpath.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {p.key: p.tensor.contiguous() for p in part.pieces}
-    save_file(tensors, str(tpath), metadata={"format": "hpframe-portable", "version": str(FORMAT_VERSION)})
-    fsync_path(tpath)
+def layout_doc(part: RankPart) -> dict[str, Any]:
+    """The layout JSON of ``part``: every piece's logical name, kind, full shape, box and fragment."""
     entries = {}
     for p in part.pieces:
         offset, size = p.box()
@@ -133,7 +126,7 @@ def write_part(directory: Path, part: RankPart) -> list[Path]:
                           "rows": list(p.rows) if p.rows is not None else None,
                           "box": {"offset": list(offset), "size": list(size)},
                           "flat": list(p.flat) if p.flat is not None else None}
-    layout = {
+    return {
         "version": FORMAT_VERSION,
         "rank": part.rank,
         "coords": part.coords,
@@ -142,8 +135,30 @@ def write_part(directory: Path, part: RankPart) -> list[Path]:
         "expert_rows": sorted({tuple(p.rows) for p in part.pieces if p.rows is not None}),
         "adam_step": part.adam_step,
     }
+
+
+_METADATA = {"format": "hpframe-portable", "version": str(FORMAT_VERSION)}
+
+
+def tensors_bytes(part: RankPart) -> bytes:
+    """``part``'s safetensors file, in memory (what the fast tier keeps and sends)."""
+    from safetensors.torch import save
+
+    return save({p.key: p.tensor.contiguous() for p in part.pieces}, metadata=_METADATA)
+
+
+def write_part(directory: Path, part: RankPart) -> list[Path]:
+    """Write ``part``'s safetensors file, then its layout JSON (the completion mark); returns both paths."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    tpath, lpath = directory / tensor_file(part.rank), directory / layout_file(part.rank)
+    tpath.parent.mkdir(parents=True, exist_ok=True)
+    lpath.parent.mkdir(parents=True, exist_ok=True)
+    save_file({p.key: p.tensor.contiguous() for p in part.pieces}, str(tpath), metadata=_METADATA)
+    fsync_path(tpath)
     tmp = lpath.with_suffix(".tmp")
-    tmp.write_text(json.dumps(layout, indent=1, sort_keys=True))
+    tmp.write_text(json.dumps(layout_doc(part), indent=1, sort_keys=True))
     fsync_path(tmp)
     os.replace(tmp, lpath)
     return [tpath, lpath]
@@ -190,14 +205,25 @@ def listed_files(directory: Path) -> set[str]:
     try:
         manifest = store.verify(directory, checksums=False)
     except store.CheckpointError as err:
-        raise ValueError(str(err)) from err
+        raise UserError(str(err)) from err
     listed = set(manifest["files"])
     for p in sorted(directory.rglob("*")):
         rel = p.relative_to(directory).as_posix()
         if p.is_file() and rel != store.MANIFEST and rel not in listed:
-            raise ValueError(f"{p}: not listed in {directory / store.MANIFEST} (added after the save?); "
+            raise UserError(f"{p}: not listed in {directory / store.MANIFEST} (added after the save?); "
                              f"refusing to load a checkpoint with unlisted files")
     return listed
+
+
+def _only(directory: Path, files: set[str]) -> set[str]:
+    """``files``, after checking that they exist and that ``directory`` holds nothing else."""
+    for rel in sorted(files):
+        if not (directory / rel).is_file():
+            raise UserError(f"{directory / rel}: listed but missing")
+    for p in sorted(directory.rglob("*")):
+        if p.is_file() and p.relative_to(directory).as_posix() not in files:
+            raise UserError(f"{p}: not listed in the snapshot's commit records; refusing to load it")
+    return set(files)
 
 
 class PortableCheckpoint:
@@ -207,13 +233,14 @@ class PortableCheckpoint:
     Safetensors files are memory-mapped headers plus raw bytes: reading never executes code.
     """
 
-    def __init__(self, directory: str | Path) -> None:
+    def __init__(self, directory: str | Path, *, files: set[str] | None = None) -> None:
+        """``files``: the listing to trust instead of MANIFEST.json (the fast tier's commit records)."""
         self.directory = Path(directory)
-        listed = listed_files(self.directory)
+        listed = listed_files(self.directory) if files is None else _only(self.directory, files)
         layouts = [self.directory / rel for rel in sorted(listed)
                    if rel.startswith("layout/rank") and rel.endswith(".json")]
         if not layouts:
-            raise ValueError(f"{self.directory}: no layout/rank*.json: not a portable hpframe checkpoint")
+            raise UserError(f"{self.directory}: no layout/rank*.json: not a portable hpframe checkpoint")
         self.shapes: dict[tuple[str, str], tuple[int, ...]] = {}
         self.stored: dict[tuple[str, str], list[_Stored]] = {}
         self.adam_step: dict[str, float] = {}
@@ -221,14 +248,14 @@ class PortableCheckpoint:
         for path in layouts:
             doc = json.loads(path.read_text())
             if doc["file"] not in listed:
-                raise ValueError(f"{path}: names {doc['file']}, which {store.MANIFEST} does not list")
+                raise UserError(f"{path}: names {doc['file']}, which {store.MANIFEST} does not list")
             self.saved_coords[int(doc["rank"])] = doc["coords"]
             self.adam_step.update(doc["adam_step"])
             for key, meta in doc["tensors"].items():
                 lk = (meta["kind"], meta["name"])
                 shape = tuple(meta["shape"])
                 if self.shapes.setdefault(lk, shape) != shape:
-                    raise ValueError(f"{path}: {meta['name']} ({meta['kind']}) has shape {shape}, another file says {self.shapes[lk]}")
+                    raise UserError(f"{path}: {meta['name']} ({meta['kind']}) has shape {shape}, another file says {self.shapes[lk]}")
                 self.stored.setdefault(lk, []).append(_stored(doc["file"], key, meta, shape))
         self._handles: dict[str, Any] = {}
         self._gate_up: dict[tuple[str, str], tuple[tuple[str, str], tuple[str, str]]] = {}
@@ -246,7 +273,7 @@ class PortableCheckpoint:
                 continue
             s1, s3 = self.shapes.pop(w1), self.shapes.pop(w3)
             if s1 != s3:
-                raise ValueError(f"{self.directory}: {name} {list(s1)} and {base}w3 {list(s3)} differ in shape")
+                raise UserError(f"{self.directory}: {name} {list(s1)} and {base}w3 {list(s3)} differ in shape")
             self.shapes[w13] = (s1[0], 2 * s1[1], *s1[2:])
             self._gate_up[w13] = (w1, w3)
             if kind == "param":
@@ -278,7 +305,7 @@ class PortableCheckpoint:
             try:
                 self._handles[file] = safe_open(str(path), framework="pt")
             except Exception as err:  # safetensors raises its own error types for damaged headers
-                raise ValueError(f"{path}: unreadable safetensors file ({err})") from err
+                raise UserError(f"{path}: unreadable safetensors file ({err})") from err
         return self._handles[file]
 
     def read(self, name: str, kind: str = "param", rows: tuple[int, int] | None = None) -> torch.Tensor:
@@ -313,7 +340,7 @@ class PortableCheckpoint:
             out[region] = t
             covered += t.numel()
         if out is None or covered != out.numel():
-            raise ValueError(f"{self.directory}: {kind} {name} rows [{first}, {last}) are not all stored "
+            raise UserError(f"{self.directory}: {kind} {name} rows [{first}, {last}) are not all stored "
                              f"({covered} of {(last - first) * math.prod(shape[1:])} elements; files missing?)")
         return out
 
@@ -339,7 +366,7 @@ class PortableCheckpoint:
             buf[x - need[0]:y - need[0]] = frag
             got += y - x
         if buf is None or got != need[1] - need[0]:
-            raise ValueError(f"{self.directory}: {lk[0]} {lk[1]}: the fragments of box offset {list(offset)} size {list(size)} "
+            raise UserError(f"{self.directory}: {lk[0]} {lk[1]}: the fragments of box offset {list(offset)} size {list(size)} "
                              f"cover {got} of elements [{need[0]}, {need[1]}) (a rank's part missing?)")
         return buf.view(hi_row - lo_row, *size[1:])
 
@@ -356,7 +383,7 @@ class PortableCheckpoint:
                 if items:
                     shown = ", ".join(items[:12]) + (f", ... ({len(items)} in all)" if len(items) > 12 else "")
                     lines.append(f"  {title}: {shown}")
-            raise ValueError("\n".join(lines))
+            raise UserError("\n".join(lines))
 
 
 # ---- RNG states as JSON (no pickle) ------------------------------------------------------------------

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from hpframe.checkpoint.portable import Piece, PortableCheckpoint, RankPart
+from hpframe.errors import UserError
 from hpframe.models.moe import GroupedExperts
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -104,7 +105,7 @@ def _zero_optimizer(engine: Any) -> Any | None:
         return None
     zo = engine.ds.optimizer
     if _flat_partitions(zo) is None:
-        raise ValueError(f"checkpointing supports ZeRO stages 0-2 with DeepSpeed's ZeRO or BF16 optimizer, "
+        raise UserError(f"checkpointing supports ZeRO stages 0-2 with DeepSpeed's ZeRO or BF16 optimizer, "
                          f"got {type(zo).__name__}")
     return zo
 
@@ -229,7 +230,7 @@ def _local_slice(engine: Any, t: LocalTensor, full: torch.Tensor) -> torch.Tenso
     if t.tp_dim is not None and engine.plan.tp > 1:
         full = full.chunk(engine.plan.tp, dim=t.tp_dim)[engine.plan.ranks.coords(dist.get_rank())["tp"]]
     if tuple(full.shape) != tuple(t.tensor.shape):
-        raise ValueError(f"{t.name}: the checkpoint slice for local {t.local_name} has shape {tuple(full.shape)}, "
+        raise UserError(f"{t.name}: the checkpoint slice for local {t.local_name} has shape {tuple(full.shape)}, "
                          f"the model holds {tuple(t.tensor.shape)}")
     return full
 

@@ -11,15 +11,15 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from hydra.errors import ConfigCompositionException, MissingConfigException, OverrideParseException
+from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
 from hpframe.config import schema
 from hpframe.errors import UserError, did_you_mean
 
-CONFIG_ERRORS = (ConfigCompositionException, MissingConfigException, OverrideParseException, OmegaConfBaseException)
-"""Exceptions Hydra raises while composing, before hpframe's code runs."""
+CONFIG_ERRORS = (HydraException, OmegaConfBaseException)
+"""Exceptions Hydra and OmegaConf raise while composing, before hpframe's code runs."""
 
 
 def _one_line(text: str) -> str:

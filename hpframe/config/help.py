@@ -21,7 +21,7 @@ COMMON_KEYS = (
     "parallel.tp", "parallel.pp", "parallel.dp", "parallel.ep", "parallel.zero_stage", "parallel.micro_batch_size",
     "parallel.global_batch_size", "parallel.recompute", "train.steps", "train.lr", "train.dtype", "train.master_dtype",
     "train.device", "train.num_threads", "train.compile", "train.progress", "train.tensorboard", "train.wandb",
-    "data.kind", "data.path", "data.seq_len", "checkpoint.enabled", "checkpoint.dir", "checkpoint.interval",
+    "data.kind", "data.path", "data.seq_len", "data.inputs", "data.eval_path", "data.document_mask", "checkpoint.enabled", "checkpoint.dir", "checkpoint.interval",
     "checkpoint.resume", "cluster.nodes", "cluster.gpus_per_node", "cluster.gpu_memory_gb", "plan.dry_run",
     "plan.format", "plan.suggest", "plan.memory_check",
 )

@@ -291,5 +291,6 @@ def check_run_config(model: Any, moe: Any) -> None:
         if not _same(have, want):
             raise HFConfigError(
                 f"{key}={_render(getattr(have, 'value', have))} contradicts model.from_hf={where}: "
-                f"its config.json gives {_render(want)}"
+                f"its config.json gives {_render(want)} (config.json's fields are filled in for a model.from_hf "
+                "given on the command line; one set in a file must come with them)"
             )

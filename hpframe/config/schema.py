@@ -78,6 +78,11 @@ class DataKind(str, Enum):
     tokenized = "tokenized"  # memory-mapped token shards written by `python -m hpframe.data.prepare`
 
 
+class WandbMode(str, Enum):
+    online = "online"  # log to the Weights & Biases server (needs a login)
+    offline = "offline"  # write under RUN_DIR/wandb only; upload later with `wandb sync`
+
+
 class PlanFormat(str, Enum):
     table = "table"
     json = "json"
@@ -94,7 +99,9 @@ class ModelConfig:
     Its config.json sets every field below that changes the computation (launch.py fills them in; an
     override that contradicts it is refused) and its weights are the initial weights. '' = off."""
     arch: Arch = Arch.mixtral
-    """Model family: gpt (dense), mixtral, deepseek_v3."""
+    """Model family: gpt (dense), mixtral, deepseek_v3, qwen3_moe. Every family is the one ``Transformer``, whose
+    layers follow ``attention``, ``activation`` and the moe group; ``arch`` names the family's tensor
+    layout in transformers' checkpoints (``hpframe.models.hf_adapter``: export and import; gpt has none)."""
     hidden_size: int = MISSING
     """Width of the residual stream."""
     num_layers: int = MISSING
@@ -296,7 +303,7 @@ class TrainConfig:
     """Also log the step figures to Weights & Biases (needs ``pip install wandb``; rank 0 only)."""
     wandb_project: str = "hpframe"
     """Weights & Biases project of the run."""
-    wandb_mode: str = "online"
+    wandb_mode: WandbMode = WandbMode.online
     """online, or offline: written under RUN_DIR/wandb without a network (upload later with ``wandb sync``)."""
     compile: bool = False
     """torch.compile the transformer blocks."""
@@ -330,12 +337,28 @@ class DataConfig:
     """synthetic (built-in corpus) or tokenized (shards written by `python -m hpframe.data.prepare`)."""
     path: str = ""
     """Directory of a tokenized dataset (kind=tokenized)."""
+    eval_path: str = ""
+    """Directory of a separate tokenized evaluation set; empty = hold out the last ``eval_fraction`` of
+    ``path`` (with it, all of ``path`` trains)."""
     seq_len: int = 128
     """Tokens per training sequence."""
     num_synthetic_tokens: int = 1_000_000
     """Size of the synthetic corpus."""
     eval_fraction: float = 0.01
-    """Held-out fraction for evaluation."""
+    """Held-out fraction for evaluation (unused with ``eval_path``)."""
+    inputs: list[str] = field(default_factory=list)
+    """Text, JSON Lines or Parquet files, directories or glob patterns that rank 0 prepares into
+    ``path`` before training when ``path`` holds no dataset yet (``python -m hpframe.data.prepare``);
+    empty = ``path`` must already hold one."""
+    tokenizer: str = ""
+    """For ``inputs``: a model directory or tokenizer.json; empty = ``model.from_hf``'s tokenizer when set,
+    else a byte-level BPE of ``model.vocab_size`` entries trained on the inputs."""
+    text_field: str = "text"
+    """For ``inputs``: the JSON Lines field / Parquet column holding the text."""
+    document_mask: bool = False
+    """Packed documents do not see each other: attention is block-diagonal causal and rotary positions
+    restart at each document (a document ends with the dataset's EOS id; token 0 for the synthetic
+    corpus). False = plain causal attention across the packed sequence."""
     seed: int = 1234
     """Seed of the sampling order (and of the synthetic corpus)."""
 
@@ -356,6 +379,13 @@ class CheckpointConfig:
     checkpoints exist but none verifies), 'none' (start over), or a checkpoint path."""
     async_save: bool = False
     """Snapshot to host memory and persist in a background thread."""
+    memory_interval: int = 0
+    """Steps between snapshots to host memory (the fast tier, hpframe/checkpoint/memory.py); 0 = off.
+    Storage saves (``interval``) then write the snapshot of their step instead of taking another."""
+    memory_replicas: int = 1
+    """Other nodes that keep a copy of each rank's snapshot (ring order); losing this many nodes loses none."""
+    memory_dir: str = "/dev/shm"
+    """Host memory that outlives the workers: a shared-memory file system on every node."""
     preempt_grace_s: float = 25.0
     """On SIGTERM or SIGINT (preemption, Ctrl-C), seconds allowed to finish the current step and write a final
     checkpoint before the process exits anyway (below SLURM's default KillWait and Kubernetes' default
@@ -390,6 +420,10 @@ class ClusterConfig:
     """Fixed time per all-to-all call, microseconds (start-up, synchronization of the ranks)."""
     peak_tflops: float = 989.0
     """Dense bf16 peak per device in TFLOP/s (used for MFU and time estimates)."""
+    host_memory_gb: float = 1024.0
+    """Host (CPU) memory per node in GiB; the fast tier's snapshots (checkpoint.memory_interval) must fit."""
+    host_copy_bw_GBps: float = 25.0
+    """Device-to-host copy bandwidth per device, GB/s (the fast tier's snapshot stall)."""
     storage_bw_GBps: float = 10.0
     """Aggregate checkpoint write bandwidth of the job, GB/s."""
     gpu_mtbf_hours: float = 50_000.0

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from hpframe.data.dataset import SequenceSplit
+from hpframe.errors import UserError
 
 
 class ShardedLoader:
@@ -81,7 +82,7 @@ class ShardedLoader:
         """Restore the position. The data (seed, split size, seq_len) must be the one the state was saved with."""
         for key, mine in (("seed", self.seed), ("num_sequences", self.split.num_sequences), ("seq_len", self.split.seq_len)):
             if state[key] != mine:
-                raise ValueError(
+                raise UserError(
                     f"cannot resume the data loader: checkpoint has {key}={state[key]}, this run has {key}={mine} "
                     "(data.seed, data.seq_len and the dataset must match the checkpoint's)"
                 )

@@ -9,13 +9,16 @@ document is one of three kinds, chosen at random:
 * ``repeat``: a random phrase of 3-12 symbols repeated to the end of the document (induction).
 
 Only ``min(vocab_size - 1, 256)`` symbols are used, so a model first learns which tokens never occur
-(the loss falls by about ln(vocab / 256) within a few steps) and then the local structure.
+(the loss falls by about ln(vocab / 256); with train=smoke on mixtral_debug that takes about ten
+steps) and then the local structure.
 Generation is vectorized over documents; one million tokens take well under a second.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from hpframe.errors import UserError
 
 SEPARATOR = 0
 """Token that opens every synthetic document."""
@@ -33,9 +36,9 @@ def num_active_symbols(vocab_size: int) -> int:
 def synthetic_corpus(num_tokens: int, vocab_size: int, seed: int) -> np.ndarray:
     """Return ``num_tokens`` int32 token ids in [0, vocab_size), a pure function of its arguments."""
     if vocab_size < 3:
-        raise ValueError(f"model.vocab_size={vocab_size}: the synthetic corpus needs at least 3 tokens")
+        raise UserError(f"model.vocab_size={vocab_size}: the synthetic corpus needs at least 3 tokens")
     if num_tokens < DOC_LEN:
-        raise ValueError(f"data.num_synthetic_tokens={num_tokens}: need at least one document of {DOC_LEN} tokens")
+        raise UserError(f"data.num_synthetic_tokens={num_tokens}: need at least one document of {DOC_LEN} tokens")
     rng = np.random.default_rng([seed, 0x5EED])
     num_active = num_active_symbols(vocab_size)
     num_docs = -(-num_tokens // DOC_LEN)

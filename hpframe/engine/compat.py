@@ -88,7 +88,8 @@ PATCHES: tuple[Patch, ...] = (
     # torch
     Patch("models/moe.py in_backward", "torch._C:_current_graph_task_id", "calls"),
     Patch("models/moe.py GroupedExperts, models/moe_gpu.py", "torch:_grouped_mm", "calls"),
-    Patch("engine/step.py, engine/bf16_grads.py, engine/moe_bridge.py", "torch:_foreach_mul_", "calls"),
+    Patch("engine/step.py, engine/bf16_grads.py, engine/moe_bridge.py, engine/adamw_kernel.py", "torch:_foreach_mul_",
+          "calls"),
     Patch("models/moe.py Router", "torch.nn.modules.module:Module._apply", "overrides"),
     Patch("models/moe.py GroupedExperts", "torch.nn.modules.module:Module._load_from_state_dict", "overrides"),
 )

@@ -1,17 +1,10 @@
 """Process-level DeepSpeed setup: accelerator choice, extension cache, and no shared-memory op build.
 
 DeepSpeed's CPU communication backend JIT-compiles a shared-memory all-reduce op with gcc the first
-time a process starts (28-50 s on our 2-core CPU machines). That op only
+time a process starts (tens of seconds per cold start; docs/performance.md, section 12). That op only
 serves inference-style all-reduce; training collectives go through torch.distributed (gloo), so
 ``prepare_deepspeed`` replaces the builder with one that returns None, which DeepSpeed already
 treats as "op not available". Call it before ``deepspeed.comm.init_distributed``.
-
-Measured here (2 shared cores, load 3-6): ``deepspeed.comm.init_distributed`` on a gloo group took
-76 s with a cold extensions folder and 0.1 s with a warm one or with the no-op. A 2-process
-(4-process) start of the equivalence harness, up to a ready engine: spawn + imports + process group
-1.4 s (2.9 s), hpframe imports 0.4 s (0.7 s), the first build_engine 2.0 s (4.1 s; mostly
-torch._dynamo, which torch.optim and DeepSpeed's ZeRO optimizer check import); a training step of
-the debug models then takes 0.2-0.35 s.
 """
 
 from __future__ import annotations

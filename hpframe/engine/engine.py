@@ -26,7 +26,7 @@ import torch.distributed as dist
 from hpframe.models import Block, MoE, Router
 from hpframe.models.moe import in_backward
 from hpframe.parallel.tensor import vocab_parallel_cross_entropy
-from hpframe.train.profile import phase
+from hpframe.phases import phase
 
 
 @dataclass
@@ -143,15 +143,22 @@ class Engine:
             parts.append(loads.double().reshape(-1))
         return torch.cat(parts), loads
 
-    def _device_batch(self, t: torch.Tensor) -> torch.Tensor:
+    def _device_batch(self, t: torch.Tensor | tuple[torch.Tensor, ...]) -> Any:
+        """A micro-batch's tokens or targets, or its ``(tokens, positions)`` inputs, on the device."""
+        if isinstance(t, tuple):
+            return tuple(to_device(x, self.ds.device) for x in t)
         return to_device(t, self.ds.device)
+
+    def _forward(self, inputs: Any) -> torch.Tensor:
+        """Logits of a micro-batch's inputs: tokens, or ``(tokens, positions)`` with data.document_mask."""
+        return self.ds(*inputs) if isinstance(inputs, tuple) else self.ds(inputs)
 
     def _train_flat(self, micro_batches: list) -> tuple[torch.Tensor, torch.Tensor | None]:
         lms, auxs = [], []
         loads = None
         for i, (tokens, targets) in enumerate(micro_batches):
             with phase("forward"):
-                logits = self.ds(self._device_batch(tokens))  # [B,S,V/tp]
+                logits = self._forward(self._device_batch(tokens))  # [B,S,V/tp]
                 lm = self._lm_loss(logits, self._device_batch(targets))
                 aux = self.ds.module.aux_loss.float()
                 loss = lm + aux
@@ -258,7 +265,7 @@ class Engine:
             self.ds.eval()
             lm = []
             for tokens, targets in micro_batches:
-                logits = self.ds(self._device_batch(tokens))
+                logits = self._forward(self._device_batch(tokens))
                 lm.append(self._lm_loss(logits, self._device_batch(targets)).float())
             aux = [torch.zeros_like(x) for x in lm]
         self.ds.train()

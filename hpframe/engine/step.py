@@ -1,14 +1,10 @@
 """The optimizer-step guard: true global gradient norm, clipping, and skipping non-finite steps.
 
 DeepSpeed's own clipping is switched off (``gradient_clipping: 0`` in the generated config) because
-its norm is wrong for some hpframe layouts. Measured on mixtral_debug / gpt_debug, first step,
-against the single-process norm (tests/dist reference), 2 and 4 processes:
-  ZeRO 0, pp2:              3.1610 vs 3.9295  (too low: the other stage not counted)
-  ZeRO 0, ep2 / dp4 x ep2:  2.8092 vs 2.8207 / 1.9770 vs 1.9852  (too low: part of the expert gradients not counted)
-  ZeRO 0/1, pp2 tied embed: 3.6692 / 4.5786 vs 4.0803  (DeepSpeed does not know our tied copy)
-  ZeRO 1/2, pp2 / ep2 / tp2 / dp4 x ep2:  correct to 1e-6
-So ``StepGuard`` computes the norm itself and clips before the optimizer step, for every stage,
-inside DeepSpeed's ``_take_model_step`` (after the gradients are reduced):
+its norm is wrong for some hpframe layouts under ZeRO 0 (pipeline stages, experts, the tied
+embedding's second copy; measured in docs/performance.md, section 12). So ``StepGuard`` computes the
+norm itself and clips before the optimizer step, for every stage, inside DeepSpeed's
+``_take_model_step`` (after the gradients are reduced; docs/design.md, "Library internals"):
 
   sq(p)  = sum of squared gradient entries this rank holds for p (a ZeRO partition, or the whole grad)
   counted: TP-sharded params (``tensor_model_parallel``) on every tp rank, replicated params on
@@ -27,8 +23,7 @@ reads it and leaves parameters and Adam state untouched when ``bad`` is set (tor
 ``found_inf``, the mechanism of its AMP grad scaler). The norm, the flag and whatever the engine adds
 (``report_extra``: losses, balance counts) go to the host in one asynchronous copy queued before the
 update; ``finish()`` waits for that copy only, so the host prepares the next step while the GPU runs
-the optimizer. On one H200 (mixtral_h200) the two host reads before the update left the GPU idle
-~2.4 ms per step (docs/performance.md, section 7).
+the optimizer (host reads before the update left the GPU idle: docs/performance.md, section 7).
 """
 
 from __future__ import annotations
@@ -41,7 +36,7 @@ import torch.distributed as dist
 from deepspeed.moe.utils import is_moe_param
 from torch import nn
 
-from hpframe.train.profile import phase
+from hpframe.phases import phase
 
 
 class SkippableAdamW(torch.optim.AdamW):
@@ -51,8 +46,8 @@ class SkippableAdamW(torch.optim.AdamW):
     update entirely when ``bad`` is nonzero, both 0-dim tensors that may still be being computed on the
     device. Fused (the default on every device): the kernel divides each gradient by ``1 / coef`` as it
     reads it and returns early on ``bad`` (torch's ``grad_scale`` / ``found_inf``; the step counts are
-    put back), so neither clipping nor the decision costs a pass or a host synchronization; on the
-    3.58 B-parameter H200 model a separate clipping multiply was 7.8 ms per step. On CUDA with Triton
+    put back), so neither clipping nor the decision costs a pass or a host synchronization (a
+    separate clipping multiply costs one pass over the gradients). On CUDA with Triton
     the fused update is hpframe's own kernel (``adamw_kernel``: same arithmetic and state as torch's,
     at the memory bandwidth). Unfused, the two scalars are read on the host and applied before torch's
     loop.

@@ -97,18 +97,37 @@ class RotaryEmbedding(nn.Module):
         self.cos.copy_(rot.real * factor)
         self.sin.copy_(rot.imag * factor)
 
-    def forward(self, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for positions 0..seq_len-1, each [S, dim/2]."""
+    def forward(self, seq_len: int, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for positions 0..seq_len-1, each [S, dim/2]; or at ``positions`` [B,S], each [B,S,dim/2]."""
         if seq_len > self.max_seq_len:
             raise ValueError(f"sequence length {seq_len} exceeds model.max_seq_len={self.max_seq_len}")
+        if positions is not None:
+            return self.cos[positions], self.sin[positions]
         return self.cos[:seq_len], self.sin[:seq_len]
+
+
+def _per_token(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A rotary table [S,d] or [B,S,d] shaped to broadcast over x[B,S,heads,d]."""
+    return (t[None, :, None, :] if t.dim() == 2 else t[:, :, None, :]).to(like.dtype)
+
+
+def document_attention_mask(positions: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal causal mask bool[B,1,S,S] of packed documents (``data.document_mask``).
+
+    ``positions`` [B,S] restart at 0 where a document starts; query i sees key j iff j <= i and no
+    document starts in (j, i]. True means "attend" (scaled_dot_product_attention's convention).
+    """
+    doc = torch.cumsum(positions == 0, dim=1)  # [B,S] document index of each token
+    s = positions.shape[1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=positions.device).tril()
+    return ((doc[:, :, None] == doc[:, None, :]) & causal)[:, None]
 
 
 def apply_rotary_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary on x[B,S,heads,d] pairing dim i with i+d/2 (the Llama/Mixtral "rotate_half" layout)."""
     d2 = x.shape[-1] // 2
     x1, x2 = x[..., :d2], x[..., d2:]
-    c, s = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
+    c, s = _per_token(cos, x), _per_token(sin, x)
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
 
 
@@ -119,7 +138,7 @@ def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     map, so the order of the output dims does not change q.k; it matches transformers' DeepSeek-V3.
     """
     x1, x2 = x[..., 0::2], x[..., 1::2]
-    c, s = cos[None, :, None, :].to(x.dtype), sin[None, :, None, :].to(x.dtype)
+    c, s = _per_token(cos, x), _per_token(sin, x)
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
 
 
@@ -146,21 +165,25 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(hd, cfg.norm_eps) if cfg.qk_norm else None
         self.rotary = RotaryEmbedding(hd, cfg)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x[B,S,H] -> [B,S,H]; ``positions`` [B,S] (packed documents): rotary at those positions and
+        attention only inside each document (``document_attention_mask``)."""
         b, s, _ = x.shape
         q = self.wq(x).view(b, s, self.num_heads, self.head_dim)
         k = self.wk(x).view(b, s, self.num_kv_heads, self.head_dim)
         v = self.wv(x).view(b, s, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = self.rotary(s)
+        cos, sin = self.rotary(s, positions)
         q, k = apply_rotary_half(q, cos, sin), apply_rotary_half(k, cos, sin)
+        mask = document_attention_mask(positions) if positions is not None else None
         # sdpa wants [B, heads, S, hd]; enable_gqa repeats each kv head nh/nkv times.
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2),
             k.transpose(1, 2),
             v.transpose(1, 2),
-            is_causal=True,
+            attn_mask=mask,
+            is_causal=mask is None,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
         return self.wo(o.transpose(1, 2).reshape(b, s, self.num_heads * self.head_dim))

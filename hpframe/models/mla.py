@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hpframe.config.schema import ModelConfig, RopeType
-from hpframe.models.layers import RMSNorm, RotaryEmbedding, apply_rotary_interleaved, yarn_mscale
+from hpframe.models.layers import RMSNorm, RotaryEmbedding, apply_rotary_interleaved, document_attention_mask, yarn_mscale
 
 # DeepSeek's reference code (and transformers) build the two latent norms with their default eps,
 # not with the model's norm_eps.
@@ -51,7 +51,8 @@ class MLAttention(nn.Module):
         if RopeType(cfg.rope_type) == RopeType.yarn and cfg.rope_mscale_all_dim:
             self.scale *= yarn_mscale(cfg.rope_factor, cfg.rope_mscale_all_dim) ** 2
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """x[B,S,H] -> [B,S,H]; ``positions`` [B,S]: packed documents, as in ``layers.Attention``."""
         b, s, _ = x.shape
         nh = self.num_heads
         q = self.wq(x) if self.wq is not None else self.wq_b(self.q_norm(self.wq_a(x)))
@@ -60,13 +61,15 @@ class MLAttention(nn.Module):
         kv, k_rope = self.wkv_a(x).split([self.kv_lora_rank, self.dr], dim=-1)
         kv = self.wkv_b(self.kv_norm(kv)).view(b, s, nh, self.dn + self.dv)
         k_nope, v = kv.split([self.dn, self.dv], dim=-1)
-        cos, sin = self.rotary(s)
+        cos, sin = self.rotary(s, positions)
         q_rope = apply_rotary_interleaved(q_rope, cos, sin)
         k_rope = apply_rotary_interleaved(k_rope.view(b, s, 1, self.dr), cos, sin)  # one key for all heads
         q = torch.cat([q_nope, q_rope], dim=-1)
         k = torch.cat([k_nope, k_rope.expand(b, s, nh, self.dr)], dim=-1)
         # [B, nh, S, d]; sdpa allows a value dim (dv) different from the query/key dim (dn+dr).
+        mask = document_attention_mask(positions) if positions is not None else None
         o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=self.scale
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=mask is None,
+            scale=self.scale,
         )
         return self.wo(o.transpose(1, 2).reshape(b, s, nh * self.dv))

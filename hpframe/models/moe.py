@@ -376,7 +376,7 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda and self.cfg.dropless:
-            return moe_gpu.moe_forward(self, x)  # same function, fused permutation kernels
+            return moe_forward(self, x)  # same function, fused permutation kernels
         b, s, h = x.shape
         xf = x.reshape(b * s, h)
         r = self.router(xf)
@@ -434,3 +434,32 @@ class MoE(nn.Module):
             "dropped_frac": torch.full((), 1.0 - kept / max(r.topk_idx.numel(), 1), device=load.device),
             **{k: v.detach() for k, v in losses.items()},
         }
+
+
+def moe_forward(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """``MoE.forward`` through the fast path of ``moe_gpu``'s kernels: same outputs, losses and stats
+    (dropless only).
+
+    ``moe.experts`` may be any module with the ``(x_sorted, counts)`` signature (an expert-parallel
+    wrapper too); a plain ``GroupedExperts`` is run through ``moe_gpu.grouped_mlp``.
+    """
+    if not moe.cfg.dropless:
+        raise ValueError("the MoE fast path needs moe.dropless=true (capacity dropping changes N)")
+    b, s, h = x.shape
+    xf = x.reshape(b * s, h)
+    r = moe.router(xf)
+    flat_e = r.topk_idx.reshape(-1)  # [N] expert of assignment a = t*k + j
+    order, inv, counts = moe_gpu.sort_by_expert(flat_e, moe.num_experts)  # tokens of one expert in position order
+    x_sorted = moe_gpu.permute(xf, order, inv, moe.top_k)  # [N,H]
+    ex = moe.experts
+    # exact type: an expert-parallel subclass must run its own forward (the all-to-all exchange)
+    if type(ex) is GroupedExperts and moe_gpu.grouped_mm_ok(x_sorted, ex.hidden, ex.inner):
+        y_sorted = moe_gpu.grouped_mlp(x_sorted, counts, ex.w_in, ex.w2, swiglu=ex.swiglu)
+        shared = moe.shared(xf) if moe.shared is not None else None
+    else:
+        y_sorted, shared = moe.run_experts(x_sorted, counts, xf)
+    y = moe_gpu.combine(y_sorted, r.topk_weight, inv)  # fp32 weights: the kernels accumulate in fp32
+    if shared is not None:
+        y = y + shared
+    moe._losses_and_stats(r, b, s, counts, order.numel())
+    return y.view(b, s, h)

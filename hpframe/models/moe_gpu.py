@@ -409,34 +409,3 @@ def grouped_mm_ok(x: torch.Tensor, hidden: int, inner: int) -> bool:
         and inner % 8 == 0
         and torch.cuda.get_device_capability(x.device) >= (9, 0)
     )
-
-
-def moe_forward(moe: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """``MoE.forward`` through the fast path: same outputs, losses and stats (dropless only).
-
-    ``moe`` is a ``hpframe.models.moe.MoE``; its ``experts`` may be any module with the
-    ``(x_sorted, counts)`` signature (an expert-parallel wrapper too); a plain ``GroupedExperts``
-    is run through ``grouped_mlp``.
-    """
-    from hpframe.models.moe import GroupedExperts
-
-    if not moe.cfg.dropless:
-        raise ValueError("the MoE fast path needs moe.dropless=true (capacity dropping changes N)")
-    b, s, h = x.shape
-    xf = x.reshape(b * s, h)
-    r = moe.router(xf)
-    flat_e = r.topk_idx.reshape(-1)  # [N] expert of assignment a = t*k + j
-    order, inv, counts = sort_by_expert(flat_e, moe.num_experts)  # tokens of one expert in position order
-    x_sorted = permute(xf, order, inv, moe.top_k)  # [N,H]
-    ex = moe.experts
-    # exact type: an expert-parallel subclass must run its own forward (the all-to-all exchange)
-    if type(ex) is GroupedExperts and grouped_mm_ok(x_sorted, ex.hidden, ex.inner):
-        y_sorted = grouped_mlp(x_sorted, counts, ex.w_in, ex.w2, swiglu=ex.swiglu)
-        shared = moe.shared(xf) if moe.shared is not None else None
-    else:
-        y_sorted, shared = moe.run_experts(x_sorted, counts, xf)
-    y = combine(y_sorted, r.topk_weight, inv)  # fp32 weights: the kernels accumulate in fp32
-    if shared is not None:
-        y = y + shared
-    moe._losses_and_stats(r, b, s, counts, order.numel())
-    return y.view(b, s, h)

@@ -20,6 +20,7 @@ from hpframe.config.schema import ModelConfig, MoEConfig
 from hpframe.models.layers import MLP, Attention, RMSNorm, RotaryEmbedding
 from hpframe.models.mla import MLAttention
 from hpframe.models.moe import MoE, GroupedExperts, Router
+from hpframe.plan.validate import validate_model_build
 
 
 def is_moe_layer(index: int, model_cfg: ModelConfig, moe_cfg: MoEConfig) -> bool:
@@ -51,17 +52,18 @@ class Block(nn.Module):
         else:
             self.mlp = MLP(h, model_cfg.ffn_hidden_size, model_cfg.activation)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, normed = self.attention_half(x)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        h, normed = self.attention_half(x, positions)
         return h + self.mlp(normed)
 
-    def attention_half(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def attention_half(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """h = x + attn(attn_norm(x)) and mlp_norm(h): the part of the block whose shapes never change.
 
         ``train.compile`` compiles this whole function (``parallel.compile.apply_compile``), so the
         residual add and both norms fuse with their neighbours forward and backward.
         """
-        h = x + self.attn(self.attn_norm(x))
+        # positions travel positionally: the TP hooks pass every argument after x through unchanged
+        h = x + (self.attn(self.attn_norm(x)) if positions is None else self.attn(self.attn_norm(x), positions))
         return h, self.mlp_norm(h)
 
 
@@ -139,11 +141,16 @@ class Transformer(nn.Module):
         """The MoE MLPs, in block order."""
         return [b.mlp for b in self.layers if isinstance(b.mlp, MoE)]
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens[B,S] int64 -> logits[B,S,Vp] (padded rows -inf); sets ``self.aux_loss`` (sum of the MoE layers' losses)."""
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens[B,S] int64 -> logits[B,S,Vp] (padded rows -inf); sets ``self.aux_loss`` (sum of the MoE layers' losses).
+
+        ``positions`` [B,S] int64 (``data.document_mask``): each token's position inside its packed
+        document, 0 where a document starts; attention and rotary positions then stay inside each
+        document, so every document computes what it computes alone.
+        """
         x = self.embed(tokens)
         for block in self.layers:
-            x = block(x)
+            x = block(x) if positions is None else block(x, positions)
         x = self.norm(x)
         logits = self.head(x) if self.head is not None else F.linear(x, self.embed.weight)
         # vocab_start: the first row of a tensor-parallel shard (attribute set by parallel.tensor)
@@ -198,51 +205,12 @@ class Transformer(nn.Module):
         _draw_all(jobs, workers=workers)
 
 
-def validate(model_cfg: ModelConfig, moe_cfg: MoEConfig, routing_groups: int) -> None:
-    """Raise ValueError naming the config key and numbers for shapes the model cannot build."""
-    m, e = model_cfg, moe_cfg
-    if m.hidden_size <= 0 or m.num_layers <= 0 or m.num_heads <= 0 or m.vocab_size <= 0:
-        raise ValueError(
-            f"model.hidden_size={m.hidden_size}, num_layers={m.num_layers}, num_heads={m.num_heads}, "
-            f"vocab_size={m.vocab_size} must all be positive"
-        )
-    if AttentionKind(m.attention) == AttentionKind.gqa and m.head_dim <= 0 and m.hidden_size % m.num_heads:
-        raise ValueError(f"model.hidden_size={m.hidden_size} is not divisible by model.num_heads={m.num_heads}")
-    if e.num_experts <= 0:
-        return
-    if not 1 <= e.top_k <= e.num_experts:
-        raise ValueError(f"moe.top_k={e.top_k} must be in [1, moe.num_experts={e.num_experts}]")
-    if e.moe_layer_freq < 1:
-        raise ValueError(f"moe.moe_layer_freq={e.moe_layer_freq} must be >= 1")
-    if routing_groups < 1 or e.num_experts % routing_groups:
-        raise ValueError(
-            f"moe.num_experts={e.num_experts} must be divisible by the routing groups ({routing_groups}; "
-            "moe.num_expert_groups unless the runtime passes its node count)"
-        )
-    if e.max_nodes_per_token < 0:
-        raise ValueError(f"moe.max_nodes_per_token={e.max_nodes_per_token} must be >= 0")
-    if 0 < e.max_nodes_per_token < routing_groups:
-        reach = e.max_nodes_per_token * (e.num_experts // routing_groups)
-        if reach < e.top_k:
-            raise ValueError(
-                f"moe.max_nodes_per_token={e.max_nodes_per_token} groups of {e.num_experts // routing_groups} "
-                f"experts hold {reach} experts, fewer than moe.top_k={e.top_k}"
-            )
-    if not e.dropless and (e.capacity_factor <= 0 or e.eval_capacity_factor <= 0):
-        raise ValueError(
-            f"moe.capacity_factor={e.capacity_factor} and moe.eval_capacity_factor={e.eval_capacity_factor} "
-            "must be positive when moe.dropless is false"
-        )
-
-
 def build_model(model_cfg: ModelConfig, moe_cfg: MoEConfig, *, routing_groups: int | None = None) -> Transformer:
     """Build the transformer (weights uninitialized: call ``init_weights(seed)``).
 
     routing_groups: groups for node-limited routing; None means moe.num_expert_groups (the runtime
     passes the number of nodes one EP group spans when that is more than one).
     """
-    from hpframe.models.registry import model_class  # the registry imports this module
-
     groups = moe_cfg.num_expert_groups if routing_groups is None else routing_groups
-    validate(model_cfg, moe_cfg, groups)
-    return model_class(model_cfg.arch)(model_cfg, moe_cfg, groups)
+    validate_model_build(model_cfg, moe_cfg, groups)
+    return Transformer(model_cfg, moe_cfg, groups)

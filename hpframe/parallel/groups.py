@@ -23,12 +23,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch.distributed as dist
-
-if TYPE_CHECKING:
-    from torch.distributed.device_mesh import DeviceMesh
 
 AXES: tuple[str, ...] = ("tp", "pp", "dp", "ep", "edp", "mp", "embedding")
 """Every axis a ParallelGroups carries, in the order groups are created on every rank."""
@@ -75,10 +72,6 @@ class ParallelGroups:
         return members.index(self.rank)
 
     @property
-    def tp_size(self) -> int:
-        return self.size("tp")
-
-    @property
     def tp_rank(self) -> int:
         return self.local_rank("tp")
 
@@ -89,10 +82,6 @@ class ParallelGroups:
     @property
     def ep_rank(self) -> int:
         return self.local_rank("ep")
-
-    @property
-    def dp_size(self) -> int:
-        return self.size("dp")
 
     @property
     def dp_rank(self) -> int:
@@ -174,19 +163,3 @@ def build_groups(plan: Any) -> ParallelGroups:
                 f"the plan's {axis} coordinate {coords[axis]}"
             )
     return groups
-
-
-def build_device_mesh(plan: Any, device_type: str) -> DeviceMesh:
-    """A DeviceMesh with dims (pp, dp, tp) over the plan's dense grid (collective: all ranks call it).
-
-    Optional: hpframe's own layers use ``ParallelGroups``; the mesh serves torch utilities that
-    want one (e.g. distributed checkpointing). Its per-dim groups equal the plan's pp/dp/tp groups.
-    """
-    import torch
-    from torch.distributed.device_mesh import DeviceMesh
-
-    grid = torch.empty(plan.pp, plan.dp, plan.tp, dtype=torch.int64)
-    for r in range(plan.world_size):
-        c = plan.ranks.coords(r)
-        grid[c["pp"], c["dp"], c["tp"]] = r
-    return DeviceMesh(device_type, grid, mesh_dim_names=("pp", "dp", "tp"))

@@ -5,6 +5,9 @@ Layer list (index: module), built from the modules of an already parallelized fu
   1..L         BlockStage   (x, aux) -> (block(x), aux + block's MoE aux loss)
   L+1          HeadStage    (x, aux) -> (logits[B,S,V/tp], aux)       final norm + LM head
 and the loss ``PipelineLoss((logits, aux), targets) = LM cross-entropy + aux``, on the last stage.
+With ``data.document_mask`` the first stage takes ``(tokens, positions)`` and every stage passes the
+int64 ``positions[B,S]`` on after ``(x, aux)`` (DeepSpeed sends integer activations and expects no
+gradient for them), so each block masks attention by document whatever stage runs it.
 
 Auxiliary losses: a running fp32 tensor ``aux[1]`` travels between stages with the hidden states, so
 the loss of one micro-batch is LM + the sum of every MoE layer's aux loss, whatever the number of
@@ -42,10 +45,11 @@ class EmbedStage(nn.Module):
         super().__init__()
         self.embed = embed
 
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, inputs: torch.Tensor | tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        tokens, *positions = inputs if isinstance(inputs, tuple) else (inputs,)
         x = self.embed(tokens)  # [B,S,H]
         aux = x.reshape(-1)[:1].float() * 0.0  # [1], zero, but part of the graph
-        return x, aux
+        return (x, aux, *positions)
 
 
 class BlockStage(nn.Module):
@@ -53,13 +57,13 @@ class BlockStage(nn.Module):
         super().__init__()
         self.block = block
 
-    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        x, aux = inputs
-        x = self.block(x)
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        x, aux, *positions = inputs
+        x = self.block(x, *positions)
         mlp = self.block.mlp
         if isinstance(mlp, MoE):
             aux = aux + mlp.aux_loss.float().reshape(1)
-        return x, aux
+        return (x, aux, *positions)
 
 
 class HeadStage(nn.Module):
@@ -71,8 +75,8 @@ class HeadStage(nn.Module):
         self.norm, self.head, self.tied = norm, head, tied
         self.vocab_size = vocab_size
 
-    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        x, aux = inputs
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, aux = inputs[:2]
         x = self.norm(x)
         logits = self.head(x) if self.head is not None else F.linear(x, self.tied.weight)
         start = getattr(self.head if self.head is not None else self.tied, "vocab_start", 0)

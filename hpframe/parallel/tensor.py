@@ -237,39 +237,31 @@ class ColumnParallelLinear(nn.Module):
 
 
 class RowParallelLinear(nn.Module):
-    """y[..., out] = sum over ranks of x[..., in/t] @ W_shard^T, W split by input columns (no bias).
+    """partial[..., out] = x[..., in/t] @ W_shard^T, W split by input columns (no bias).
 
-    ``reduce``: how the partial sums [..., out] are combined: ``all_reduce`` (output replicated),
-    ``reduce_scatter`` (sequence parallel: [B,S/t,out]) or ``none`` (the caller reduces, e.g. in a
-    module hook outside a checkpointed forward).
+    Returns this rank's partial sum; the caller combines the partial sums over the TP group (every
+    use in hpframe does so in a forward hook outside a checkpointed forward: ``_exit_hook``).
     """
 
-    def __init__(self, weight_shard: torch.Tensor, group: Any, *, reduce: str = "all_reduce") -> None:
+    def __init__(self, weight_shard: torch.Tensor, group: Any) -> None:
         super().__init__()
-        if reduce not in ("all_reduce", "reduce_scatter", "none"):
-            raise ValueError(f"reduce must be all_reduce, reduce_scatter or none, got {reduce!r}")
         self.weight = tag_tp_param(nn.Parameter(weight_shard), partition_dim=1)
-        self.group, self.reduce = group, reduce
+        self.group = group
         self.in_features, self.out_features = weight_shard.shape[1], weight_shard.shape[0]
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group: Any, *, what: str, reduce: str = "all_reduce") -> RowParallelLinear:
+    def from_linear(cls, linear: nn.Linear, group: Any, *, what: str) -> RowParallelLinear:
         """Shard a full nn.Linear (bias-free) by input columns."""
         if linear.bias is not None:
             raise ValueError(f"{what}: tensor parallelism supports bias-free linears only")
         shard = shard_rows(linear.weight.t(), group, what=what).t().contiguous()
-        return cls(shard, group, reduce=reduce)
+        return cls(shard, group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        partial = F.linear(x, self.weight)
-        if self.reduce == "reduce_scatter":
-            return reduce_scatter_to_sp_region(partial, self.group)
-        if self.reduce == "all_reduce":
-            return reduce_from_tp_region(partial, self.group)
-        return partial
+        return F.linear(x, self.weight)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features} (shard), out_features={self.out_features}, reduce={self.reduce}"
+        return f"in_features={self.in_features} (shard), out_features={self.out_features}, partial sums"
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -416,7 +408,7 @@ def _shard_gqa(attn: nn.Module, group: Any, t: int) -> None:
     attn.num_kv_heads = _divisible("model.num_kv_heads", attn.num_kv_heads, t)
     for name in ("wq", "wk", "wv"):
         setattr(attn, name, ColumnParallelLinear.from_linear(getattr(attn, name), group, what=f"attention.{name}"))
-    attn.wo = RowParallelLinear.from_linear(attn.wo, group, what="attention.wo", reduce="none")
+    attn.wo = RowParallelLinear.from_linear(attn.wo, group, what="attention.wo")
     for norm in (attn.q_norm, attn.k_norm):  # per-head norms (qk_norm) see this rank's heads only:
         if norm is not None:  # their weight gradients are partial sums over the heads
             norm.weight.register_hook(lambda g: _all_reduce(g.clone(), group))
@@ -440,7 +432,7 @@ def _shard_mla(attn: nn.Module, group: Any, t: int) -> None:
     attn.kv_norm.register_forward_hook(_output_hook(lambda y: copy_to_tp_region(y, group)))
     dr = attn.dr
     attn.wkv_a.register_forward_hook(_output_hook(lambda y: copy_tail_to_tp_region(y, group, dr)))
-    attn.wo = RowParallelLinear.from_linear(attn.wo, group, what="attention.wo", reduce="none")
+    attn.wo = RowParallelLinear.from_linear(attn.wo, group, what="attention.wo")
 
 
 def _sp_norm(norm: nn.Module, group: Any) -> None:
@@ -511,7 +503,7 @@ def apply_tp_block(block: nn.Module, group: Any, *, sequence_parallel: bool = Fa
         mlp.w1 = ColumnParallelLinear.from_linear(mlp.w1, group, what="mlp.w1")
         if mlp.w3 is not None:
             mlp.w3 = ColumnParallelLinear.from_linear(mlp.w3, group, what="mlp.w3")
-        mlp.w2 = RowParallelLinear.from_linear(mlp.w2, group, what="mlp.w2", reduce="none")
+        mlp.w2 = RowParallelLinear.from_linear(mlp.w2, group, what="mlp.w2")
         mlp.register_forward_pre_hook(_enter_hook(group, sp, replicated=False))
         mlp.register_forward_hook(_exit_hook(group, sp, partial=True))
     else:

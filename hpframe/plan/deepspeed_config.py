@@ -1,4 +1,4 @@
-"""ParallelPlan -> DeepSpeed config dict. Pure (standard library only): every value explicit, never "auto".
+"""ParallelPlan -> DeepSpeed config dict. Pure (no torch, no DeepSpeed): every value explicit, never "auto".
 
 DeepSpeed's non-strict config parsing silently replaces values it does not understand (``"auto"``
 included) by defaults, so the dict written here spells out every setting hpframe relies on, and
@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from hpframe.plan.validate import validate_engine_support
+
 BUCKET_ELEMENTS = 500_000_000
 """ZeRO reduce / all-gather bucket size in elements (DeepSpeed's own default, written out)."""
 
@@ -32,35 +34,13 @@ def deepspeed_config(plan: Any, *, dtype: str, device: str, master_dtype: str = 
     """The DeepSpeed config of ``plan``.
 
     ``dtype`` is ``train.dtype`` ("fp32" or "bf16"), ``master_dtype`` is ``train.master_dtype``;
-    ``device`` is the resolved device ("cpu" or "cuda"). Raises ValueError for combinations DeepSpeed
-    does not support.
+    ``device`` is the resolved device ("cpu" or "cuda"). Raises PlanError (a ValueError) for combinations
+    DeepSpeed does not support: the planner's own rules (``plan.validate.validate_engine_support``).
     """
-    if plan.zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"parallel.zero_stage={plan.zero_stage} must be 0, 1, 2 or 3")
-    if plan.pp > 1 and plan.zero_stage > 1:
-        raise ValueError(
-            f"parallel.zero_stage={plan.zero_stage} with parallel.pp={plan.pp}: DeepSpeed's pipeline engine "
-            "supports ZeRO stages 0 and 1 only"
-        )
-    if plan.experts is not None and plan.zero_stage == 3:
-        raise ValueError("parallel.zero_stage=3 with a Mixture-of-Experts model: DeepSpeed's MoE support stops at ZeRO-2")
-    if dtype not in ("fp32", "bf16"):
-        raise ValueError(f"train.dtype={dtype!r} must be fp32 or bf16")
-    if master_dtype not in ("fp32", "bf16"):
-        raise ValueError(f"train.master_dtype={master_dtype!r} must be fp32 or bf16")
-    if master_dtype == "bf16" and dtype != "bf16":
-        raise ValueError(f"train.master_dtype=bf16 needs train.dtype=bf16 (got train.dtype={dtype})")
-    if master_dtype == "bf16" and plan.zero_stage == 3:
-        raise ValueError(
-            "train.master_dtype=bf16 with parallel.zero_stage=3: bf16 master weights are supported with ZeRO "
-            "stage 0 (hpframe's plain bf16 update) and stages 1/2 (DeepSpeed's ZeRO optimizer)"
-        )
+    validate_engine_support(zero_stage=plan.zero_stage, pp=plan.pp, ep=plan.ep,
+                            num_experts=plan.experts.num_experts if plan.experts is not None else 0,
+                            dtype=dtype, master_dtype=master_dtype)
     pure_bf16 = dtype == "bf16" and master_dtype == "bf16" and plan.zero_stage == 0
-    if pure_bf16 and plan.pp > 1:
-        raise ValueError(
-            f"train.master_dtype=bf16 with parallel.zero_stage=0 and parallel.pp={plan.pp}: the plain bf16 update "
-            "runs without pipeline parallelism; use parallel.zero_stage=1"
-        )
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device {device!r} must be cpu or cuda")
     if plan.micro_batch_size * plan.grad_accum * plan.dp != plan.global_batch_size:

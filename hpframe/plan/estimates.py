@@ -25,6 +25,7 @@ from hpframe.plan.dispatch import resolve_dispatch
 from hpframe.plan.errors import PlanError
 from hpframe.plan.memory import GIB, estimate_memory
 from hpframe.plan.params import count_params, flops_per_token, moe_fwd_flops
+from hpframe.plan.tiers import estimate_memory_tier
 from hpframe.plan.types import CheckpointEstimate, CommEstimate, ParallelPlan, TimeEstimate
 
 
@@ -117,11 +118,13 @@ def add_estimates(plan: ParallelPlan, cfg: RunConfig, warnings: list[str]) -> Pa
         warnings.append("OUT OF MEMORY: " + msg)
     comm = estimate_comm(cfg, plan)
     time = estimate_time(cfg, plan, comm)
+    ck = estimate_checkpoint(cfg, plan, time.step_seconds)
+    ck = dataclasses.replace(ck, memory=estimate_memory_tier(cfg, plan, ck, time.step_seconds, warnings))
     return dataclasses.replace(
         plan,
         memory=memory,
         comm=comm,
         time=time,
-        checkpoint=estimate_checkpoint(cfg, plan, time.step_seconds),
+        checkpoint=ck,
         warnings=tuple(warnings),
     )

@@ -10,7 +10,13 @@ from hpframe.plan.params import moe_layers
 from hpframe.plan.pipeline import make_pipeline
 from hpframe.plan.ranks import RankLayout, parse_axis_order
 from hpframe.plan.types import ParallelPlan
-from hpframe.plan.validate import validate_cluster, validate_model, validate_parallel, validate_train
+from hpframe.plan.validate import (
+    validate_cluster,
+    validate_model,
+    validate_model_build,
+    validate_parallel,
+    validate_train,
+)
 
 
 def make_plan(cfg: RunConfig, world_size: int | None = None) -> ParallelPlan:
@@ -30,6 +36,7 @@ def make_plan(cfg: RunConfig, world_size: int | None = None) -> ParallelPlan:
     ranks = RankLayout(tp=d.tp, pp=d.pp, dp=d.dp, ep=d.ep, axis_order=order, gpus_per_node=d.gpus_per_node)
     pipeline = make_pipeline(cfg.model, cfg.moe, d.pp, list(cfg.parallel.pipeline_layout), cfg.data.seq_len)
     experts = make_expert_plan(cfg.moe, ranks, warnings)
+    validate_model_build(cfg.model, cfg.moe, experts.routing_groups if experts is not None else cfg.moe.num_expert_groups)
     plan = ParallelPlan(
         world_size=d.world_size,
         tp=d.tp,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 from typing import Any
@@ -159,6 +160,7 @@ def plan_to_dict(plan: ParallelPlan, cfg: RunConfig) -> dict[str, Any]:
             "interval_seconds": plan.checkpoint.interval_seconds,
             "interval_steps": plan.checkpoint.interval_steps,
             "save_timeout_seconds": plan.checkpoint.save_timeout_seconds,
+            "memory": dataclasses.asdict(plan.checkpoint.memory) if plan.checkpoint.memory is not None else None,
         },
         "warnings": list(plan.warnings),
     }
@@ -265,6 +267,17 @@ def render_table(plan: ParallelPlan, cfg: RunConfig, width: int = 110) -> str:
     t.add_row("job MTBF", _seconds(ck["job_mtbf_seconds"]))
     t.add_row("checkpoint interval (Young/Daly)", f"{_seconds(ck['interval_seconds'])} = {ck['interval_steps']} steps")
     t.add_row("save timeout (each wait)", _seconds(ck["save_timeout_seconds"]))
+    mem = ck["memory"]
+    if mem is not None:
+        state = "on" if mem["enabled"] else "off (checkpoint.memory_interval=0; figures if on)"
+        t.add_row("fast tier (host memory)", f"{state}, {mem['replicas']} replica(s) on peer nodes")
+        t.add_row("  snapshot per rank", _gib(mem["snapshot_bytes_per_rank"]))
+        t.add_row("  host memory per node", f"{_gib(mem['host_bytes_per_node'])} of {_gib(mem['host_memory_bytes'])} "
+                  f"(2 steps, own + replicas)")
+        t.add_row("  snapshot stall / replica transfer", f"{_seconds(mem['snapshot_stall_seconds'])} / {_seconds(mem['replica_seconds'])}")
+        t.add_row("  snapshot interval (Young/Daly)", f"{_seconds(mem['interval_seconds'])} = {mem['interval_steps']} steps")
+        t.add_row("  lost work per failure", f"{_seconds(mem['lost_work_seconds_with'])} with, "
+                  f"{_seconds(mem['lost_work_seconds_without'])} without the fast tier")
     con.print(t)
 
     if cfg.plan.suggest:

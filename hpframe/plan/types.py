@@ -165,6 +165,32 @@ class TimeEstimate:
 
 
 @dataclass(frozen=True, slots=True)
+class MemoryTierEstimate:
+    """The fast tier (snapshots in host memory, replicated to peer nodes): ``plan/tiers.py``."""
+
+    enabled: bool
+    """checkpoint.memory_interval > 0; the figures are also given when off (what it would cost)."""
+    replicas: int
+    """Peer nodes holding a copy of each snapshot (checkpoint.memory_replicas, at most nodes - 1)."""
+    snapshot_bytes_per_rank: int
+    host_bytes_per_node: int
+    """2 steps x ranks per node x snapshot per rank x (1 + replicas)."""
+    host_memory_bytes: int
+    """cluster.host_memory_gb."""
+    snapshot_stall_seconds: float
+    """Snapshot per rank / cluster.host_copy_bw_GBps: the training stall of one snapshot."""
+    replica_seconds: float
+    """Snapshot per rank x replicas / inter_node_bw (in the background)."""
+    interval_seconds: float
+    """Recommended: max(Young/Daly on the stall, stall + replica transfer)."""
+    interval_steps: int
+    lost_work_seconds_with: float
+    """Expected work lost per failure with the fast tier: half its interval (as set, else recommended) + stall."""
+    lost_work_seconds_without: float
+    """Storage alone: half the storage interval + its write time."""
+
+
+@dataclass(frozen=True, slots=True)
 class CheckpointEstimate:
     bytes: int
     """Weights (train dtype) plus optimizer state (fp32 master when bf16, Adam m and v)."""
@@ -176,6 +202,8 @@ class CheckpointEstimate:
     """interval_seconds / estimated step time, at least 1; the training loop's default save interval."""
     save_timeout_seconds: float = 60.0
     """Bound on each wait of the save protocol: checkpoint.save_timeout_s, or max(60 s, 10 x write_seconds)."""
+    memory: MemoryTierEstimate | None = None
+    """The fast tier's figures."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ import dataclasses
 import math
 from typing import Any
 
-from hpframe.config.schema import Attention, DType, RunConfig
+from hpframe.config.schema import Attention, DType, ModelConfig, MoEConfig, RunConfig
 from hpframe.plan.errors import PlanError
 from hpframe.plan.mesh import Degrees
 from hpframe.plan.params import moe_layers, num_kv_heads, padded_vocab
@@ -97,24 +97,6 @@ def validate_parallel(cfg: RunConfig, d: Degrees, warnings: list[str]) -> None:
         warnings.append("parallel.sequence_parallel=true has no effect with parallel.tp=1")
     if d.ep > 1 and moe.num_experts == 0:
         warnings.append(f"parallel.ep={d.ep} has no effect with moe.num_experts=0 (dense model)")
-    if d.ep > 1 and d.zero_stage == 3:
-        raise PlanError(
-            f"parallel.ep={d.ep} with parallel.zero_stage=3: DeepSpeed does not support MoE with ZeRO-3; use zero_stage 0-2",
-            key="parallel.ep, parallel.zero_stage",
-            values={"parallel.ep": d.ep, "parallel.zero_stage": 3},
-        )
-    if moe.num_experts > 0 and d.zero_stage == 3:
-        raise PlanError(
-            f"moe.num_experts={moe.num_experts} with parallel.zero_stage=3: DeepSpeed does not support MoE with ZeRO-3",
-            key="moe.num_experts, parallel.zero_stage",
-            values={"moe.num_experts": moe.num_experts, "parallel.zero_stage": 3},
-        )
-    if d.pp > 1 and d.zero_stage >= 2:
-        raise PlanError(
-            f"parallel.pp={d.pp} with parallel.zero_stage={d.zero_stage}: DeepSpeed's pipeline engine supports ZeRO stages 0 and 1 only",
-            key="parallel.pp, parallel.zero_stage",
-            values={"parallel.pp": d.pp, "parallel.zero_stage": d.zero_stage},
-        )
     validate_precision(cfg, d)
     if d.zero_stage > 0 and d.dp == 1 and not (needs_zero_optimizer(cfg) and d.zero_stage == 1):
         warnings.append(f"parallel.zero_stage={d.zero_stage} has no effect with dp=1 (nothing to shard over)")
@@ -211,30 +193,117 @@ def needs_zero_optimizer(cfg: RunConfig) -> bool:
 
 
 def validate_precision(cfg: RunConfig, d: Degrees) -> None:
-    """train.dtype / train.master_dtype against the ZeRO stage and pipeline (what the engine can run)."""
+    """train.dtype / train.master_dtype and the ZeRO stage against pipeline and experts (what the engine can run)."""
     t = cfg.train
-    dtype, master = t.dtype.value, t.master_dtype.value
-    if t.master_dtype == DType.bf16 and t.dtype != DType.bf16:
+    validate_engine_support(zero_stage=d.zero_stage, pp=d.pp, ep=d.ep, num_experts=cfg.moe.num_experts,
+                            dtype=t.dtype.value, master_dtype=t.master_dtype.value,
+                            overlap_optimizer=t.overlap_optimizer)
+
+
+def validate_engine_support(*, zero_stage: int, pp: int, ep: int, num_experts: int, dtype: str, master_dtype: str,
+                            overlap_optimizer: bool = False) -> None:
+    """What DeepSpeed and hpframe's engine can run: the ZeRO stage against pipeline and experts, and
+    train.dtype / train.master_dtype against both. The planner checks every plan with it
+    (``validate_precision``); ``plan.deepspeed_config`` checks the plan it is handed again."""
+    if zero_stage not in (0, 1, 2, 3):
+        raise PlanError(f"parallel.zero_stage={zero_stage} must be 0, 1, 2 or 3", key="parallel.zero_stage",
+                        values={"parallel.zero_stage": zero_stage})
+    for key, value in (("train.dtype", dtype), ("train.master_dtype", master_dtype)):
+        if value not in ("fp32", "bf16"):
+            raise PlanError(f"{key}={value!r} must be fp32 or bf16", key=key, values={key: value})
+    if ep > 1 and zero_stage == 3:
+        raise PlanError(
+            f"parallel.ep={ep} with parallel.zero_stage=3: DeepSpeed does not support MoE with ZeRO-3; use zero_stage 0-2",
+            key="parallel.ep, parallel.zero_stage",
+            values={"parallel.ep": ep, "parallel.zero_stage": 3},
+        )
+    if num_experts > 0 and zero_stage == 3:
+        raise PlanError(
+            f"moe.num_experts={num_experts} with parallel.zero_stage=3: DeepSpeed does not support MoE with ZeRO-3",
+            key="moe.num_experts, parallel.zero_stage",
+            values={"moe.num_experts": num_experts, "parallel.zero_stage": 3},
+        )
+    if pp > 1 and zero_stage >= 2:
+        raise PlanError(
+            f"parallel.pp={pp} with parallel.zero_stage={zero_stage}: DeepSpeed's pipeline engine supports ZeRO stages 0 and 1 only",
+            key="parallel.pp, parallel.zero_stage",
+            values={"parallel.pp": pp, "parallel.zero_stage": zero_stage},
+        )
+    _validate_master_dtype(zero_stage=zero_stage, pp=pp, dtype=dtype, master=master_dtype,
+                           overlap_optimizer=overlap_optimizer)
+
+
+def _validate_master_dtype(*, zero_stage: int, pp: int, dtype: str, master: str, overlap_optimizer: bool) -> None:
+    if master == "bf16" and dtype != "bf16":
         raise PlanError(f"train.master_dtype=bf16 needs train.dtype=bf16 (got train.dtype={dtype})",
                         key="train.master_dtype, train.dtype", values={"train.master_dtype": master, "train.dtype": dtype})
-    if needs_zero_optimizer(cfg) and d.zero_stage == 0:
+    if dtype == "bf16" and master == "fp32" and zero_stage == 0:
         raise PlanError(
             "train.dtype=bf16 with train.master_dtype=fp32 and parallel.zero_stage=0: fp32 master weights live in "
             "DeepSpeed's BF16/ZeRO optimizers; use parallel.zero_stage=1 (also at dp=1) or train.master_dtype=bf16",
             key="train.master_dtype, parallel.zero_stage", values={"train.master_dtype": master, "parallel.zero_stage": 0})
-    if t.master_dtype == DType.bf16 and d.zero_stage == 3:
+    if master == "bf16" and zero_stage == 3:
         raise PlanError(
             "train.master_dtype=bf16 with parallel.zero_stage=3: bf16 master weights run with ZeRO stages 0-2",
             key="train.master_dtype, parallel.zero_stage", values={"train.master_dtype": master, "parallel.zero_stage": 3})
-    if t.overlap_optimizer and (d.zero_stage != 0 or d.pp > 1):
+    if overlap_optimizer and (zero_stage != 0 or pp > 1):
         raise PlanError(
-            f"train.overlap_optimizer=true with parallel.zero_stage={d.zero_stage} and parallel.pp={d.pp}: the "
+            f"train.overlap_optimizer=true with parallel.zero_stage={zero_stage} and parallel.pp={pp}: the "
             "update overlaps the next forward only when hpframe's AdamW updates the parameters in place, "
             "i.e. parallel.zero_stage=0 and parallel.pp=1",
             key="train.overlap_optimizer, parallel.zero_stage, parallel.pp",
-            values={"train.overlap_optimizer": True, "parallel.zero_stage": d.zero_stage, "parallel.pp": d.pp})
-    if t.master_dtype == DType.bf16 and d.zero_stage == 0 and d.pp > 1:
+            values={"train.overlap_optimizer": True, "parallel.zero_stage": zero_stage, "parallel.pp": pp})
+    if master == "bf16" and zero_stage == 0 and pp > 1:
         raise PlanError(
-            f"train.master_dtype=bf16 with parallel.zero_stage=0 and parallel.pp={d.pp}: the plain bf16 update runs "
+            f"train.master_dtype=bf16 with parallel.zero_stage=0 and parallel.pp={pp}: the plain bf16 update runs "
             "without pipeline parallelism; use parallel.zero_stage=1",
-            key="train.master_dtype, parallel.pp", values={"train.master_dtype": master, "parallel.pp": d.pp})
+            key="train.master_dtype, parallel.pp", values={"train.master_dtype": master, "parallel.pp": pp})
+
+
+def validate_model_build(model: ModelConfig, moe: MoEConfig, routing_groups: int) -> None:
+    """Shapes and MoE settings the model cannot be built with. ``build_model`` calls it (models are
+    also built without a plan: tests, conversion tools); ``make_plan`` with the plan's routing groups."""
+    for key, v in (("model.hidden_size", model.hidden_size), ("model.num_layers", model.num_layers),
+                   ("model.num_heads", model.num_heads), ("model.vocab_size", model.vocab_size)):
+        if v < 1:
+            raise PlanError(f"{key}={v} must be >= 1", key=key, values={key: v})
+    if Attention(model.attention) == Attention.gqa and model.head_dim <= 0 and model.hidden_size % model.num_heads:
+        raise PlanError(
+            f"model.hidden_size={model.hidden_size} is not divisible by model.num_heads={model.num_heads}; set model.head_dim",
+            key="model.hidden_size, model.num_heads",
+            values={"model.hidden_size": model.hidden_size, "model.num_heads": model.num_heads})
+    if moe.num_experts <= 0:
+        return
+    if not 1 <= moe.top_k <= moe.num_experts:
+        raise PlanError(f"moe.top_k={moe.top_k} must be between 1 and moe.num_experts={moe.num_experts}",
+                        key="moe.top_k, moe.num_experts", values={"moe.top_k": moe.top_k, "moe.num_experts": moe.num_experts})
+    if moe.moe_layer_freq < 1:
+        raise PlanError(f"moe.moe_layer_freq={moe.moe_layer_freq} must be >= 1", key="moe.moe_layer_freq",
+                        values={"moe.moe_layer_freq": moe.moe_layer_freq})
+    if routing_groups < 1 or moe.num_experts % routing_groups:
+        raise PlanError(
+            f"moe.num_experts={moe.num_experts} must be divisible by the routing groups ({routing_groups}; "
+            "moe.num_expert_groups unless the runtime passes its node count)",
+            key="moe.num_experts, moe.num_expert_groups",
+            values={"moe.num_experts": moe.num_experts, "routing_groups": routing_groups})
+    _validate_routing(moe, routing_groups)
+
+
+def _validate_routing(moe: MoEConfig, routing_groups: int) -> None:
+    m = moe.max_nodes_per_token
+    if m < 0:
+        raise PlanError(f"moe.max_nodes_per_token={m} must be >= 0 (0 = no node limit)",
+                        key="moe.max_nodes_per_token", values={"moe.max_nodes_per_token": m})
+    reach = m * (moe.num_experts // routing_groups)
+    if 0 < m < routing_groups and reach < moe.top_k:
+        raise PlanError(
+            f"moe.max_nodes_per_token={m} groups of {moe.num_experts // routing_groups} experts hold {reach} experts, "
+            f"fewer than moe.top_k={moe.top_k}",
+            key="moe.top_k, moe.max_nodes_per_token",
+            values={"moe.top_k": moe.top_k, "moe.max_nodes_per_token": m, "reachable_experts": reach})
+    if not moe.dropless and (moe.capacity_factor <= 0 or moe.eval_capacity_factor <= 0):
+        raise PlanError(
+            f"moe.capacity_factor={moe.capacity_factor} and moe.eval_capacity_factor={moe.eval_capacity_factor} "
+            "must be positive when moe.dropless is false",
+            key="moe.capacity_factor, moe.eval_capacity_factor",
+            values={"moe.capacity_factor": moe.capacity_factor, "moe.eval_capacity_factor": moe.eval_capacity_factor})

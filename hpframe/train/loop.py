@@ -20,9 +20,11 @@ import torch
 
 from hpframe.checkpoint import faults, manager, store
 from hpframe.checkpoint.async_save import Checkpointer
+from hpframe.checkpoint.memory import MemoryTier
 from hpframe.config.convert import to_dict
 from hpframe.config.schema import RunConfig
 from hpframe.data import Data
+from hpframe.data.packing import model_inputs
 from hpframe.logging import current_rank, get_logger
 from hpframe.train.guards import after_failed_save, note_batch_change
 from hpframe.train.metrics import MetricsWriter, dropped_frac, expert_shares, mfu, summarize_ep_imbalance, summarize_moe
@@ -53,6 +55,8 @@ class TrainResult:
     evals: list[dict[str, Any]] = field(default_factory=list)
     checkpoints: list[Path] = field(default_factory=list)
     resumed_from: Path | None = None
+    resumed_tier: str | None = None
+    """Where the resumed state came from: memory | peer | storage (None: not resumed)."""
 
 
 def checkpoint_interval(cfg: RunConfig, plan: "ParallelPlan") -> int:
@@ -72,22 +76,34 @@ def save_timeout(plan: "ParallelPlan") -> float:
     return plan.checkpoint.save_timeout_seconds if plan.checkpoint is not None else 600.0
 
 
-def as_pairs(batches: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Sequences [B, S+1] -> (tokens [B, S], targets [B, S]) shifted by one, the engine's micro-batch form."""
-    return [(b[:, :-1], b[:, 1:]) for b in batches]
+def as_pairs(batches: list[torch.Tensor], eos_id: int | None = None) -> list[tuple[Any, torch.Tensor]]:
+    """Sequences [B, S+1] -> (tokens [B, S], targets [B, S]) shifted by one, the engine's micro-batch form;
+    with ``eos_id`` (data.document_mask) the inputs are (tokens, positions) (``hpframe.data.packing``)."""
+    return model_inputs(batches, eos_id)
 
 
-def _evaluate(engine: Any, data: Data, plan: "ParallelPlan") -> float:
-    """Mean held-out LM loss; a pipelined engine takes grad_accum micro-batches per call."""
-    batches = as_pairs(data.eval)
+def evaluate_loss(engine: Any, data: Data, plan: "ParallelPlan") -> float:
+    """Mean held-out LM loss over this evaluation's micro-batches of every dp rank (collective).
+
+    ``hpframe.evaluate`` calls this too, so its figure is the in-training one. A pipelined engine
+    takes grad_accum micro-batches per call.
+    """
+    batches = as_pairs(data.eval, data.eos_id)
     chunk = plan.grad_accum if plan.pp > 1 else len(batches)
     losses = [float(engine.eval_step(batches[i : i + chunk])) for i in range(0, len(batches), chunk)]
     return sum(losses) / len(losses)
 
 
-def _resume(engine: Any, data: Data, cfg: RunConfig, root: Path, fingerprint: str) -> tuple[int, int, manager.ResumePoint]:
-    """Load the checkpoint ``checkpoint.resume`` selects, if any: (step, consumed tokens, where from + line)."""
-    point = manager.resume_point(cfg.checkpoint.resume, root)
+def eval_record(step: int, loss: float, data: Data, plan: "ParallelPlan") -> dict[str, Any]:
+    """The metrics.jsonl line of an evaluation: loss, perplexity exp(loss), tokens it covered."""
+    tokens = sum(b.shape[0] * (b.shape[1] - 1) for b in data.eval) * plan.dp
+    return {"step": step, "eval_loss": loss, "eval_ppl": math.exp(min(loss, 700.0)), "eval_tokens": tokens}
+
+
+def _resume(engine: Any, data: Data, cfg: RunConfig, root: Path, fingerprint: str,
+            point: manager.ResumePoint | None = None) -> tuple[int, int, manager.ResumePoint]:
+    """Load the checkpoint ``checkpoint.resume`` selects (or ``point``), if any: (step, consumed tokens, where from + line)."""
+    point = point if point is not None else manager.resume_point(cfg.checkpoint.resume, root)
     if point.path is None:
         return 0, 0, point
     state = manager.load(engine, point.path, plan_fingerprint=fingerprint, checksums=not point.verified)
@@ -116,6 +132,30 @@ def logged_steps(metrics_path: Path) -> set[int]:
             if isinstance(record, dict) and "loss" in record and isinstance(record.get("step"), int):
                 steps.add(record["step"])
     return steps
+
+
+def _resume_tiers(engine: Any, data: Data, cfg: RunConfig, root: Path, fingerprint: str,
+                  memory: MemoryTier | None) -> tuple[int, int, manager.ResumePoint, str | None]:
+    """With the fast tier on and checkpoint.resume=auto: the newest complete snapshot in host memory
+    (own node, else a peer's replica) unless storage holds a newer step; otherwise ``_resume``.
+    Returns (step, consumed tokens, the storage point (path None when from memory), the tier or None)."""
+    found = memory.find() if memory is not None and cfg.checkpoint.resume == "auto" else None
+    point = None
+    if found is not None:
+        point = manager.resume_point(cfg.checkpoint.resume, root)
+        storage_step = store.step_of_tag(point.path.name) if point.path is not None else None
+        if storage_step is None or found.step >= storage_step:
+            state = memory.load(found)
+            data.train.load_state_dict(state["data"])
+            step, consumed = int(state["step"]), int(state["consumed_tokens"])
+            log.info(f"resumed from {found.tier} (host-memory snapshot of step {step} in {memory.job}); "
+                     f"newest on storage: {point.path}")
+            lineage = {k: state[k] for k in ("line", "parent") if k in state} or point.lineage  # the snapshot's line
+            return step, consumed, manager.ResumePoint(path=None, lineage=lineage, verified=True), found.tier
+    if memory is not None:  # snapshots not resumed from are another line of training: never resume them later
+        memory.clear()
+    start, consumed, point = _resume(engine, data, cfg, root, fingerprint, point)
+    return start, consumed, point, "storage" if point.path is not None else None
 
 
 def _dropped(moe_stats: Any, from_layers: float, module: Any) -> float:
@@ -223,8 +263,12 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
     interval = checkpoint_interval(cfg, plan) if cfg.checkpoint.enabled else 0
     fingerprint = manager.plan_fingerprint(plan, cfg)
     tokens_per_step = plan.global_batch_size * cfg.data.seq_len
-    start, consumed, point = _resume(engine, data, cfg, ckpt_root, fingerprint)
-    result = TrainResult(steps_done=start, resumed_from=point.path)
+    mem_every = cfg.checkpoint.memory_interval if cfg.checkpoint.enabled else 0
+    memory = (MemoryTier(engine, memory_dir=cfg.checkpoint.memory_dir, ckpt_root=ckpt_root, replicas=cfg.checkpoint.memory_replicas,
+                         fingerprint=fingerprint, timeout_s=save_timeout(plan)) if mem_every > 0 else None)
+    start, consumed, point, tier = _resume_tiers(engine, data, cfg, ckpt_root, fingerprint, memory)
+    result = TrainResult(steps_done=start, resumed_from=memory.dir if memory is not None and tier in ("memory", "peer") else point.path,
+                         resumed_tier=tier)
     rank0 = current_rank() == 0
     if cfg.checkpoint.enabled:
         log.info(f"checkpoints {f'every {interval} steps and ' if interval else ''}at the end in {ckpt_root}")
@@ -238,7 +282,7 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
                      timeout_s=save_timeout(plan))
         if cfg.checkpoint.enabled else None
     )
-    wandb = (dict(project=cfg.train.wandb_project, mode=cfg.train.wandb_mode, config=to_dict(cfg), name=Path(run_dir).name)
+    wandb = (dict(project=cfg.train.wandb_project, mode=cfg.train.wandb_mode.value, config=to_dict(cfg), name=Path(run_dir).name)
              if cfg.train.wandb else None)
     writer = MetricsWriter(run_dir, enabled=rank0, tensorboard=cfg.train.tensorboard, wandb=wandb)
     if point.path is not None:
@@ -247,22 +291,34 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
     stop = StopRequest(cfg.checkpoint.preempt_grace_s)  # SIGTERM / SIGINT: final checkpoint, then EXIT_PREEMPTED
     stop_device = torch.device("cuda", torch.cuda.current_device()) if engine_on_cuda(engine) else None
     progress = Progress(total=cfg.train.steps, start=start, enabled=rank0 and cfg.train.progress)
+    if tier is not None:
+        writer.write({"step": start, "resumed_from": tier, "resumed_step": start}, prefix="resume")
     profiler = StepProfiler(run_dir, first=cfg.train.profile_from_step, count=cfg.train.profile_num_steps,
                             rank=current_rank(), cuda=torch.cuda.is_available() and engine_on_cuda(engine),
                             with_stack=cfg.train.profile_with_stack)
 
-    def save(step: int) -> bool:
-        """Checkpoint ``step``; False when the save failed but a later one can succeed (guards.after_failed_save)."""
-        assert checkpointer is not None
+    def client_state(step: int) -> dict[str, Any]:
         # RNG states are saved per rank by the checkpointer; the rest is JSON in client_state.json
-        client_state = {
+        return manager.json_client_state({
             "step": step, "consumed_tokens": consumed, "data": data.train.state_dict(),
             "config": to_dict(cfg), "plan_fingerprint": fingerprint, "layout": manager.layout_of(plan),
             "global_batch_size": plan.global_batch_size, "seq_len": cfg.data.seq_len,
             **point.lineage,  # line and parent: also written into the manifest (store.py, lines)
-        }
+        })
+
+    def snapshot(step: int) -> tuple[Any, dict]:
+        """The fast tier's snapshot of ``step`` (its part and RNG states go on to a storage save of the step)."""
+        assert memory is not None
+        stats, part, rng = memory.snapshot(step, client_state(step))
+        writer.write({"step": step, "mem_stall_s": stats.stall_s}, prefix="memory")
+        return part, rng
+
+    def save(step: int, snap: tuple[Any, dict] | None = None) -> bool:
+        """Checkpoint ``step``; False when the save failed but a later one can succeed (guards.after_failed_save)."""
+        assert checkpointer is not None
+        part, rng = snap if snap is not None else (None, None)
         try:
-            stats = checkpointer.save(step, manager.json_client_state(client_state))
+            stats = checkpointer.save(step, client_state(step), part=part, rng=rng)
         except (OSError, store.CheckpointError) as err:  # disk full, permissions: go on only if a retry can work
             after_failed_save(err, step=step, root=ckpt_root, need_bytes=plan.checkpoint.bytes if plan.checkpoint else 0,
                               last_good=result.checkpoints[-1].name if result.checkpoints else None, writer=writer)
@@ -274,10 +330,11 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
         return True
 
     def evaluate(step: int) -> None:
-        record = {"step": step, "eval_loss": _evaluate(engine, data, plan)}
+        record = eval_record(step, evaluate_loss(engine, data, plan), data, plan)
         result.evals.append(record)
         writer.write(record, prefix="eval")
-        log.info(f"eval step {step}: loss {record['eval_loss']:.4f}")
+        log.info(f"eval step {step}: loss {record['eval_loss']:.4f}, perplexity {record['eval_ppl']:.2f} "
+                 f"({record['eval_tokens']:,} held-out tokens)")
 
     t = cfg.train
     nonfinite, last_saved, last_eval = 0, start, -1
@@ -290,7 +347,7 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
             engine.set_lr(lr)
             profiler.before_step(step)
             clock.start()
-            out = engine.train_step(as_pairs(data.train.next_step()))
+            out = engine.train_step(as_pairs(data.train.next_step(), data.eos_id))
             elapsed = clock.stop()
             if profiler.after_step(step):  # the trace was written: not the next step's time
                 clock.reset()
@@ -312,9 +369,11 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
                 evaluate(step)
                 last_eval = step
                 clock.reset()
+            snap = snapshot(step) if mem_every and step % mem_every == 0 else None
             if interval and step % interval == 0:
-                if save(step):
+                if save(step, snap):
                     last_saved = step
+            if snap is not None or (interval and step % interval == 0):
                 clock.reset()
             if stop.agreed(stop_device):  # every rank stops after the same step
                 saved = checkpointer is not None and (last_saved == step or save(step))
@@ -323,7 +382,15 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
             evaluate(result.steps_done)
         if checkpointer is not None and last_saved != result.steps_done:
             save(result.steps_done)
+        if memory is not None:  # the run ended and its last save is on storage: free the host memory
+            memory.close(remove=True)
+            memory = None
     finally:
+        if memory is not None:  # an error or a preemption: the snapshots stay for the restart
+            try:
+                memory.close(remove=False)
+            except Exception as err:  # do not hide the error that ended training
+                log.warning(f"the memory snapshot in flight did not finish: {err}", all_ranks=True)
         collector.close()
         profiler.close()
         if checkpointer is not None:

@@ -24,8 +24,8 @@ STEP_KEYS = (
 """Keys of every step line of metrics.jsonl. Step lines of MoE runs also hold ``expert_load``: each
 expert's share of the step's routed assignments, summed over the MoE layers (``expert_shares``); a step
 the file already held when the run started (re-run after a resume) also ``rerun: true``.
-Other lines: evaluation (``step``, ``eval_loss``) and checkpoint saves (``step``, ``ckpt_stall_s``:
-seconds training waited for the save)."""
+Other lines: evaluation (``step``, ``eval_loss``, ``eval_ppl`` = exp(eval_loss), ``eval_tokens``) and
+checkpoint saves (``step``, ``ckpt_stall_s``: seconds training waited for the save)."""
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, world_size: int, peak_tflops: float) -> float:

@@ -22,16 +22,9 @@ from typing import Any
 import torch
 
 from hpframe.logging import get_logger
+from hpframe.phases import PHASE_PREFIX, phase  # noqa: F401  (phase: the ranges these tables group)
 
 log = get_logger(__name__)
-
-PHASE_PREFIX = "hpframe/"
-
-
-def phase(name: str) -> Any:
-    """A named range (``hpframe/<name>``) that shows up in profiles and traces; nearly free otherwise."""
-    return torch.profiler.record_function(PHASE_PREFIX + name)
-
 
 class StepProfiler:
     """Starts torch.profiler before step ``first`` and writes its tables after step ``first + count - 1``."""

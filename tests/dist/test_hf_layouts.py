@@ -1,4 +1,4 @@
-"""model.from_hf at every layout: the initial logits of the sharded model equal transformers' (fp32, 1e-5).
+"""model.from_hf at every layout (expert parallelism with either dispatch, tokens or experts): the initial logits of the sharded model equal transformers' (fp32, 1e-5).
 
 The parent writes tiny random checkpoints with transformers' own classes (Mixtral, DeepSeek-V3 with
 YaRN, Qwen3-MoE with a dense block; ``hpframe.testing.hf_models``: odd shapes, a 101-token vocabulary
@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 FAMILIES = ("mixtral", "deepseek_v3", "qwen3_moe")
 LAYOUTS = {
     2: {"tp2": ["parallel.tp=2"], "pp2": ["parallel.pp=2", "parallel.grad_accum=2"],
-        "dp2_ep2": ["parallel.dp=2", "parallel.ep=2"]},
+        "dp2_ep2": ["parallel.dp=2", "parallel.ep=2"],
+        "dp2_ep2_fetch": ["parallel.dp=2", "parallel.ep=2", "moe.dispatch=experts"]},
     4: {"tp2_dp2_ep2": ["parallel.tp=2", "parallel.dp=2", "parallel.ep=2"],
         "pp2_tp2": ["parallel.pp=2", "parallel.tp=2", "parallel.grad_accum=2"],
         "pp2_dp2_ep2": ["parallel.pp=2", "parallel.dp=2", "parallel.ep=2", "parallel.grad_accum=2"],
@@ -92,8 +93,37 @@ def _worker(rank: int, world: int, root: str, cfgs: dict) -> dict:
             result["diff"] = (logits[..., :v] - ref[family]).abs().max().item()
             result["padded"] = logits.shape[-1] - v
             result["pad_is_inf"] = bool(torch.isneginf(logits[..., v:]).all())
+        if case == "qwen3_moe/tp2":
+            result["qk_norm_grad_diff"] = qk_norm_grad_diff(model, plan, groups, cfg, path, ref["tokens"])
         out[case] = result
     return out
+
+
+def qk_norm_grad_diff(model, plan, groups, cfg, path: Path, tokens: torch.Tensor) -> float:  # noqa: ANN001
+    """Max relative difference of the per-head q/k norm weights' gradients, TP model vs one device:
+    each TP rank sees half the heads, so its gradient is a partial sum the TP hook must complete."""
+    from hpframe.checkpoint.hf_load import HFCheckpoint
+    from hpframe.models import build_model
+
+    v = cfg.model.vocab_size
+    weights = torch.randn(tokens.shape + (v,), generator=torch.Generator().manual_seed(3))
+    local = model(tokens)  # [B,S,Vp/t] of vocabulary rows [start, start + Vp/t): this rank's share of the loss
+    start = model.head.vocab_start
+    real = min(local.shape[-1], v - start)
+    (local[..., :real] * weights[..., start:start + real]).sum().backward()
+    with torch.device("meta"):
+        ref = build_model(cfg.model, cfg.moe)
+    src = HFCheckpoint(path)
+    src.check(ref)
+    ref.to_empty(device="cpu")
+    src.load_into(ref, "", tp_rank=0)
+    (ref.eval()(tokens)[..., : cfg.model.vocab_size] * weights).sum().backward()
+    diffs = []
+    for i in range(cfg.model.num_layers):
+        for n in ("q_norm", "k_norm"):
+            a, b = getattr(model.layers[i].attn, n).weight.grad, getattr(ref.layers[i].attn, n).weight.grad
+            diffs.append(((a - b).abs().max() / b.abs().max()).item())
+    return max(diffs)
 
 
 def _write_checkpoints(root: Path) -> None:
@@ -128,6 +158,8 @@ def test_initial_logits_equal_transformers_at_every_layout(world: int, tmp_path:
             assert r["diff"] < ATOL, (case, r)
             assert r["pad_is_inf"], (case, r)
             assert r["padded"] == (1 if "tp2" in case else 0), (case, r)
+            if "qk_norm_grad_diff" in r:
+                assert r["qk_norm_grad_diff"] < 1e-5, (case, r)  # measured 3.5e-6; 0.77 without the TP hook
         if "tp2" in case or "pp2" in case or "ep" in case:  # a sharded layout: nobody holds the whole model
             assert all(r[case]["real"] < r[case]["full"] for r in results), case
         # the planner's parameters of the worst rank (and the loading estimate built on them) are exact

@@ -11,7 +11,8 @@ metrics.jsonl records the training stall ``ckpt_stall_s`` of each of its 3 saves
     file; ``checkpoint.resume=auto`` skips it with a warning naming the file and resumes from step 4.
   * torchrun --nproc-per-node 2 --max-restarts 1: rank 1 SIGKILLs itself after step 3
     (``train.fail_at_step=3``), torchrun restarts both workers, which resume from step 2 and finish
-    with the same step-6 loss, bit for bit, as an uninterrupted torchrun run.
+    with the same step-6 loss, bit for bit, as an uninterrupted torchrun run; the same with the fast tier
+    on two simulated nodes and no storage save before the kill: the workers recover from host memory.
 CPU only; each launch takes 10-40 s on 2 cores.
 """
 
@@ -119,3 +120,15 @@ def test_torchrun_restart_after_sigkill_finishes_like_an_uninterrupted_run(tmp_p
     clean, restarted = losses(tmp_path / "clean"), losses(tmp_path / "restarted")
     assert restarted[6] == clean[6]
     assert [restarted[s] for s in range(3, 7)] == [clean[s] for s in range(3, 7)]
+
+    # the fast tier, two simulated nodes (one rank each), no storage save before the kill: the restarted
+    # workers recover from host memory (the killed rank's node kept its snapshot) and finish alike
+    memory = run([*torchrun, "train.fail_at_step=3", "cluster.nodes=2", "cluster.gpus_per_node=1", "checkpoint.interval=4",
+                  "checkpoint.memory_interval=1", f"checkpoint.memory_dir={tmp_path / 'shm'}"], tmp_path / "memory")
+    ok(memory)
+    resumed = [json.loads(x) for x in (tmp_path / "memory" / "metrics.jsonl").read_text().splitlines() if "resumed_from" in x]
+    # the killed rank's step-2 snapshot is complete unless its background write was slower than step 3
+    assert len(resumed) == 1 and resumed[0]["resumed_from"] == "memory" and resumed[0]["resumed_step"] in (1, 2), resumed
+    got = losses(tmp_path / "memory")
+    assert [got[s] for s in range(2, 7)] == [clean[s] for s in range(2, 7)]
+    assert not any((tmp_path / "shm").iterdir())  # freed when the run ended

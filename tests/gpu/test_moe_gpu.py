@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from hpframe.config.schema import Activation, MoEConfig
 from hpframe.models import moe_gpu
-from hpframe.models.moe import MoE
+from hpframe.models.moe import MoE, moe_forward
 
 CUDA = torch.cuda.is_available()
 DEVICES = [
@@ -150,7 +150,7 @@ def test_moe_forward_matches_module_forward(device: str) -> None:
     ref = _moe(device, dtype, e=8, k=2, h=128, f=256, shared=1)
     fast = _moe(device, dtype, e=8, k=2, h=128, f=256, shared=1)
     fast.load_state_dict(ref.state_dict())
-    fast.forward = types.MethodType(moe_gpu.moe_forward, fast)
+    fast.forward = types.MethodType(moe_forward, fast)
     x = torch.randn(3, 50, 128, generator=torch.Generator().manual_seed(9)).to(device, dtype)
     xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
     ya, yb = ref(xa), fast(xb)
@@ -171,7 +171,7 @@ def test_moe_forward_refuses_capacity_dropping() -> None:
     m = _moe("cpu", torch.float32, e=4, k=2, h=16, f=32, shared=0)
     m.cfg.dropless = False
     with pytest.raises(ValueError, match="moe.dropless"):
-        moe_gpu.moe_forward(m, torch.randn(1, 8, 16))
+        moe_forward(m, torch.randn(1, 8, 16))
 
 
 @pytest.mark.gpu
@@ -211,11 +211,11 @@ def test_moe_forward_runs_a_subclass_experts_own_forward() -> None:
 
     m = _moe("cpu", torch.float32, e=4, k=2, h=16, f=32, shared=0)
     x = torch.randn(2, 9, 16, generator=torch.Generator().manual_seed(6))
-    y_plain = moe_gpu.moe_forward(m, x)
+    y_plain = moe_forward(m, x)
     doubled = Doubled(4, 16, 32, Activation.swiglu)
     doubled.load_state_dict(m.experts.state_dict())
     m.experts = doubled
-    assert rel(moe_gpu.moe_forward(m, x), 2 * y_plain) < 1e-6
+    assert rel(moe_forward(m, x), 2 * y_plain) < 1e-6
 
 
 @pytest.mark.parametrize("device", DEVICES)

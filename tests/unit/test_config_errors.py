@@ -69,9 +69,9 @@ def test_did_you_mean_only_when_close() -> None:
     assert issubclass(PlanError, UserError) and issubclass(UserError, ValueError)
 
 
-def test_launch_exits_2_with_one_line_for_an_added_key() -> None:
-    out = subprocess.run([sys.executable, "launch.py", "+parallel.tpp=2", "plan.dry_run=true"],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+def test_launch_exits_2_with_one_line_for_an_added_key(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, str(REPO / "launch.py"), "+parallel.tpp=2", "plan.dry_run=true"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stdout + out.stderr
     assert out.stderr.strip().splitlines() == [
         "hpframe: invalid configuration: parallel.tpp: no such key in 'parallel' (did you mean parallel.tp?)"]
@@ -85,7 +85,7 @@ def test_train_main_reports_user_errors_only(compose_cfg, monkeypatch, tmp_path,
     from hpframe.plan import make_plan
     from hpframe.run import train_main
 
-    def fail(plan: object) -> None:
+    def fail(plan: object, **kwargs: object) -> None:
         raise error
 
     monkeypatch.setattr(hpframe.parallel, "init_distributed", fail)  # the first step of train_main
@@ -97,3 +97,24 @@ def test_train_main_reports_user_errors_only(compose_cfg, monkeypatch, tmp_path,
     else:
         assert train_main(cfg, make_plan(cfg)) == code
         assert "data.path='x' has no meta.json" in (tmp_path / "error_rank0.txt").read_text()
+
+
+def test_cli_reports_an_internal_error_as_a_bug(monkeypatch, capsys, tmp_path) -> None:
+    """An exception from hpframe's code after composition (here an omegaconf error, a composition error's
+    type) is not 'invalid configuration': exit code 1, the traceback, and a line saying it is a bug."""
+    import hpframe.run
+    from hpframe import cli
+    from omegaconf.errors import ConfigKeyError
+
+    def broken(cfg: object) -> int:
+        raise ConfigKeyError("an internal lookup failed")
+
+    monkeypatch.setattr(hpframe.run, "main_from_hydra", broken)
+    monkeypatch.setattr(cli, "_TASK_STARTED", False)
+    monkeypatch.setattr(sys, "argv", ["launch.py", "plan.dry_run=true", f"hydra.run.dir={tmp_path}", "hydra.output_subdir=null"])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    err = capsys.readouterr().err
+    assert info.value.code == 1
+    assert "Traceback" in err and "an internal lookup failed" in err and "invalid configuration" not in err
+    assert err.strip().splitlines()[-1].startswith("hpframe: internal error: this is a bug in hpframe")

@@ -91,3 +91,36 @@ def test_oom_paragraph(compose_cfg) -> None:
     assert text.startswith("hpframe: out of GPU memory on cuda:0 (H100) (79.2 GiB): the plan estimated 47.9 GiB per GPU, "
                            "the measured peak before the failure was 78.0 GiB. ")
     assert "\n" not in text and "settings that fit: parallel.recompute=selective" in text
+
+
+def test_prepare_process_sets_threads_and_names_where_it_runs(compose_cfg, monkeypatch) -> None:
+    import torch
+
+    from hpframe.machine import prepare_process
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        line, warnings = prepare_process(compose_cfg("train.device=cpu"), local_procs=1, machine=Machine(0, 2, load=6.0))
+        assert torch.get_num_threads() == 1
+        assert line == "device cpu (2 cores, load 6.0), dtype fp32, 1 thread(s) per process, 1 process(es) on this machine"
+        assert warnings == []
+        line, _ = prepare_process(compose_cfg("train.device=cpu", "train.num_threads=2"), local_procs=1, machine=Machine(0, 2, load=6.0))
+        assert torch.get_num_threads() == 2 and ", 2 thread(s) per process," in line
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_gpu_recipe_on_this_cpu_machine_starts_nothing(compose_cfg, capsys) -> None:
+    """``launch.py recipe=mixtral_8x7b`` (64 processes on h200x64) is refused before any process starts."""
+    import torch
+
+    from hpframe.run import main
+
+    if torch.cuda.is_available():
+        pytest.skip("checks a machine without GPUs")
+    assert main(compose_cfg("recipe=mixtral_8x7b")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["hpframe: invalid configuration: cluster=h200x64 (cluster.device=cuda) plans for GPUs, but this machine "
+                   "has no CUDA GPU: refusing to train on the CPU instead; pick a CPU plan (cluster=cpu, or a *_debug recipe), "
+                   "look at the plan with plan.dry_run=true, or set train.device=cpu to train this plan on the CPU anyway"]

@@ -62,5 +62,8 @@ def test_compiled_loss_equals_vocab_parallel_cross_entropy():
     la.backward()
     lb.backward()
     torch.testing.assert_close(la, lb, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(a.grad, b.grad, rtol=1e-2, atol=1e-3)
+    # the logits gradient is (softmax - onehot) / 29 tokens: 81% of its entries are below 1e-3, so the
+    # absolute tolerance stays far below that (with atol=1e-3 a gradient whose entries below 1e-3 were
+    # all zero passed, and so did one 2% too large; measured); rtol: about one bf16 step
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-2, atol=1e-5)
     assert a.grad[0, :3].abs().max() == 0

@@ -43,8 +43,8 @@ def test_single_rank_layers_equal_torch_layers() -> None:
     assert torch.equal(VocabParallelEmbedding(emb, None)(tok), emb(tok))
     with pytest.raises(ValueError, match="bias-free"):
         ColumnParallelLinear.from_linear(nn.Linear(8, 6), None, what="w")
-    with pytest.raises(ValueError, match="reduce must be"):
-        RowParallelLinear(lin.weight.detach(), None, reduce="sum")
+    with pytest.raises(ValueError, match="w: tensor parallelism supports bias-free linears only"):
+        RowParallelLinear.from_linear(nn.Linear(8, 6), None, what="w")
 
 
 def test_vocab_parallel_cross_entropy_single_rank_matches_torch() -> None:

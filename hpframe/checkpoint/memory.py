@@ -1,0 +1,362 @@
+"""The fast tier: snapshots of every rank's shard in host memory, replicated to other nodes (GEMINI-style).
+
+``checkpoint.memory_interval=N`` (0 = off): every N steps ``MemoryTier.snapshot`` copies this rank's
+own shard of the training state (``reshard.capture``: its ZeRO partition, TP chunk and expert rows of
+the fp32 weights and Adam moments, with the router biases; its RNG states; the loop's client state:
+step, consumed tokens, data-loader position) to host memory, and returns (the training stall). A
+background thread then writes it as files under the node's shared memory, which outlives the worker
+processes::
+
+    {checkpoint.memory_dir}/hpframe-{job}/node{NNN}/step_{step:08d}/
+        tensors/rankR.safetensors  layout/rankR.json  rng/rankR.json  client/rankR.json   a part
+        commit/rankR.json          the part's commit record: step, plan fingerprint, file sizes (last)
+
+(``job`` hashes the checkpoint root, so a restarted job finds its snapshots), and sends the same bytes
+to ``checkpoint.memory_replicas`` peers: the rank of the same local index on each of the next nodes
+(ring order), which keep them in their node's directory. A part is thus on ``1 + replicas`` distinct
+nodes: losing any ``replicas`` nodes loses no part. Only the rank's own shard travels (point-to-point
+on a gloo group of the tier's own, from the background thread): no gather. At most one snapshot is in
+flight (the next one waits for it). Each node keeps the newest two steps (the one being written and
+the last complete one).
+
+Recovery (``find`` then ``load``, collective, before training): the ranks exchange which complete
+parts their nodes hold; the newest step whose parts, of every rank, with this plan's fingerprint, are
+held somewhere is taken. ``tier`` = ``memory`` when every rank's own part was on its own node, ``peer``
+when some came from a replica (a node lost its memory). The parts a node lacks are sent to it (from
+the lowest rank of a node holding them, to the node's lowest rank): restoring a rank's weights reads
+the shares of its data-parallel peers too, as it does from storage; then every rank restores from
+its node's directory (``reshard.restore``, same layout, so each rank gets its own RNG states back).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from hpframe.checkpoint import reshard, store
+from hpframe.checkpoint.portable import (PortableCheckpoint, RankPart, layout_doc, layout_file, rng_file, rng_state_json,
+                                         set_rng_state_json, tensor_file, tensors_bytes)
+from hpframe.errors import UserError
+from hpframe.logging import get_logger
+
+log = get_logger(__name__)
+
+
+def job_dir(memory_dir: str | Path, ckpt_root: str | Path) -> Path:
+    """The job's directory in host memory: named by a hash of the (absolute) checkpoint root."""
+    key = hashlib.sha256(str(Path(ckpt_root).resolve()).encode()).hexdigest()[:12]
+    return Path(memory_dir) / f"hpframe-{key}"
+
+
+def node_dir(job: Path, node: int) -> Path:
+    return job / f"node{node:03d}"
+
+
+def step_dir(node: Path, step: int) -> Path:
+    return node / store.tag_for_step(step)
+
+
+def client_file(rank: int) -> str:
+    return f"client/rank{rank:05d}.json"
+
+
+def commit_file(rank: int) -> str:
+    return f"commit/rank{rank:05d}.json"
+
+
+def replica_targets(rank: int, gpus_per_node: int, num_nodes: int, replicas: int) -> list[int]:
+    """Ranks that keep a replica of ``rank``'s part: same local index, on each of the next ``replicas``
+    nodes in ring order (distinct nodes, none its own)."""
+    node, local = divmod(rank, gpus_per_node)
+    return [((node + j) % num_nodes) * gpus_per_node + local for j in range(1, min(replicas, num_nodes - 1) + 1)]
+
+
+# ---- a part as bytes: what is written to memory and sent to peers -----------------------------------
+def encode_part(part: RankPart, rng: dict, client_state: dict) -> dict[str, bytes]:
+    """The files of one rank's part (the commit record excluded), as bytes."""
+    r = part.rank
+    return {
+        tensor_file(r): tensors_bytes(part),
+        layout_file(r): json.dumps(layout_doc(part), sort_keys=True).encode(),
+        rng_file(r): json.dumps(rng).encode(),
+        client_file(r): json.dumps(client_state, sort_keys=True, default=str).encode(),
+    }
+
+
+def pack(files: dict[str, bytes]) -> torch.Tensor:
+    """Files -> one uint8 tensor: 8-byte header length, JSON header {path: size}, the payloads in order
+    (one copy of the payloads)."""
+    header = json.dumps({k: len(v) for k, v in files.items()}).encode()
+    out = torch.empty(8 + len(header) + sum(len(v) for v in files.values()), dtype=torch.uint8)
+    view = memoryview(out.numpy())
+    view[:8] = len(header).to_bytes(8, "little")
+    view[8:8 + len(header)] = header
+    pos = 8 + len(header)
+    for v in files.values():
+        view[pos:pos + len(v)] = v
+        pos += len(v)
+    return out
+
+
+def unpack(t: torch.Tensor) -> dict[str, memoryview]:
+    """What ``pack`` packed, as views of ``t``'s memory (no copy)."""
+    view = memoryview(t.numpy())
+    n = int.from_bytes(view[:8], "little")
+    sizes = json.loads(bytes(view[8:8 + n]))
+    out, pos = {}, 8 + n
+    for rel, size in sizes.items():
+        out[rel] = view[pos:pos + size]
+        pos += size
+    return out
+
+
+def write_files(directory: Path, rank: int, step: int, fingerprint: str, files: dict[str, Any]) -> None:
+    """Write one part's files (each via a temporary name), then its commit record last."""
+    for rel, data in files.items():
+        path = directory / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    record = {"step": step, "rank": rank, "fingerprint": fingerprint, "files": {k: len(v) for k, v in files.items()}}
+    path = directory / commit_file(rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def complete_parts(node: Path, fingerprint: str) -> dict[int, list[int]]:
+    """{step: ranks} whose parts in this node's memory are complete (commit record, every file of the
+    recorded size) and of this plan's fingerprint."""
+    out: dict[int, list[int]] = {}
+    if not node.is_dir():
+        return out
+    for d in node.iterdir():
+        step = store.step_of_tag(d.name)
+        if step is None or not (d / "commit").is_dir():
+            continue
+        for rec_path in sorted((d / "commit").glob("rank*.json")):
+            try:
+                rec = json.loads(rec_path.read_text())
+                ok = rec["step"] == step and rec["fingerprint"] == fingerprint and all(
+                    (d / rel).is_file() and (d / rel).stat().st_size == size for rel, size in rec["files"].items())
+            except (OSError, ValueError, KeyError, TypeError):
+                ok = False
+            if ok:
+                out.setdefault(step, []).append(int(rec["rank"]))
+    return out
+
+
+def read_files(directory: Path, rank: int) -> dict[str, bytes]:
+    rec = json.loads((directory / commit_file(rank)).read_text())
+    return {rel: (directory / rel).read_bytes() for rel in rec["files"]}
+
+
+@dataclass(frozen=True)
+class Found:
+    """A complete snapshot: its step, the tier it counts as, and which nodes hold each rank's part."""
+
+    step: int
+    tier: str  # "memory" | "peer"
+    holders: dict[int, list[int]]
+
+
+@dataclass
+class SnapshotStats:
+    step: int
+    stall_s: float
+    waited_s: float
+
+
+class MemoryTier:
+    """One per process; every rank constructs it (a collective: it creates a gloo group)."""
+
+    def __init__(self, engine: Any, *, memory_dir: str | Path, ckpt_root: str | Path, replicas: int, fingerprint: str,
+                 timeout_s: float) -> None:
+        self.engine, self.fingerprint, self.timeout_s = engine, fingerprint, timeout_s
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        ranks = engine.plan.ranks
+        self.gpn, self.num_nodes = min(ranks.gpus_per_node, self.world), ranks.num_nodes
+        self.node = self.rank // self.gpn
+        self.job = job_dir(memory_dir, ckpt_root)
+        self.dir = node_dir(self.job, self.node)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"checkpoint.memory_dir={str(memory_dir)!r}: cannot create {self.dir} ({err}); point it at "
+                            f"a writable shared-memory file system or set checkpoint.memory_interval=0",
+                            key="checkpoint.memory_dir", values={"checkpoint.memory_dir": str(memory_dir)}) from err
+        self.targets = replica_targets(self.rank, self.gpn, self.num_nodes, replicas)
+        self.sources = [r for r in range(self.world) if self.rank in replica_targets(r, self.gpn, self.num_nodes, replicas)]
+        if replicas > 0 and not self.targets:
+            log.warning(f"checkpoint.memory_replicas={replicas}: one node ({self.num_nodes} in all), no peer to replicate to; "
+                        f"a lost node loses the fast tier's snapshots")
+        self.group = (dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
+                      if self.world > 1 else None)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    # ---- taking snapshots ---------------------------------------------------------------------------
+    def snapshot(self, step: int, client_state: dict[str, Any], part: RankPart | None = None,
+                 rng: dict | None = None) -> tuple[SnapshotStats, RankPart, dict]:
+        """Copy this rank's shard to host memory (the stall) and hand it to the background thread;
+        returns the stats and the captured part and RNG states (a storage save of the same step reuses them)."""
+        t0 = time.perf_counter()
+        self.wait()
+        waited = time.perf_counter() - t0
+        part = part if part is not None else reshard.capture(self.engine)
+        rng = rng if rng is not None else rng_state_json()
+        self._thread = threading.Thread(target=self._run, args=(step, part, rng, dict(client_state)),
+                                        name=f"hpframe-memory-{step}", daemon=True)
+        self._thread.start()
+        return SnapshotStats(step, time.perf_counter() - t0, waited), part, rng
+
+    def wait(self) -> None:
+        """Block (bounded) until the snapshot in flight is in memory here and at its peers; re-raise its error."""
+        if self._thread is not None:
+            self._thread.join(2 * self.timeout_s)
+            if self._thread.is_alive():
+                self._error = self._error or store.CheckpointError(
+                    f"rank {self.rank}: the memory snapshot did not finish within 2 x {self.timeout_s:.0f} s "
+                    f"(checkpoint.save_timeout_s); a peer died or stalls")
+            self._thread = None
+        err, self._error = self._error, None
+        if err is not None:
+            raise err
+
+    def _run(self, step: int, part: RankPart, rng: dict, client_state: dict) -> None:
+        try:
+            files = encode_part(part, rng, client_state)
+            here = step_dir(self.dir, step)
+            write_files(here, self.rank, step, self.fingerprint, files)
+            for src, got in self._exchange(pack(files)).items():
+                write_files(here, src, step, self.fingerprint, unpack(got))
+            self._prune(keep_from=step)
+        except BaseException as err:  # surfaced by the next snapshot or wait() on the training thread
+            log.error(f"memory snapshot of step {step} failed: {err}", all_ranks=True)
+            self._error = err
+
+    def _exchange(self, blob: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Send ``blob`` to every replica target, receive the parts of every source (sizes first)."""
+        if self.group is None or (not self.targets and not self.sources):
+            return {}
+        sizes = {s: torch.zeros(1, dtype=torch.int64) for s in self.sources}
+        works = [dist.isend(torch.tensor([blob.numel()], dtype=torch.int64), t, group=self.group) for t in self.targets]
+        works += [dist.irecv(sizes[s], s, group=self.group) for s in self.sources]
+        for w in works:
+            w.wait()
+        got = {s: torch.empty(int(sizes[s].item()), dtype=torch.uint8) for s in self.sources}
+        works = [dist.isend(blob, t, group=self.group) for t in self.targets]
+        works += [dist.irecv(got[s], s, group=self.group) for s in self.sources]
+        for w in works:
+            w.wait()
+        return got
+
+    def _prune(self, keep_from: int) -> None:
+        """Remove this node's snapshots older than the previous complete one (keep the newest two steps)."""
+        steps = sorted(s for s in (store.step_of_tag(d.name) for d in self.dir.iterdir()) if s is not None)
+        older = [s for s in steps if s < keep_from]
+        for s in older[:-1]:
+            shutil.rmtree(step_dir(self.dir, s), ignore_errors=True)
+
+    def close(self, *, remove: bool) -> None:
+        """Finish the snapshot in flight; with ``remove`` (the run ended and its last save is on storage),
+        free this node's host memory."""
+        self.wait()
+        if remove:
+            if self.group is not None:
+                dist.barrier(group=self.group)
+            if self.rank % self.gpn == 0:
+                shutil.rmtree(self.dir, ignore_errors=True)
+            if self.group is not None:
+                dist.barrier(group=self.group)
+            if self.rank == 0 and self.job.is_dir() and not any(self.job.iterdir()):
+                self.job.rmdir()
+
+    def clear(self) -> None:
+        """Forget this job's snapshots on every node (collective): the run did not resume from them
+        (``checkpoint.resume=none``, a path, or storage was newer), so they belong to another line of
+        training, which a later restart must not pick up."""
+        if self.group is not None:
+            dist.barrier(group=self.group)
+        if self.rank % self.gpn == 0:
+            shutil.rmtree(self.dir, ignore_errors=True)
+        if self.group is not None:
+            dist.barrier(group=self.group)
+
+    # ---- recovery -----------------------------------------------------------------------------------
+    def find(self) -> Found | None:
+        """The newest snapshot every rank's part of which some node holds (collective), or None."""
+        mine = complete_parts(self.dir, self.fingerprint)
+        everyone: list[Any] = [None] * self.world
+        if self.world > 1:
+            dist.all_gather_object(everyone, (self.node, mine), group=self.group)
+        else:
+            everyone = [(self.node, mine)]
+        holders_by_step: dict[int, dict[int, set[int]]] = {}
+        for node, parts in everyone:
+            for step, ranks in parts.items():
+                for r in ranks:
+                    holders_by_step.setdefault(int(step), {}).setdefault(r, set()).add(node)
+        full = [s for s, h in holders_by_step.items() if len(h) == self.world]
+        if not full:
+            return None
+        step = max(full)
+        holders = {r: sorted(n) for r, n in holders_by_step[step].items()}
+        own = all((r // self.gpn) in holders[r] for r in range(self.world))
+        return Found(step=step, tier="memory" if own else "peer", holders=holders)
+
+    def load(self, found: Found) -> dict[str, Any]:
+        """Restore this rank from snapshot ``found`` (collective): parts a node lacks are sent to it first."""
+        here = step_dir(self.dir, found.step)
+        sends: list[tuple[int, int]] = []  # (part, destination rank) this rank sends
+        recvs: list[tuple[int, int]] = []  # (part, source rank) this rank receives
+        for r in range(self.world):
+            src = min(found.holders[r]) * self.gpn  # lowest rank of the lowest node holding part r
+            for node in range(self.num_nodes):
+                if node not in found.holders[r]:
+                    dst = node * self.gpn
+                    if self.rank == src:
+                        sends.append((r, dst))
+                    if self.rank == dst:
+                        recvs.append((r, src))
+        if sends or recvs:  # all transfers at once: sizes, then the bytes
+            blobs = {(r, d): pack(read_files(here, r)) for r, d in sends}
+            sizes = {k: torch.zeros(1, dtype=torch.int64) for k in recvs}
+            works = [dist.isend(torch.tensor([b.numel()], dtype=torch.int64), d, group=self.group, tag=r) for (r, d), b in blobs.items()]
+            works += [dist.irecv(sizes[(r, s)], s, group=self.group, tag=r) for r, s in recvs]
+            for w in works:
+                w.wait()
+            got = {k: torch.empty(int(sizes[k].item()), dtype=torch.uint8) for k in recvs}
+            works = [dist.isend(b, d, group=self.group, tag=r) for (r, d), b in blobs.items()]
+            works += [dist.irecv(got[(r, s)], s, group=self.group, tag=r) for r, s in recvs]
+            for w in works:
+                w.wait()
+            for (r, _), blob in got.items():
+                write_files(here, r, found.step, self.fingerprint, unpack(blob))
+        if self.group is not None:
+            dist.barrier(group=self.group)
+        files = {commit_file(r) for r in range(self.world)}
+        for r in range(self.world):
+            files |= set(json.loads((here / commit_file(r)).read_text())["files"])
+        reshard.restore(self.engine, PortableCheckpoint(here, files=files))
+        set_rng_state_json(json.loads((here / rng_file(self.rank)).read_text()))
+        client_state = json.loads((here / client_file(self.rank)).read_text())
+        ds = getattr(self.engine, "ds", None)
+        if ds is not None:  # DeepSpeed's own counters, as manager.load sets them
+            ds.global_steps = found.step
+            ds.global_samples = found.step * self.engine.plan.global_batch_size
+        return client_state

@@ -1,0 +1,144 @@
+"""The fast tier (checkpoint.memory_interval): resume from host memory, a peer's replica, or storage.
+
+One launch of 2 CPU processes (gloo), deepseek_debug at dp2 = ep2 with ZeRO-1 and aux-loss-free router
+biases, ``cluster.gpus_per_node=1``: two simulated nodes, each with its own memory directory (standing
+for its /dev/shm). Snapshots every step (replicated to the other node), storage saves every 2 steps.
+Compared with an uninterrupted run of 6 steps:
+  * a run that crashes after step 3 (an exception in the step: the workers end, their memory stays),
+    restarted with ``checkpoint.resume=auto``: resumes from its own nodes' memory at step 3;
+  * the same crash, then node 1's memory wiped: resumes from node 0's replica of node 1's parts (peer);
+  * the same crash, both nodes' memory wiped: resumes from storage at step 2;
+each continues with losses equal to the uninterrupted run's bit for bit and ends with a checkpoint
+equal to its final checkpoint tensor for tensor; metrics.jsonl records ``resumed_from`` and
+``resumed_step``. A run that ends normally frees its host memory; a run that resumes from an explicit
+storage checkpoint (a branch) drops the snapshots of the line it left, even if it crashes at once.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from conftest import compose_run_config  # noqa: E402
+from test_resume import SMALL, assert_same_checkpoint  # noqa: E402
+from hpframe.testing.distributed import run_distributed  # noqa: E402
+
+pytestmark = pytest.mark.dist
+STEPS, CRASH = 6, 3
+LAYOUT = ["recipe=deepseek_debug", "parallel.dp=2", "parallel.ep=2", "parallel.zero_stage=1", "cluster.gpus_per_node=1",
+          f"train.steps={STEPS}", "checkpoint.interval=2", "checkpoint.memory_interval=1", "checkpoint.memory_replicas=1",
+          "checkpoint.keep_last=0"]
+
+
+class Crash(RuntimeError):
+    """Stands for a failure that ends the workers after a step (their node memory survives)."""
+
+
+def _train(rank: int, world_size: int, cfg, crash_after: int | None = None) -> dict:
+    """run.train_main's build sequence on the existing process group; optionally crash after a step."""
+    from hpframe.data import build_data
+    from hpframe.engine import build_engine
+    from hpframe.engine.ds_env import prepare_deepspeed
+    from hpframe.engine.moe_bridge import release_expert_groups
+    from hpframe.models import build_model
+    from hpframe.parallel import init_distributed, parallelize
+    from hpframe.plan import make_plan
+    from hpframe.train.loop import train
+
+    prepare_deepspeed()
+    plan = make_plan(cfg, world_size)
+    groups = init_distributed(plan)
+    model = build_model(cfg.model, cfg.moe, routing_groups=plan.experts.routing_groups if plan.experts else None)
+    model.init_weights(cfg.train.seed)
+    engine = build_engine(parallelize(model, plan, groups), plan, groups, cfg)
+    if crash_after is not None:
+        step, calls = engine.train_step, [0]
+
+        def crashing(batches):
+            if calls[0] == crash_after:
+                raise Crash(f"crash after step {crash_after}")
+            calls[0] += 1
+            return step(batches)
+        engine.train_step = crashing
+    try:
+        result = train(engine, build_data(cfg, plan, rank), plan, cfg)
+        return {"losses": [r["loss"] for r in result.history], "tier": result.resumed_tier}
+    except Crash:
+        return {"crashed": True}
+    finally:
+        release_expert_groups(plan)
+
+
+def _scenarios(rank: int, world_size: int, root: str) -> dict:
+    import torch.distributed as dist
+
+    root_p = Path(root)
+
+    def cfg(name: str, *extra: str):
+        c = compose_run_config(*SMALL, *LAYOUT, f"checkpoint.memory_dir={root_p / 'shm'}", *extra)
+        c.output_dir = str(root_p / name)
+        return c
+
+    def restore_crash_state() -> None:  # rank 0 puts back the run dir and memory the crash left
+        if rank == 0:
+            for d in ("run", "shm"):
+                shutil.rmtree(root_p / d, ignore_errors=True)
+                shutil.copytree(root_p / f"{d}.crashed", root_p / d)
+        dist.barrier()
+
+    out = {"ref": _train(rank, world_size, cfg("ref", "checkpoint.resume=none"))}
+    out["ref_memory_left"] = sorted(p.name for p in (root_p / "shm").iterdir())
+    out["crash"] = _train(rank, world_size, cfg("run", "checkpoint.resume=none"), crash_after=CRASH)
+    dist.barrier()
+    if rank == 0:
+        for d in ("run", "shm"):
+            shutil.copytree(root_p / d, root_p / f"{d}.crashed")
+    dist.barrier()
+    for name, wiped in (("memory", []), ("peer", ["node001"]), ("storage", ["node000", "node001"])):
+        restore_crash_state()
+        if rank == 0:
+            for node in wiped:  # that node's host memory is gone (a lost or rebooted node)
+                for d in (root_p / "shm").glob(f"hpframe-*/{node}"):
+                    shutil.rmtree(d)
+        dist.barrier()
+        out[name] = _train(rank, world_size, cfg("run"))
+        dist.barrier()
+        if rank == 0:
+            shutil.copytree(root_p / "run", root_p / f"run.{name}")
+    # a branch from the step-2 checkpoint that crashes before its first step: the snapshots of the
+    # abandoned line (steps 2 and 3) are gone, so a restart cannot continue the abandoned line
+    restore_crash_state()
+    branch = cfg("run", f"checkpoint.resume={root_p / 'run' / 'checkpoints' / 'step_00000002'}")
+    out["branch"] = _train(rank, world_size, branch, crash_after=0)
+    dist.barrier()
+    out["branch_memory_left"] = sorted(p.name for p in (root_p / "shm").glob("hpframe-*/node*/*"))
+    return out
+
+
+def _resume_record(run_dir: Path) -> dict:
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if "resumed_from" in r][-1]
+
+
+def test_resume_from_memory_peer_and_storage(tmp_path):
+    results = run_distributed(_scenarios, 2, (str(tmp_path),), timeout=240)
+    r = results[0]
+    ref = r["ref"]["losses"]
+    assert len(ref) == STEPS and r["ref"]["tier"] is None
+    assert r["ref_memory_left"] == []  # a run that ended normally freed its host memory
+    assert r["crash"] == {"crashed": True}
+    final = f"step_{STEPS:08d}"
+    for name, first in (("memory", CRASH), ("peer", CRASH), ("storage", 2)):
+        got = r[name]
+        assert got["tier"] == name, (name, got)
+        assert got["losses"] == ref[first:], f"{name}: {got['losses']} != {ref[first:]}"
+        assert _resume_record(tmp_path / f"run.{name}") == {"step": first, "resumed_from": name, "resumed_step": first}
+        assert assert_same_checkpoint(tmp_path / "ref" / "checkpoints" / final, tmp_path / f"run.{name}" / "checkpoints" / final) >= 30
+    assert results[1]["memory"]["losses"] == r["memory"]["losses"]
+    assert r["branch"] == {"crashed": True} and r["branch_memory_left"] == []
