@@ -111,7 +111,10 @@ class _ExpertAware:
     gradients into a new tensor, all-reduces it and copies it back, also when the group has a single
     member (dp = 1, or an expert-data-parallel group of one at dp = ep). There the all-reduce is the
     identity and only its scaling remains; hpframe applies that scaling in place, without the two
-    copies. On one H200 with the 3.58 B-parameter mixtral_h200 model the copies of bf16 gradients
+    copies. One difference: with bf16 on, DeepSpeed's bucket goes through its communication dtype
+    (bf16 by default), which rounds BF16_Optimizer's fp32 gradients to bf16 even in a group of one;
+    hpframe's shortcut keeps them in fp32 (equal to DeepSpeed with ``communication_data_type: fp32``,
+    tests/dist/test_library_internals.py). Groups of several members still reduce in bf16. On one H200 with the 3.58 B-parameter mixtral_h200 model the copies of bf16 gradients
     took ~8 ms per step (docs/performance.md, section 7).
     """
 

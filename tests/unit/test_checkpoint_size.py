@@ -58,6 +58,6 @@ def test_save_timeout_is_derived_from_the_planned_write_time(compose_cfg):
     assert slow.checkpoint.save_timeout_seconds > 60
     assert make_plan(compose_cfg("recipe=mixtral_debug", "checkpoint.save_timeout_s=5")).checkpoint.save_timeout_seconds == 5.0
     for bad in ("-1.0", "inf"):
-        with pytest.raises(PlanError, match=rf"checkpoint.save_timeout_s={bad} must be a finite number >= 0") as err:
+        with pytest.raises(PlanError, match=rf"checkpoint.save_timeout_s={bad} must be a finite number") as err:
             make_plan(compose_cfg("recipe=mixtral_debug", f"checkpoint.save_timeout_s={bad}"))
         assert err.value.key == "checkpoint.save_timeout_s"

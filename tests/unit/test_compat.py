@@ -58,3 +58,15 @@ def test_every_internal_is_documented_in_design_md() -> None:
     assert documented == {p.target for p in compat.PATCHES}
     assert all(Path(__file__).resolve().parents[2].joinpath("hpframe", p.where.split()[0].rstrip(",")).is_file()
                for p in compat.PATCHES)
+
+
+def test_installed_version_strings_are_read_at_the_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check reads the libraries' own ``__version__`` when called (here monkeypatched)."""
+    import deepspeed
+    import torch
+
+    monkeypatch.setattr(deepspeed, "__version__", "0.20.0")
+    monkeypatch.setattr(torch, "__version__", "2.14.0+cu130")
+    warnings = compat.check_libraries()
+    assert [w.split(" is installed")[0] for w in warnings] == ["deepspeed 0.20.0", "torch 2.14.0+cu130"]
+    assert "written for 0.19.8" in warnings[0] and "written for 2.11 / 2.13" in warnings[1]
