@@ -17,6 +17,7 @@ composes (and ``--cfg job`` and ``plan.dry_run`` show) the real model. Standard 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -93,12 +94,14 @@ def _common(hf: dict[str, Any], family: str, where: str) -> dict[str, Any]:
         raise _refuse(where, "attention_dropout", hf["attention_dropout"], "hpframe has no dropout")
     if hf.get("mlp_bias", False):
         raise _refuse(where, "mlp_bias", True, "hpframe's MLPs have no bias")
-    heads = int(hf["num_attention_heads"])
+    kinds = sorted(set(hf.get("layer_types") or []) - {"full_attention"})
+    if kinds:
+        raise _refuse(where, "layer_types", kinds, "every block attends over the whole causal context")
     return {
         "model.arch": family,
         "model.hidden_size": int(hf["hidden_size"]),
         "model.num_layers": int(hf["num_hidden_layers"]),
-        "model.num_heads": heads,
+        "model.num_heads": int(hf["num_attention_heads"]),
         "model.vocab_size": int(hf["vocab_size"]),
         "model.tie_embeddings": bool(hf.get("tie_word_embeddings", False)),
         "model.activation": "swiglu",
@@ -250,7 +253,10 @@ def _render(value: Any) -> str:
         return "[" + ",".join(_render(v) for v in value) + "]"
     if isinstance(value, float):
         return repr(value)
-    return str(value)
+    text = str(value)
+    if isinstance(value, str) and not re.fullmatch(r"[\w.:/-]+", text):
+        return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"  # Hydra's quoted string
+    return text
 
 
 def expand_overrides(overrides: list[str]) -> list[str]:
@@ -267,7 +273,7 @@ def expand_overrides(overrides: list[str]) -> list[str]:
             given[key] = (i, value)
     if not given.get("model.from_hf", (0, ""))[1]:
         return list(overrides)
-    where = given["model.from_hf"][1]
+    where = str(_parse(given["model.from_hf"][1]))  # a quoted path (spaces) is unquoted as Hydra does
     fixed, defaults = hf_fields(read_config(where), where)
     for key, want in fixed.items():
         if key in given and not _same(_parse(given[key][1]), want):

@@ -31,8 +31,7 @@ LAYOUTS = {
         "dp2_ep2_fetch": ["parallel.dp=2", "parallel.ep=2", "moe.dispatch=experts"]},
     4: {"tp2_dp2_ep2": ["parallel.tp=2", "parallel.dp=2", "parallel.ep=2"],
         "pp2_tp2": ["parallel.pp=2", "parallel.tp=2", "parallel.grad_accum=2"],
-        "pp2_dp2_ep2": ["parallel.pp=2", "parallel.dp=2", "parallel.ep=2", "parallel.grad_accum=2"],
-        "dp4_ep4": ["parallel.dp=4", "parallel.ep=4"]},
+        "pp2_dp2_ep2": ["parallel.pp=2", "parallel.dp=2", "parallel.ep=2", "parallel.grad_accum=2"]},
 }
 ATOL = 1e-5
 

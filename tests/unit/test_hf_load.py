@@ -109,6 +109,7 @@ def _edit_config(path: Path, **changes: object) -> None:
     ("mixtral", {"model_type": "llama4"}, "model_type='llama4' is not supported"),
     ("qwen3_moe", {"use_sliding_window": True}, "use_sliding_window=True is not supported"),
     ("qwen3_moe", {"attention_bias": True}, "attention_bias=True is not supported"),
+    ("qwen3_moe", {"layer_types": ["full_attention", "sliding_attention"] * 2}, "layer_types=['sliding_attention'] is not supported"),
     ("mixtral", {"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "rope type='longrope' is not supported"),
     ("deepseek_v3", {"quantization_config": {"quant_method": "gptq", "bits": 4}},
      "quantization_config.quant_method='gptq' is not supported"),
@@ -136,7 +137,20 @@ def test_overrides_contradicting_config_json(tmp_path: Path) -> None:
         check_run_config(cfg.model, cfg.moe)
 
 
-def test_launch_exits_2_and_dry_run_sees_the_real_model(tmp_path: Path) -> None:
+def test_a_directory_with_spaces_composes(tmp_path: Path) -> None:
+    path = tmp_path / "my model (v2)"
+    write_checkpoint("mixtral", path, max_shard_size="10MB")
+    cfg = compose_run_config_quoted(f"model.from_hf='{path}'")
+    assert (cfg.model.from_hf, cfg.model.name, cfg.model.num_kv_heads) == (str(path), "mixtral:my model (v2)", 2)
+
+
+def compose_run_config_quoted(*overrides: str):  # noqa: ANN201
+    from conftest import compose_run_config
+
+    return compose_run_config(*expand_overrides(list(overrides)))
+
+
+def test_launch_exits_2_and_dry_run_and_cfg_job_see_the_real_model(tmp_path: Path) -> None:
     theirs = write_checkpoint("deepseek_v3", tmp_path, max_shard_size="10MB")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     bad = subprocess.run([sys.executable, "launch.py", f"model.from_hf={tmp_path}", "model.num_layers=8", "plan.dry_run=true"],
@@ -148,6 +162,11 @@ def test_launch_exits_2_and_dry_run_sees_the_real_model(tmp_path: Path) -> None:
     assert ok.returncode == 0, ok.stderr
     report = json.loads(ok.stdout)
     assert report["params"]["total"] == sum(p.numel() for p in theirs.parameters())
+    job = subprocess.run([sys.executable, "launch.py", f"model.from_hf={tmp_path}", "--cfg", "job"],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert job.returncode == 0, job.stderr
+    for line in ("arch: deepseek_v3", "q_lora_rank: 16", "rope_type: yarn", "rope_mscale_all_dim: 0.707", "num_experts: 8"):
+        assert f"  {line}\n" in job.stdout, line
 
 
 def test_mismatched_checkpoint_is_refused_listing_tensors(tmp_path: Path) -> None:
@@ -219,6 +238,13 @@ def test_fp8_block_quantized_weights_are_dequantized(tmp_path: Path) -> None:
     t = sample_tokens(101)
     with torch.no_grad():
         assert (ours(t) - theirs(t).logits).abs().max().item() < ATOL
+    # a tensor-parallel slice that starts and ends inside quantization blocks dequantizes like the whole
+    files = HFCheckpoint(tmp_path)
+    name = "model.layers.1.mlp.shared_experts.down_proj.weight"  # [48, 24]
+    whole = files.read(name, (slice(0, 48), slice(0, 24)))
+    assert torch.equal(whole, deq[name])
+    for rows, cols in ((slice(5, 29), slice(0, 24)), (slice(0, 48), slice(7, 19)), (slice(17, 18), slice(15, 17))):
+        assert torch.equal(files.read(name, (rows, cols)), whole[rows, cols]), (rows, cols)
     # without the scales the fp8 codes would load as garbage: refused
     from safetensors.torch import load_file, save_file
 
