@@ -87,9 +87,9 @@ class RankLogger:
     def warning(self, msg: str, *args: Any, all_ranks: bool = False) -> None:
         self._log(logging.WARNING, msg, *args, all_ranks=all_ranks)
 
-    def error(self, msg: str, *args: Any, all_ranks: bool = True) -> None:
+    def error(self, msg: str, *args: Any, all_ranks: bool = True, console: bool = True) -> None:
         """Errors go out on every rank by default: the failing rank may not be 0."""
-        self._log(logging.ERROR, msg, *args, all_ranks=all_ranks)
+        self._log(logging.ERROR, msg, *args, all_ranks=all_ranks, console=console)
 
 
 def get_logger(name: str) -> RankLogger:

@@ -294,6 +294,11 @@ def train_main(cfg: RunConfig, plan: "object") -> int:
         where = _save_traceback(cfg.output_dir)
         log.error(f"hpframe: invalid configuration: {err}" + (f" (traceback in {where})" if where else ""))
         return EXIT_USER_ERROR
+    except Exception:  # a bug: Python prints it on the console; RUN/train.log gets it too
+        import traceback
+
+        log.error("hpframe: internal error:\n" + traceback.format_exc().rstrip(), console=False)
+        raise
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -16,11 +16,17 @@ import json
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
+
+from hpframe.checkpoint.store import CheckpointError
 from hpframe.logging import get_logger
 from hpframe.plan.errors import PlanError
 from hpframe.rundir import check_checkpoint_dir
 
 log = get_logger(__name__)
+
+SAVE_ERRORS: tuple[type[BaseException], ...] = (OSError, CheckpointError, SafetensorError)
+"""What a save raises when the storage fails (safetensors reports its own write errors as SafetensorError)."""
 
 EXIT_CHECKPOINT_FAILED = 6
 """Exit code of a run stopped because a checkpoint could not be written and a later save could not succeed."""

@@ -26,7 +26,7 @@ from hpframe.config.schema import RunConfig
 from hpframe.data import Data
 from hpframe.data.packing import model_inputs
 from hpframe.logging import current_rank, get_logger
-from hpframe.train.guards import after_failed_save, note_batch_change
+from hpframe.train.guards import SAVE_ERRORS, after_failed_save, note_batch_change
 from hpframe.train.metrics import MetricsWriter, dropped_frac, expert_shares, mfu, summarize_ep_imbalance, summarize_moe
 from hpframe.train.preempt import Preempted, StopRequest
 from hpframe.train.profile import StepProfiler
@@ -319,7 +319,7 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
         part, rng = snap if snap is not None else (None, None)
         try:
             stats = checkpointer.save(step, client_state(step), part=part, rng=rng)
-        except (OSError, store.CheckpointError) as err:  # disk full, permissions: go on only if a retry can work
+        except SAVE_ERRORS as err:  # disk full, permissions: go on only if a retry can work
             after_failed_save(err, step=step, root=ckpt_root, need_bytes=plan.checkpoint.bytes if plan.checkpoint else 0,
                               last_good=result.checkpoints[-1].name if result.checkpoints else None, writer=writer)
             return False
@@ -376,7 +376,7 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
             if snap is not None or (interval and step % interval == 0):
                 clock.reset()
             if stop.agreed(stop_device):  # every rank stops after the same step
-                saved = checkpointer is not None and (last_saved == step or save(step))
+                saved = checkpointer is not None and (last_saved == step or save(step, snap))
                 raise Preempted(step, stop.signame, saved=saved)
         if result.steps_done > start and last_eval != result.steps_done:
             evaluate(result.steps_done)

@@ -129,7 +129,7 @@ def test_sigterm_checkpoint_resume_and_kill_of_the_launcher(tmp_path):
 
 def test_a_stalled_rank_is_detected_by_the_collective_timeout(tmp_path):
     run_dir = tmp_path / "run"
-    proc = start(["checkpoint=off", "train.collective_timeout_s=5"], run_dir)
+    proc = start(["checkpoint=off", "train.collective_timeout_s=3"], run_dir)
     try:
         wait_for(lambda: any("loss" in r for r in steps(run_dir)), "the first step", proc)
         os.kill(workers(proc.pid)[1], signal.SIGSTOP)
@@ -139,7 +139,7 @@ def test_a_stalled_rank_is_detected_by_the_collective_timeout(tmp_path):
     out = console(run_dir)
     assert code == 1, out[-4000:]
     assert "2 of 2 processes failed; first: rank 0 (exit code 1); then rank 1 killed by SIGKILL" in out
-    assert "hpframe: a collective timed out after 5 s (train.collective_timeout_s): another rank stalled or died" in out
+    assert "hpframe: a collective timed out after 3 s (train.collective_timeout_s): another rank stalled or died" in out
 
 
 def test_checkpoint_directory_lost_mid_run_stops_with_a_clear_error(tmp_path):

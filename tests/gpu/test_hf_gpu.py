@@ -77,7 +77,8 @@ def test_launch_trains_from_hf_on_gpu(tmp_path: Path) -> None:
     theirs = write_checkpoint("qwen3_moe", tmp_path / "src").cuda()
     env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"))
     overrides = [f"model.from_hf={tmp_path / 'src'}", "train=smoke", "train.steps=8", "train.device=cuda",
-                 "train.dtype=bf16", "data.seq_len=64", "parallel.micro_batch_size=8", "data.num_synthetic_tokens=100000",
+                 "train.dtype=bf16", "parallel.zero_stage=1", "data.seq_len=64", "parallel.micro_batch_size=8",
+                 "data.num_synthetic_tokens=100000",
                  "train.progress=false", "train.tensorboard=false", "checkpoint.resume=none", "checkpoint.enabled=false",
                  "moe.aux_loss_coef=0"]
     cmd = [sys.executable, str(REPO / "launch.py"), *overrides, f"hydra.run.dir={tmp_path / 'run'}"]
