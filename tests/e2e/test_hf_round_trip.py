@@ -1,8 +1,9 @@
 """Round trip through the command line: a transformers checkpoint -> ``launch.py model.from_hf=DIR``, 2 steps
 at learning rate 0 -> ``python -m hpframe.export`` -> the source's tensors back, bit for bit (fp32).
 
-Two layouts of 2 gloo processes: Qwen3-MoE at tp=2 with ZeRO-1 (its 101-token vocabulary is padded to
-102 rows for the run, and export writes 101 back) and DeepSeek-V3 (YaRN rotary) at dp=2 x ep=2 with
+Three layouts of 2 gloo processes, one per ZeRO stage: Qwen3-MoE at tp=2 with ZeRO-0 (its 101-token
+vocabulary is padded to 102 rows for the run, and export writes 101 back), Mixtral at pp=2 with ZeRO-1
+(each stage saves its own blocks; export joins them) and DeepSeek-V3 (YaRN rotary) at dp=2 x ep=2 with
 ZeRO-2. transformers then loads the export with no missing or unexpected keys, its config.json keeps
 the source's rope scaling, and the source's tokenizer files come along (AutoTokenizer encodes alike).
 """
@@ -45,7 +46,8 @@ def all_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 CASES = {
-    "qwen3_moe_tp2_zero1": ("qwen3_moe", ["parallel.tp=2", "parallel.zero_stage=1"]),
+    "qwen3_moe_tp2_zero0": ("qwen3_moe", ["parallel.tp=2", "parallel.zero_stage=0"]),
+    "mixtral_pp2_zero1": ("mixtral", ["parallel.pp=2", "parallel.zero_stage=1"]),
     "deepseek_v3_dp2_ep2_zero2": ("deepseek_v3", ["parallel.dp=2", "parallel.ep=2", "parallel.zero_stage=2"]),
 }
 
