@@ -6,6 +6,7 @@ vocabulary is padded to 102 rows for the run, and export writes 101 back), Mixtr
 (each stage saves its own blocks; export joins them) and DeepSeek-V3 (YaRN rotary) at dp=2 x ep=2 with
 ZeRO-2. transformers then loads the export with no missing or unexpected keys, its config.json keeps
 the source's rope scaling, and the source's tokenizer files come along (AutoTokenizer encodes alike).
+The padded tp=2 run then resumes at tp=1: refused (exit 2) with its padding, resumed with the saved one.
 """
 
 from __future__ import annotations
@@ -83,3 +84,20 @@ def test_from_hf_train_at_lr0_export_gives_the_source_back(case: str, tmp_path: 
     tok_src = transformers.AutoTokenizer.from_pretrained(str(src))
     tok_out = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "out"))
     assert tok_out(text)["input_ids"] == tok_src(text)["input_ids"] == [3, 17, 99, 0]
+    if "tp2" in case:
+        check_resume_at_tp1(cmd, tmp_path / "run", env)
+
+
+def check_resume_at_tp1(cmd: list[str], run: Path, env: dict[str, str]) -> None:
+    """The tp=2 run padded 101 rows to 102: resumed at tp=1 (which pads to 101) it is refused with exit
+    code 2 naming the tensors and both shapes, its checkpoint intact; with the saved padding it resumes."""
+    base = [c for c in cmd if not c.startswith(("parallel.tp=", "train.steps=", "checkpoint.resume="))]
+    base += ["train.steps=3", "checkpoint.resume=auto"]
+    proc = subprocess.run(base, cwd=REPO, env=env, capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "embed.weight: checkpoint [102, 48] vs model [101, 48], head.weight: checkpoint [102, 48] vs model [101, 48]" \
+        in proc.stdout + proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000002"]
+    proc = subprocess.run([*base, "model.vocab_pad_multiple=2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "resumed from" in proc.stdout + proc.stderr and "step 3/3" in proc.stdout + proc.stderr
