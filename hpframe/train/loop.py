@@ -8,6 +8,7 @@ line of metrics.jsonl is ``step`` 1, and a checkpoint taken at step k resumes wi
 
 from __future__ import annotations
 
+import copy
 import gc
 import json
 import math
@@ -256,6 +257,21 @@ class ManualGC:
                 gc.enable()
 
 
+@dataclass
+class Snap:
+    """A fast-tier snapshot kept in host memory: its step, this rank's part, RNG states and client state."""
+
+    step: int
+    part: Any
+    rng: dict
+    client_state: dict[str, Any]
+
+
+def _of_step(snap: Snap | None, step: int) -> Snap | None:
+    """``snap`` if it is the snapshot of ``step`` (a save of that step then writes it without capturing)."""
+    return snap if snap is not None and snap.step == step else None
+
+
 def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> TrainResult:
     """Run ``train.steps`` optimizer steps (resuming if asked); returns the metrics written."""
     run_dir = Path(cfg.output_dir)
@@ -278,7 +294,8 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
     rerun = logged_steps(run_dir / "metrics.jsonl") if rank0 else set()  # steps this run logs again
     # one Checkpointer for the run: with checkpoint.async_save at most one save is in flight
     checkpointer = (
-        Checkpointer(engine, ckpt_root, keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save,
+        # with the fast tier on, storage saves are written in the background from a snapshot: no stall of their own
+        Checkpointer(engine, ckpt_root, keep_last=cfg.checkpoint.keep_last, async_save=cfg.checkpoint.async_save or mem_every > 0,
                      timeout_s=save_timeout(plan))
         if cfg.checkpoint.enabled else None
     )
@@ -306,27 +323,30 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
             **point.lineage,  # line and parent: also written into the manifest (store.py, lines)
         })
 
-    def snapshot(step: int) -> tuple[Any, dict]:
-        """The fast tier's snapshot of ``step`` (its part and RNG states go on to a storage save of the step)."""
+    def snapshot(step: int) -> Snap:
+        """The fast tier's snapshot of ``step``; it stays in host memory for the storage saves that follow."""
         assert memory is not None
-        stats, part, rng = memory.snapshot(step, client_state(step))
+        state = copy.deepcopy(client_state(step))  # the loader's position of this step, not of a later save
+        stats, part, rng = memory.snapshot(step, state)
         writer.write({"step": step, "mem_stall_s": stats.stall_s}, prefix="memory")
-        return part, rng
+        return Snap(step, part, rng, state)
 
-    def save(step: int, snap: tuple[Any, dict] | None = None) -> bool:
-        """Checkpoint ``step``; False when the save failed but a later one can succeed (guards.after_failed_save)."""
-        assert checkpointer is not None
-        part, rng = snap if snap is not None else (None, None)
+    def save(step: int, snap: Snap | None = None) -> bool:
+        """Checkpoint ``step`` (from ``snap``, the snapshot of that step, when given: no capture); False
+        when the save failed but a later one can succeed (guards.after_failed_save)."""
+        assert checkpointer is not None and (snap is None or snap.step == step)
+        part, rng, state = (snap.part, snap.rng, snap.client_state) if snap is not None else (None, None, client_state(step))
         try:
-            stats = checkpointer.save(step, client_state(step), part=part, rng=rng)
+            stats = checkpointer.save(step, state, part=part, rng=rng)
         except SAVE_ERRORS as err:  # disk full, permissions: go on only if a retry can work
             after_failed_save(err, step=step, root=ckpt_root, need_bytes=plan.checkpoint.bytes if plan.checkpoint else 0,
                               last_good=result.checkpoints[-1].name if result.checkpoints else None, writer=writer)
             return False
         result.checkpoints.append(stats.path)
         writer.write({"step": step, "ckpt_stall_s": stats.stall_s}, prefix="checkpoint")  # metrics.jsonl + TensorBoard
-        how = "writing in the background" if cfg.checkpoint.async_save else "saved"
-        log.info(f"checkpoint {stats.path}: {how} (training stalled {stats.stall_s:.2f} s)")
+        how = "writing in the background" if checkpointer.async_save else "saved"
+        log.info(f"checkpoint {stats.path}: {how}{' from the host-memory snapshot' if snap is not None else ''} "
+                 f"(training stalled {stats.stall_s:.2f} s)")
         return True
 
     def evaluate(step: int) -> None:
@@ -338,6 +358,7 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
 
     t = cfg.train
     nonfinite, last_saved, last_eval = 0, start, -1
+    newest: Snap | None = None  # the fast tier's newest snapshot, kept in host memory
     clock = StepClock()
     collector = ManualGC(t.gc_interval)
     stop.install()
@@ -369,19 +390,22 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
                 evaluate(step)
                 last_eval = step
                 clock.reset()
-            snap = snapshot(step) if mem_every and step % mem_every == 0 else None
+            if mem_every and step % mem_every == 0:
+                newest = snapshot(step)
             if interval and step % interval == 0:
-                if save(step, snap):
-                    last_saved = step
-            if snap is not None or (interval and step % interval == 0):
+                # fast tier on: the newest snapshot not yet on storage (its own step, maybe before this one)
+                src = newest if newest is not None and newest.step > last_saved else None
+                if save(src.step if src is not None else step, src):
+                    last_saved = src.step if src is not None else step
+            if (mem_every and step % mem_every == 0) or (interval and step % interval == 0):
                 clock.reset()
-            if stop.agreed(stop_device):  # every rank stops after the same step
-                saved = checkpointer is not None and (last_saved == step or save(step, snap))
+            if stop.agreed(stop_device):  # every rank stops after the same step, saved as it is
+                saved = checkpointer is not None and (last_saved == step or save(step, _of_step(newest, step)))
                 raise Preempted(step, stop.signame, saved=saved)
         if result.steps_done > start and last_eval != result.steps_done:
             evaluate(result.steps_done)
         if checkpointer is not None and last_saved != result.steps_done:
-            save(result.steps_done)
+            save(result.steps_done, _of_step(newest, result.steps_done))
         if memory is not None:  # the run ended and its last save is on storage: free the host memory
             memory.close(remove=True)
             memory = None

@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import safetensors.torch
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -57,6 +59,13 @@ def _train(rank: int, world_size: int, cfg, crash_after: int | None = None) -> d
     model = build_model(cfg.model, cfg.moe, routing_groups=plan.experts.routing_groups if plan.experts else None)
     model.init_weights(cfg.train.seed)
     engine = build_engine(parallelize(model, plan, groups), plan, groups, cfg)
+    from hpframe.checkpoint import reshard
+    real_capture, captures = reshard.capture, [0]
+
+    def counting_capture(eng):  # every copy of the training state to host memory: a snapshot or a save
+        captures[0] += 1
+        return real_capture(eng)
+    reshard.capture = counting_capture
     if crash_after is not None:
         step, calls = engine.train_step, [0]
 
@@ -68,10 +77,11 @@ def _train(rank: int, world_size: int, cfg, crash_after: int | None = None) -> d
         engine.train_step = crashing
     try:
         result = train(engine, build_data(cfg, plan, rank), plan, cfg)
-        return {"losses": [r["loss"] for r in result.history], "tier": result.resumed_tier}
+        return {"losses": [r["loss"] for r in result.history], "tier": result.resumed_tier, "captures": captures[0]}
     except Crash:
-        return {"crashed": True}
+        return {"crashed": True, "captures": captures[0]}
     finally:
+        reshard.capture = real_capture
         release_expert_groups(plan)
 
 
@@ -94,6 +104,16 @@ def _scenarios(rank: int, world_size: int, root: str) -> dict:
 
     out = {"ref": _train(rank, world_size, cfg("ref", "checkpoint.resume=none"))}
     out["ref_memory_left"] = sorted(p.name for p in (root_p / "shm").iterdir())
+    # snapshots every 2 steps, storage every 3, crash in step 5: the save at step 3 wrote the snapshot of step 2
+    sparse = ("checkpoint.memory_interval=2", "checkpoint.interval=3")
+    out["sparse"] = _train(rank, world_size, cfg("sparse", "checkpoint.resume=none", *sparse), crash_after=4)
+    dist.barrier()
+    if rank == 0:  # set its host memory (snapshots of steps 2 and 4) aside for the test to compare
+        for job in (root_p / "shm").iterdir():
+            job.rename(root_p / "sparse.shm")
+    dist.barrier()
+    from_snapshot = root_p / "sparse" / "checkpoints" / "step_00000002"
+    out["sparse_resumed"] = _train(rank, world_size, cfg("sparse_resumed", f"checkpoint.resume={from_snapshot}", *sparse))
     out["crash"] = _train(rank, world_size, cfg("run", "checkpoint.resume=none"), crash_after=CRASH)
     dist.barrier()
     if rank == 0:
@@ -132,7 +152,9 @@ def test_resume_from_memory_peer_and_storage(tmp_path):
     ref = r["ref"]["losses"]
     assert len(ref) == STEPS and r["ref"]["tier"] is None
     assert r["ref_memory_left"] == []  # a run that ended normally freed its host memory
-    assert r["crash"] == {"crashed": True}
+    assert r["ref"]["captures"] == STEPS  # one per snapshot; the storage saves wrote the snapshots of their steps
+    _check_save_from_snapshot(tmp_path, results, ref)
+    assert r["crash"] == {"crashed": True, "captures": CRASH}
     final = f"step_{STEPS:08d}"
     for name, first in (("memory", CRASH), ("peer", CRASH), ("storage", 2)):
         got = r[name]
@@ -141,4 +163,30 @@ def test_resume_from_memory_peer_and_storage(tmp_path):
         assert _resume_record(tmp_path / f"run.{name}") == {"step": first, "resumed_from": name, "resumed_step": first}
         assert assert_same_checkpoint(tmp_path / "ref" / "checkpoints" / final, tmp_path / f"run.{name}" / "checkpoints" / final) >= 30
     assert results[1]["memory"]["losses"] == r["memory"]["losses"]
-    assert r["branch"] == {"crashed": True} and r["branch_memory_left"] == []
+    assert r["branch"] == {"crashed": True, "captures": 0} and r["branch_memory_left"] == []
+
+
+def _check_save_from_snapshot(tmp_path: Path, results: list[dict], ref: list[float]) -> None:
+    """Snapshots at steps 2 and 4, a storage save at step 3, a crash in step 5: the save holds the
+    snapshot of step 2 (no capture of its own), file for file the bytes of that snapshot in host
+    memory (every tensor bit for bit, RNG states and layout equal), and a run resumed from it continues
+    exactly."""
+    for r in results:
+        assert r["sparse"] == {"crashed": True, "captures": 2}, r["sparse"]  # the 2 snapshots, none for the save
+        assert r["sparse_resumed"]["losses"] == ref[2:], r["sparse_resumed"]
+    saved = tmp_path / "sparse" / "checkpoints" / "step_00000002"
+    assert sorted(p.name for p in saved.parent.glob("step_*")) == ["step_00000002"]
+    snap = tmp_path / "sparse.shm" / "node000" / "step_00000002"
+    for rank in (0, 1):
+        rel = f"tensors/rank{rank:05d}.safetensors"
+        got, want = (safetensors.torch.load((d / rel).read_bytes()) for d in (saved, snap))
+        assert got.keys() == want.keys() and len(got) >= 30
+        assert all(torch.equal(got[k], want[k]) for k in got), rel
+        for rel in (f"rng/rank{rank:05d}.json", f"layout/rank{rank:05d}.json"):  # written with other indentation
+            assert json.loads((saved / rel).read_text()) == json.loads((snap / rel).read_text()), rel
+    state = json.loads((saved / "client_state.json").read_text())
+    snap_state = json.loads((snap / "client/rank00000.json").read_text())
+    assert state["step"] == 2 and all(state[k] == snap_state[k] for k in ("step", "consumed_tokens", "data"))
+    final = f"step_{STEPS:08d}"
+    assert assert_same_checkpoint(tmp_path / "ref" / "checkpoints" / final,
+                                  tmp_path / "sparse_resumed" / "checkpoints" / final) >= 30
