@@ -27,6 +27,7 @@ import torch.distributed as dist
 from hpframe.checkpoint import reshard, store
 from hpframe.checkpoint.portable import CLIENT_STATE, PortableCheckpoint, rng_file, set_rng_state_json
 from hpframe.errors import UserError
+from hpframe.models.transformer import padded_vocab_size
 from hpframe.logging import get_logger
 
 log = get_logger(__name__)
@@ -128,7 +129,25 @@ def json_client_state(client_state: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in client_state.items() if k != "rng"}
 
 
-def load(engine: Any, path: str | Path, *, plan_fingerprint: str | None = None, checksums: bool = True) -> dict[str, Any]:
+def check_vocab_rows(path: Path, ckpt: PortableCheckpoint, client_state: dict[str, Any], model_cfg: Any) -> None:
+    """Refuse, naming the key, a checkpoint whose embedding holds another number of (padded) vocabulary rows
+    than this run's model: the usual cause is model.vocab_pad_multiple=0 (pad to parallel.tp) resolved at
+    another tp when the checkpoint was written. Decided from the config and the files alone, so every rank
+    raises together (no rank is left waiting in the collective restore)."""
+    saved = ckpt.shapes.get(("param", "embed.weight"))
+    rows = padded_vocab_size(model_cfg)
+    if saved is None or saved[0] == rows:
+        return
+    was = client_state.get("config", {}).get("model", {})
+    raise UserError(
+        f"model.vocab_pad_multiple: checkpoint {path} holds {saved[0]} vocabulary rows (model.vocab_size="
+        f"{was.get('vocab_size')} padded to a multiple of {was.get('vocab_pad_multiple')}), this run's model "
+        f"{rows} (model.vocab_size={model_cfg.vocab_size}, model.vocab_pad_multiple={model_cfg.vocab_pad_multiple}); "
+        f"resume with model.vocab_pad_multiple={was.get('vocab_pad_multiple')}", key="model.vocab_pad_multiple")
+
+
+def load(engine: Any, path: str | Path, *, plan_fingerprint: str | None = None, checksums: bool = True,
+         model_cfg: Any | None = None) -> dict[str, Any]:
     """Load a checkpoint on every rank (collective; any saved layout); return its client_state, restore RNG states.
 
     Raises ValueError naming the file when the checkpoint is incomplete, truncated or corrupted, and
@@ -151,7 +170,10 @@ def load(engine: Any, path: str | Path, *, plan_fingerprint: str | None = None, 
     if not same_layout:
         log.warning(f"re-sharding {path}: saved under {client_state.get('layout')}, loading under "
                     f"{layout_of(engine.plan)}")
-    reshard.restore(engine, PortableCheckpoint(path))
+    ckpt = PortableCheckpoint(path)
+    if model_cfg is not None:
+        check_vocab_rows(path, ckpt, client_state, model_cfg)
+    reshard.restore(engine, ckpt)
     own = path / rng_file(_rank())
     if same_layout and own.is_file():
         set_rng_state_json(json.loads(own.read_text()))

@@ -107,7 +107,8 @@ def _resume(engine: Any, data: Data, cfg: RunConfig, root: Path, fingerprint: st
     point = point if point is not None else manager.resume_point(cfg.checkpoint.resume, root)
     if point.path is None:
         return 0, 0, point
-    state = manager.load(engine, point.path, plan_fingerprint=fingerprint, checksums=not point.verified)
+    state = manager.load(engine, point.path, plan_fingerprint=fingerprint, checksums=not point.verified,
+                         model_cfg=cfg.model)
     data.train.load_state_dict(state["data"])
     step, consumed = int(state["step"]), int(state["consumed_tokens"])
     how = "continuing its line" if point.lineage["line"] == state.get("line") else f"new line {point.lineage['line']}"
