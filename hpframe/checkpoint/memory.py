@@ -277,12 +277,7 @@ class MemoryTier:
         free this node's host memory."""
         self.wait()
         if remove:
-            if self.group is not None:
-                dist.barrier(group=self.group)
-            if self.rank % self.gpn == 0:
-                shutil.rmtree(self.dir, ignore_errors=True)
-            if self.group is not None:
-                dist.barrier(group=self.group)
+            self.clear()
             if self.rank == 0 and self.job.is_dir() and not any(self.job.iterdir()):
                 self.job.rmdir()
 

@@ -17,7 +17,22 @@ from typing import Any
 
 import torch
 
+from hpframe.checkpoint.hf_load import HFCheckpoint
+from hpframe.models import build_model as build_hpframe_model
+
 FAMILIES = ("mixtral", "deepseek_v3", "qwen3_moe")
+
+
+def load_single_device(path: str | Path, model_cfg: Any, moe_cfg: Any, device: str = "cpu") -> torch.nn.Module:
+    """hpframe's single-device model of the checkpoint directory ``path``: built on meta, checked against
+    the files, materialized on ``device`` and filled by ``HFCheckpoint`` (the reference of the layout tests)."""
+    with torch.device("meta"):
+        model = build_hpframe_model(model_cfg, moe_cfg)
+    weights = HFCheckpoint(path)
+    weights.check(model)
+    model.to_empty(device=device)
+    weights.load_into(model, "", tp_rank=0)
+    return model
 
 
 def hf_config(family: str, **overrides: Any) -> Any:

@@ -101,8 +101,7 @@ def _worker(rank: int, world: int, root: str, cfgs: dict) -> dict:
 def qk_norm_grad_diff(model, plan, groups, cfg, path: Path, tokens: torch.Tensor) -> float:  # noqa: ANN001
     """Max relative difference of the per-head q/k norm weights' gradients, TP model vs one device:
     each TP rank sees half the heads, so its gradient is a partial sum the TP hook must complete."""
-    from hpframe.checkpoint.hf_load import HFCheckpoint
-    from hpframe.models import build_model
+    from hpframe.testing.hf_models import load_single_device
 
     v = cfg.model.vocab_size
     weights = torch.randn(tokens.shape + (v,), generator=torch.Generator().manual_seed(3))
@@ -110,12 +109,7 @@ def qk_norm_grad_diff(model, plan, groups, cfg, path: Path, tokens: torch.Tensor
     start = model.head.vocab_start
     real = min(local.shape[-1], v - start)
     (local[..., :real] * weights[..., start:start + real]).sum().backward()
-    with torch.device("meta"):
-        ref = build_model(cfg.model, cfg.moe)
-    src = HFCheckpoint(path)
-    src.check(ref)
-    ref.to_empty(device="cpu")
-    src.load_into(ref, "", tp_rank=0)
+    ref = load_single_device(path, cfg.model, cfg.moe)
     (ref.eval()(tokens)[..., : cfg.model.vocab_size] * weights).sum().backward()
     diffs = []
     for i in range(cfg.model.num_layers):

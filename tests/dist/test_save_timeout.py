@@ -28,21 +28,15 @@ def _worker(rank: int, world_size: int, cfg, root: str) -> None:
     import os
     import signal
 
+    from engine_cases import build_rank_engine
+
     from hpframe.checkpoint.async_save import Checkpointer
     from hpframe.data import build_data
-    from hpframe.engine import build_engine
     from hpframe.engine.ds_env import prepare_deepspeed
-    from hpframe.models import build_model
-    from hpframe.parallel import init_distributed, parallelize
-    from hpframe.plan import make_plan
     from hpframe.train.loop import as_pairs, save_timeout
 
     prepare_deepspeed()
-    plan = make_plan(cfg, world_size)
-    groups = init_distributed(plan)
-    model = build_model(cfg.model, cfg.moe)
-    model.init_weights(cfg.train.seed)
-    engine = build_engine(parallelize(model, plan, groups), plan, groups, cfg)
+    engine, plan, _ = build_rank_engine(cfg)
     data = build_data(cfg, plan, rank)
     engine.train_step(as_pairs(data.train.next_step()))
     ckpt = Checkpointer(engine, Path(root) / "ckpt", async_save=True, timeout_s=save_timeout(plan))

@@ -35,19 +35,12 @@ def no_tf32():  # noqa: ANN201
 def test_logits_on_gpu_equal_transformers_on_gpu(family: str, tmp_path: Path) -> None:
     from conftest import compose_run_config
 
-    from hpframe.checkpoint.hf_load import HFCheckpoint
     from hpframe.config.hf_config import expand_overrides
-    from hpframe.models import build_model
-    from hpframe.testing.hf_models import sample_tokens, write_checkpoint
+    from hpframe.testing.hf_models import load_single_device, sample_tokens, write_checkpoint
 
     theirs = write_checkpoint(family, tmp_path).cuda()
     cfg = compose_run_config(*expand_overrides([f"model.from_hf={tmp_path}"]))
-    with torch.device("meta"):
-        ours = build_model(cfg.model, cfg.moe)
-    weights = HFCheckpoint(tmp_path)
-    weights.check(ours)
-    ours.to_empty(device="cuda")
-    weights.load_into(ours, "", tp_rank=0)
+    ours = load_single_device(tmp_path, cfg.model, cfg.moe, device="cuda")
     tokens = sample_tokens(101, batch=4, seq=48).cuda()
     with torch.no_grad():
         a, b = ours.eval()(tokens), theirs(tokens).logits

@@ -24,7 +24,7 @@ transformers = pytest.importorskip("transformers")
 from hpframe.checkpoint.hf_load import HFCheckpoint  # noqa: E402
 from hpframe.config.hf_config import HFConfigError, check_run_config, expand_overrides  # noqa: E402
 from hpframe.models import build_model  # noqa: E402
-from hpframe.testing.hf_models import sample_tokens, write_checkpoint  # noqa: E402
+from hpframe.testing.hf_models import load_single_device, sample_tokens, write_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 ATOL = 1e-5
@@ -40,13 +40,7 @@ def load_ours(path: Path, *overrides: str) -> torch.nn.Module:
     """hpframe's single-device model of ``path``: built on meta, materialized, filled by HFCheckpoint."""
     cfg = compose_from_hf(path, *overrides)
     check_run_config(cfg.model, cfg.moe)
-    with torch.device("meta"):
-        model = build_model(cfg.model, cfg.moe)
-    weights = HFCheckpoint(path)
-    weights.check(model)
-    model.to_empty(device="cpu")
-    weights.load_into(model, "", tp_rank=0)
-    return model.eval()
+    return load_single_device(path, cfg.model, cfg.moe).eval()
 
 
 VARIANTS = {
