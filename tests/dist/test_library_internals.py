@@ -60,9 +60,10 @@ BASE = ["recipe=mixtral_debug", "parallel.micro_batch_size=2", "parallel.grad_ac
         "train.grad_clip=0.05", "train.lr=0.001", "train.weight_decay=0.1"]
 
 
-def _deepspeed_own(cfg, plan, groups, rank: int, *, fp32_communication: bool = False,
+def _deepspeed_own(cfg, plan, groups, rank: int, *, fp32_communication: bool = False, steps: int = STEPS,
                    ) -> tuple[list[float], list[float], dict[str, torch.Tensor], str]:
-    """DeepSpeed's unpatched engine on the same initial weights and batches: (losses, norms, weights, optimizer).
+    """DeepSpeed's unpatched engine on the same initial weights and batches, ``steps`` steps:
+    (losses, norms, weights, optimizer).
 
     ``fp32_communication``: DeepSpeed's ``communication_data_type`` fp32. With bf16 on, DeepSpeed casts
     the (fp32) gradients it reduces to bf16 for the all-reduce, also over a group of one member, where
@@ -72,7 +73,7 @@ def _deepspeed_own(cfg, plan, groups, rank: int, *, fp32_communication: bool = F
     ds = _deepspeed_engine(cfg, plan, groups, rank, fp32_communication)
     train = _train_pipeline if plan.pp > 1 else _train_flat
     losses, norms = [], []
-    for step in range(STEPS):
+    for step in range(steps):
         loss, norm = train(ds, cfg, plan, groups, rank, step)
         losses.append(loss)
         norms.append(norm if norm is not None else float(ds.get_global_grad_norm()))
