@@ -44,9 +44,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from hpframe.checkpoint import reshard, store
-from hpframe.checkpoint.portable import (PortableCheckpoint, RankPart, layout_doc, layout_file, rng_file, rng_state_json,
-                                         set_rng_state_json, tensor_file, tensors_bytes)
+from hpframe.checkpoint import own_restore, reshard, store
+from hpframe.checkpoint.portable import (RankPart, layout_doc, layout_file, rng_file, rng_state_json, set_rng_state_json,
+                                         tensor_file, tensors_bytes)
 from hpframe.errors import UserError
 from hpframe.logging import get_logger
 
@@ -173,6 +173,26 @@ class Found:
     holders: dict[int, list[int]]
 
 
+@dataclass(frozen=True)
+class Received:
+    """What recovery sent this rank from a replica: the parts (their ranks) and the bytes (packed files)."""
+
+    parts: tuple[int, ...]
+    bytes: int
+
+
+def recovery_moves(holders: dict[int, list[int]], gpus_per_node: int, world: int) -> dict[int, int]:
+    """{rank: source rank} for every rank whose own node does not hold its part: the source is the
+    rank of the same local index on the lowest node holding it (any rank of a node reads the node's
+    directory; replicas sit at the same local index, so the sources spread over a node's ranks)."""
+    moves = {}
+    for r, nodes in sorted(holders.items()):
+        if r // gpus_per_node not in nodes:
+            src = min(nodes) * gpus_per_node + r % gpus_per_node
+            moves[r] = src if src < world else min(nodes) * gpus_per_node
+    return moves
+
+
 @dataclass
 class SnapshotStats:
     step: int
@@ -208,6 +228,7 @@ class MemoryTier:
                       if self.world > 1 else None)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
+        self.received: Received | None = None  # set by load: this rank's share of the recovery traffic
 
     # ---- taking snapshots ---------------------------------------------------------------------------
     def snapshot(self, step: int, client_state: dict[str, Any], part: RankPart | None = None,
@@ -315,43 +336,48 @@ class MemoryTier:
         return Found(step=step, tier="memory" if own else "peer", holders=holders)
 
     def load(self, found: Found) -> dict[str, Any]:
-        """Restore this rank from snapshot ``found`` (collective): parts a node lacks are sent to it first."""
+        """Restore this rank from snapshot ``found`` (collective): a rank whose node lacks its own part
+        receives it first, from a node holding a replica; every rank then restores from its own part."""
+        from safetensors.torch import load as load_tensors
+
         here = step_dir(self.dir, found.step)
-        sends: list[tuple[int, int]] = []  # (part, destination rank) this rank sends
-        recvs: list[tuple[int, int]] = []  # (part, source rank) this rank receives
-        for r in range(self.world):
-            src = min(found.holders[r]) * self.gpn  # lowest rank of the lowest node holding part r
-            for node in range(self.num_nodes):
-                if node not in found.holders[r]:
-                    dst = node * self.gpn
-                    if self.rank == src:
-                        sends.append((r, dst))
-                    if self.rank == dst:
-                        recvs.append((r, src))
-        if sends or recvs:  # all transfers at once: sizes, then the bytes
-            blobs = {(r, d): pack(read_files(here, r)) for r, d in sends}
-            sizes = {k: torch.zeros(1, dtype=torch.int64) for k in recvs}
-            works = [dist.isend(torch.tensor([b.numel()], dtype=torch.int64), d, group=self.group, tag=r) for (r, d), b in blobs.items()]
-            works += [dist.irecv(sizes[(r, s)], s, group=self.group, tag=r) for r, s in recvs]
-            for w in works:
-                w.wait()
-            got = {k: torch.empty(int(sizes[k].item()), dtype=torch.uint8) for k in recvs}
-            works = [dist.isend(b, d, group=self.group, tag=r) for (r, d), b in blobs.items()]
-            works += [dist.irecv(got[(r, s)], s, group=self.group, tag=r) for r, s in recvs]
-            for w in works:
-                w.wait()
-            for (r, _), blob in got.items():
-                write_files(here, r, found.step, self.fingerprint, unpack(blob))
+        moves = recovery_moves(found.holders, self.gpn, self.world)
+        received = self._move_parts(here, found.step, moves)
         if self.group is not None:
             dist.barrier(group=self.group)
-        files = {commit_file(r) for r in range(self.world)}
-        for r in range(self.world):
-            files |= set(json.loads((here / commit_file(r)).read_text())["files"])
-        reshard.restore(self.engine, PortableCheckpoint(here, files=files))
-        set_rng_state_json(json.loads((here / rng_file(self.rank)).read_text()))
-        client_state = json.loads((here / client_file(self.rank)).read_text())
+        files = read_files(here, self.rank)
+        own_restore.restore_own(self.engine, json.loads(files[layout_file(self.rank)]),
+                                load_tensors(files[tensor_file(self.rank)]))
+        set_rng_state_json(json.loads(files[rng_file(self.rank)]))
+        client_state = json.loads(files[client_file(self.rank)])
         ds = getattr(self.engine, "ds", None)
         if ds is not None:  # DeepSpeed's own counters, as manager.load sets them
             ds.global_steps = found.step
             ds.global_samples = found.step * self.engine.plan.global_batch_size
+        self.received = received
+        if received.parts:
+            log.info(f"received {received.bytes} bytes: the part of rank {self.rank} (its node lost it), "
+                     f"from rank {moves[self.rank]}", all_ranks=True)
         return client_state
+
+    def _move_parts(self, here: Path, step: int, moves: dict[int, int]) -> Received:
+        """Send each part in ``moves`` ({rank: source rank}) from its source to its rank, which writes it
+        into its node's directory (sizes first, then the bytes; all transfers at once)."""
+        sends = [r for r, src in moves.items() if src == self.rank]
+        blobs = {r: pack(read_files(here, r)) for r in sends}
+        size = torch.zeros(1, dtype=torch.int64)
+        works = [dist.isend(torch.tensor([b.numel()], dtype=torch.int64), r, group=self.group, tag=r) for r, b in blobs.items()]
+        if self.rank in moves:
+            works.append(dist.irecv(size, moves[self.rank], group=self.group, tag=self.rank))
+        for w in works:
+            w.wait()
+        got = torch.empty(int(size.item()), dtype=torch.uint8)
+        works = [dist.isend(b, r, group=self.group, tag=r) for r, b in blobs.items()]
+        if self.rank in moves:
+            works.append(dist.irecv(got, moves[self.rank], group=self.group, tag=self.rank))
+        for w in works:
+            w.wait()
+        if self.rank not in moves:
+            return Received(parts=(), bytes=0)
+        write_files(here, self.rank, step, self.fingerprint, unpack(got))
+        return Received(parts=(self.rank,), bytes=got.numel())

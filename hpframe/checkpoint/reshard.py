@@ -284,10 +284,17 @@ def restore(engine: Any, ckpt: PortableCheckpoint) -> None:
                     state[k] = _local_slice(engine, t, ckpt.read(t.name, k, t.rows)).to(t.tensor.device, t.tensor.dtype, copy=True)
                 state["step"] = adam_step_tensor(step if step is not None else saved_step, t.tensor.device)
     if zo is not None:
-        for gi, bufs in moments.items():
-            flat = _flat_partitions(zo)[gi]
-            zo.optimizer.state[flat] = {"step": adam_step_tensor(saved_step, flat.device), **bufs}
-        zo._hp_optimizer_states_linked = False  # re-point the per-parameter fragments at the new buffers
-        if moments:
-            zo._lazy_init_hp_params_optimizer_state()
+        install_zero_moments(zo, moments, saved_step)
+
+
+def install_zero_moments(zo: Any, moments: dict[int, dict[str, torch.Tensor]], step: float | None) -> None:
+    """Make ``moments`` ({param group: {kind: flat buffer the size of its master partition}}) the
+    Adam state of ZeRO's flat partitions at Adam step ``step``, and re-point the per-parameter
+    fragments (``_hp_mapping``) at them."""
+    for gi, bufs in moments.items():
+        flat = _flat_partitions(zo)[gi]
+        zo.optimizer.state[flat] = {"step": adam_step_tensor(step, flat.device), **bufs}
+    zo._hp_optimizer_states_linked = False
+    if moments:
+        zo._lazy_init_hp_params_optimizer_state()
 

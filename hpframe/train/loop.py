@@ -58,6 +58,9 @@ class TrainResult:
     resumed_from: Path | None = None
     resumed_tier: str | None = None
     """Where the resumed state came from: memory | peer | storage (None: not resumed)."""
+    received: Any = None
+    """From memory or peer: what this rank received from a replica (``memory.Received``: its own part
+    when its node had lost it, else nothing)."""
 
 
 def checkpoint_interval(cfg: RunConfig, plan: "ParallelPlan") -> int:
@@ -285,7 +288,7 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
                          fingerprint=fingerprint, timeout_s=save_timeout(plan)) if mem_every > 0 else None)
     start, consumed, point, tier = _resume_tiers(engine, data, cfg, ckpt_root, fingerprint, memory)
     result = TrainResult(steps_done=start, resumed_from=memory.dir if memory is not None and tier in ("memory", "peer") else point.path,
-                         resumed_tier=tier)
+                         resumed_tier=tier, received=memory.received if memory is not None else None)
     rank0 = current_rank() == 0
     if cfg.checkpoint.enabled:
         log.info(f"checkpoints {f'every {interval} steps and ' if interval else ''}at the end in {ckpt_root}")
