@@ -22,10 +22,14 @@ the last complete one).
 Recovery (``find`` then ``load``, collective, before training): the ranks exchange which complete
 parts their nodes hold; the newest step whose parts, of every rank, with this plan's fingerprint, are
 held somewhere is taken. ``tier`` = ``memory`` when every rank's own part was on its own node, ``peer``
-when some came from a replica (a node lost its memory). The parts a node lacks are sent to it (from
-the lowest rank of a node holding them, to the node's lowest rank): restoring a rank's weights reads
-the shares of its data-parallel peers too, as it does from storage; then every rank restores from
-its node's directory (``reshard.restore``, same layout, so each rank gets its own RNG states back).
+when some came from a replica (a node lost its memory). A rank whose node lacks its own part receives
+that part, and only it, from the rank of the same local index on the lowest node holding a replica
+(``recovery_moves``), and keeps it in its node's directory; then every rank restores from its own part
+alone (``own_restore.restore_own``: the snapshot's layout is this plan's, so the rest of its state comes
+from its peers' parts through its tp, dp and embedding groups, as a ZeRO step's all-gather brings the
+weights) and gets its own RNG states and client state back. A node that lost its memory thus receives
+its own ranks' parts (``gpus_per_node`` of the job's ``W``), and a node that kept it receives nothing.
+``MemoryTier.received`` says what this rank received.
 """
 
 from __future__ import annotations
@@ -179,6 +183,10 @@ class Received:
 
     parts: tuple[int, ...]
     bytes: int
+
+
+def _ranks_text(ranks: list[int], shown: int = 16) -> str:
+    return ", ".join(map(str, ranks[:shown])) + (f", ... ({len(ranks)} in all)" if len(ranks) > shown else "")
 
 
 def recovery_moves(holders: dict[int, list[int]], gpus_per_node: int, world: int) -> dict[int, int]:
@@ -343,9 +351,7 @@ class MemoryTier:
         here = step_dir(self.dir, found.step)
         moves = recovery_moves(found.holders, self.gpn, self.world)
         received = self._move_parts(here, found.step, moves)
-        if self.group is not None:
-            dist.barrier(group=self.group)
-        files = read_files(here, self.rank)
+        files = read_files(here, self.rank)  # (a part that was sent is read by the rank that wrote it)
         own_restore.restore_own(self.engine, json.loads(files[layout_file(self.rank)]),
                                 load_tensors(files[tensor_file(self.rank)]))
         set_rng_state_json(json.loads(files[rng_file(self.rank)]))
@@ -355,9 +361,6 @@ class MemoryTier:
             ds.global_steps = found.step
             ds.global_samples = found.step * self.engine.plan.global_batch_size
         self.received = received
-        if received.parts:
-            log.info(f"received {received.bytes} bytes: the part of rank {self.rank} (its node lost it), "
-                     f"from rank {moves[self.rank]}", all_ranks=True)
         return client_state
 
     def _move_parts(self, here: Path, step: int, moves: dict[int, int]) -> Received:
@@ -377,7 +380,12 @@ class MemoryTier:
             works.append(dist.irecv(got, moves[self.rank], group=self.group, tag=self.rank))
         for w in works:
             w.wait()
-        if self.rank not in moves:
-            return Received(parts=(), bytes=0)
-        write_files(here, self.rank, step, self.fingerprint, unpack(got))
-        return Received(parts=(self.rank,), bytes=got.numel())
+        received = Received(parts=(self.rank,) if self.rank in moves else (), bytes=got.numel())
+        if received.parts:
+            write_files(here, self.rank, step, self.fingerprint, unpack(got))
+        if moves:  # every rank knows the moves (from the holders): all join the sum
+            total = torch.tensor([received.bytes], dtype=torch.int64)
+            dist.all_reduce(total, group=self.group)
+            log.info(f"recovery: {len(moves)} part(s) sent from replicas to their own ranks, whose nodes had lost "
+                     f"them (ranks {_ranks_text(sorted(moves))}), {int(total.item()) / 2**20:.1f} MiB in all")
+        return received

@@ -77,12 +77,44 @@ def _train(rank: int, world_size: int, cfg, crash_after: int | None = None) -> d
         engine.train_step = crashing
     try:
         result = train(engine, build_data(cfg, plan, rank), plan, cfg)
-        return {"losses": [r["loss"] for r in result.history], "tier": result.resumed_tier, "captures": captures[0]}
+        return {"losses": [r["loss"] for r in result.history], "tier": result.resumed_tier, "captures": captures[0],
+                "received": result.received, "state": _state_digest(engine)}
     except Crash:
         return {"crashed": True, "captures": captures[0]}
     finally:
         reshard.capture = real_capture
         release_expert_groups(plan)
+
+
+def _state_digest(engine) -> dict[str, str]:
+    """sha256 of every tensor of this rank's training state: the module's parameters and persistent
+    buffers, and the optimizer's master partitions, low-precision flat buffers and Adam state (ZeRO 1/2)
+    or the client AdamW's state of each parameter (ZeRO 0)."""
+    import hashlib
+
+    from hpframe.checkpoint.reshard import _flat_partitions, _zero_optimizer
+
+    out = {}
+
+    def add(name: str, t: torch.Tensor) -> None:
+        t = t.detach().cpu().contiguous().reshape(-1)
+        out[name] = f"{t.dtype} {t.numel()} {hashlib.sha256(t.view(torch.uint8).numpy().tobytes()).hexdigest()}"
+
+    for k, v in engine.module.state_dict().items():
+        add(f"module/{k}", v)
+    zo = _zero_optimizer(engine)
+    if zo is not None:
+        for i, flat in enumerate(_flat_partitions(zo)):
+            add(f"master/{i}", flat)
+            for k, v in zo.optimizer.state.get(flat, {}).items():
+                add(f"master/{i}/{k}", v)
+        for i, flat in enumerate(getattr(zo, "bit16_groups_flat", None) or zo.bf16_groups_flat):
+            add(f"lp_flat/{i}", flat)
+    else:
+        for name, p in engine.module.named_parameters():
+            for k, v in engine.optimizer.state.get(p, {}).items():
+                add(f"adam/{name}/{k}", v)
+    return out
 
 
 def _scenarios(rank: int, world_size: int, root: str) -> dict:
@@ -190,3 +222,83 @@ def _check_save_from_snapshot(tmp_path: Path, results: list[dict], ref: list[flo
     final = f"step_{STEPS:08d}"
     assert assert_same_checkpoint(tmp_path / "ref" / "checkpoints" / final,
                                   tmp_path / "sparse_resumed" / "checkpoints" / final) >= 30
+
+
+# ---- peer recovery in several layouts: 4 processes as 2 nodes of 2 ranks; node 1 loses its memory ----
+PEER_STEPS, PEER_CRASH = 4, 2
+PEER_LAYOUTS = {
+    # tp-replicated tensors (norms, router, experts) restored on tp rank 1 from tp rank 0's part
+    "tp2_ep2_zero1": ["recipe=mixtral_debug", "parallel.tp=2", "parallel.dp=2", "parallel.ep=2", "parallel.zero_stage=1"],
+    # ZeRO 0: every share all-gathered over dp / edp; router biases broadcast from dp rank 0
+    "tp2_ep2_zero0": ["recipe=deepseek_debug", "parallel.tp=2", "parallel.dp=2", "parallel.ep=2", "parallel.zero_stage=0"],
+    # bf16 weights, fp32 master: ZeRO-2 (DeepSpeed's ZeRO optimizer) and ZeRO-1 (BF16_Optimizer), edp 2
+    "ep2_zero2_bf16": ["recipe=deepseek_debug", "parallel.dp=4", "parallel.ep=2", "parallel.zero_stage=2", "train.dtype=bf16"],
+    "ep2_zero1_bf16": ["recipe=mixtral_debug", "parallel.dp=4", "parallel.ep=2", "parallel.zero_stage=1", "train.dtype=bf16"],
+    # bf16 master weights: ZeRO-1's bf16 partitions; ZeRO 0's plain bf16 AdamW
+    "ep2_zero1_bf16_master": ["recipe=mixtral_debug", "parallel.dp=4", "parallel.ep=2", "parallel.zero_stage=1",
+                              "train.dtype=bf16", "train.master_dtype=bf16"],
+    "ep2_zero0_bf16_master": ["recipe=mixtral_debug", "parallel.dp=4", "parallel.ep=2", "parallel.zero_stage=0",
+                              "train.dtype=bf16", "train.master_dtype=bf16"],
+    # the tied embedding's last-stage copy (node 1) from the first stage, under ZeRO 1 and ZeRO 0
+    "pp2_tied_zero1": ["recipe=gpt_debug", "parallel.pp=2", "parallel.dp=2", "parallel.zero_stage=1"],
+    "pp2_tied_zero0": ["recipe=gpt_debug", "parallel.pp=2", "parallel.dp=2", "parallel.zero_stage=0"],
+}
+
+
+def _peer_layouts(rank: int, world_size: int, root: str, names: list[str]) -> dict:
+    import torch.distributed as dist
+
+    out = {}
+    for name in names:
+        base = Path(root) / name
+
+        def cfg(run: str, *extra: str):
+            c = compose_run_config(*SMALL, *PEER_LAYOUTS[name], "cluster.gpus_per_node=2", f"train.steps={PEER_STEPS}",
+                                   "checkpoint.interval=100", "checkpoint.memory_interval=1", "checkpoint.memory_replicas=1",
+                                   "checkpoint.keep_last=0", f"checkpoint.memory_dir={base / 'shm'}", *extra)
+            c.output_dir = str(base / run)
+            return c
+
+        got = {"ref": _train(rank, world_size, cfg("ref", "checkpoint.resume=none")),
+               "crash": _train(rank, world_size, cfg("run", "checkpoint.resume=none"), crash_after=PEER_CRASH)}
+        dist.barrier()
+        if rank == 0:  # keep the crash's memory for the test, then node 1 loses its own
+            shutil.copytree(base / "shm", base / "shm.crashed")
+            for d in (base / "shm").glob("hpframe-*/node001"):
+                shutil.rmtree(d)
+        dist.barrier()
+        got["peer"] = _train(rank, world_size, cfg("run"))
+        out[name] = got
+    return out
+
+
+def _packed_part_bytes(root: Path, step: int) -> dict[int, int]:
+    """Bytes of each rank's part of ``step`` as the fast tier sends it (packed files), from node 0's memory."""
+    from hpframe.checkpoint.memory import pack, read_files, step_dir
+
+    (node0,) = root.glob("hpframe-*/node000")
+    here = step_dir(node0, step)
+    return {r: pack(read_files(here, r)).numel() for r in range(4)}
+
+
+@pytest.mark.parametrize("names", [list(PEER_LAYOUTS)[:4], list(PEER_LAYOUTS)[4:]], ids=["tp_zero_bf16", "master_pp"])
+def test_peer_recovery_receives_own_parts_only(tmp_path, names):
+    """For each layout: an uninterrupted run of 4 steps, and a run that crashes after step 2 whose node 1
+    (ranks 2 and 3) then loses its memory. The restart resumes from the replicas on node 0 (peer): rank 2
+    and rank 3 each receive their own part and nothing else (node 1 receives 2 of the 4 parts; before,
+    every part it lacked, all 4), ranks 0 and 1 nothing; the losses of steps 3-4 and every rank's whole
+    training state at the end (weights, buffers, master partitions, low-precision flat buffers, Adam
+    state) equal the uninterrupted run's bit for bit."""
+    results = run_distributed(_peer_layouts, 4, (str(tmp_path), names), timeout=600)
+    for name in names:
+        sizes = _packed_part_bytes(tmp_path / name / "shm.crashed", PEER_CRASH)
+        for rank, by_rank in enumerate(results):
+            r = by_rank[name]
+            assert r["crash"]["crashed"], (name, rank)
+            assert r["peer"]["tier"] == "peer", (name, rank, r["peer"]["tier"])
+            assert r["peer"]["losses"] == r["ref"]["losses"][PEER_CRASH:], (name, rank)
+            received = r["peer"]["received"]
+            want = ((rank,), sizes[rank]) if rank >= 2 else ((), 0)
+            assert (received.parts, received.bytes) == want, (name, rank, received)
+            diff = sorted(k for k in r["ref"]["state"] if r["ref"]["state"][k] != r["peer"]["state"].get(k))
+            assert r["ref"]["state"].keys() == r["peer"]["state"].keys() and not diff, (name, rank, diff)
