@@ -133,7 +133,7 @@ def _worker(rank: int, world: int, hidden: int, root: str, shm: str, gpus_per_no
         out["recover_lost_node_previous_bytes"] = _previous_bytes(memory, found, sizes)
     dist.barrier()
     t0 = time.perf_counter()
-    manager.load(engine, manager.find_latest(Path(root) / "sync"))
+    manager.load(engine, manager.resume_point("auto", Path(root) / "sync").path)
     out["recover_storage_s"] = time.perf_counter() - t0
     memory.close(remove=True)
     if rank == 0:
