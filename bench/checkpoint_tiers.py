@@ -115,7 +115,7 @@ def _worker(rank: int, world: int, hidden: int, root: str, shm: str, gpus_per_no
     memory.load(found)
     out["recover_memory_s"] = time.perf_counter() - t0
     out["recover_tier"] = found.tier
-    out["recover_memory_received_bytes"] = memory.received.bytes
+    out["recover_memory_received_bytes"] = _received(memory)
     out["recover_memory_previous_bytes"] = _previous_bytes(memory, found)
     if memory.num_nodes > 1:  # node 1 loses its memory
         dist.barrier()
@@ -129,7 +129,7 @@ def _worker(rank: int, world: int, hidden: int, root: str, shm: str, gpus_per_no
         memory.load(found)
         out["recover_lost_node_s"] = time.perf_counter() - t0
         out["recover_lost_node_tier"] = found.tier
-        out["recover_lost_node_received_bytes"] = memory.received.bytes
+        out["recover_lost_node_received_bytes"] = _received(memory)
         out["recover_lost_node_previous_bytes"] = _previous_bytes(memory, found, sizes)
     dist.barrier()
     t0 = time.perf_counter()
@@ -142,6 +142,12 @@ def _worker(rank: int, world: int, hidden: int, root: str, shm: str, gpus_per_no
                        "snapshot_bytes_per_rank": mem.snapshot_bytes_per_rank, "snapshot_stall_s": mem.snapshot_stall_seconds,
                        "host_bytes_per_node": mem.host_bytes_per_node}
     return out
+
+
+def _received(memory: Any) -> int | None:
+    """Bytes recovery sent this rank (None on trees before ``MemoryTier.received``, to time them alike)."""
+    received = getattr(memory, "received", None)
+    return received.bytes if received is not None else None
 
 
 def _part_bytes(memory: Any, found: Any) -> dict[int, int]:
@@ -191,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         for case in ("memory", "lost_node"):
             if f"recover_{case}_received_bytes" not in r0:
                 continue
-            got = [r[f"recover_{case}_received_bytes"] for r in ranks]
+            got = [r[f"recover_{case}_received_bytes"] or 0 for r in ranks]
             before = [r[f"recover_{case}_previous_bytes"] for r in ranks]
             print(f"  recovery ({case}, tier {r0.get(f'recover_{case}_tier', r0['recover_tier'])}, "
                   f"{max(r[f'recover_{case}_s'] for r in ranks):.2f} s): received per rank "
