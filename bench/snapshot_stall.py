@@ -28,9 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run(name: str, overrides: list[str], out: Path, env: dict[str, str], interval: int) -> dict[str, Any]:
+def run(name: str, overrides: list[str], out: Path, env: dict[str, str], interval: int, ckpt_dir: str) -> dict[str, Any]:
     run_dir = out / name
     cmd = [sys.executable, str(REPO / "launch.py"), *overrides, f"hydra.run.dir={run_dir}"]
+    if ckpt_dir:  # the final storage save (the size of a snapshot) away from --out
+        cmd.append(f"checkpoint.dir={ckpt_dir}/{name}")
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=dict(os.environ, **env))
     (out / f"{name}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
@@ -60,6 +62,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--interval", type=int, default=5)
     parser.add_argument("--memory-dir", default="/dev/shm")
+    parser.add_argument("--ckpt-dir", default="", help="checkpoint.dir root for the runs' final saves (default: in each run dir)")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/results/local"))
     parser.add_argument("--tiny", action="store_true", help="mixtral_debug on the CPU: a smoke run of the script")
     args = parser.parse_args()
@@ -67,7 +70,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     common = ["recipe=mixtral_h200", f"model.num_layers={args.layers}", f"train.steps={args.steps}",
               "train.dtype=bf16", "train.master_dtype=fp32", "parallel.zero_stage=1", "train.progress=false",
-              "train.tensorboard=false", "train.eval_interval=0", "checkpoint.interval=0", "checkpoint.resume=none",
+              "train.tensorboard=false", "train.eval_interval=0", "checkpoint.enabled=true", "checkpoint.interval=0", "checkpoint.resume=none",
               f"checkpoint.memory_dir={args.memory_dir}"]
     if args.tiny:
         common = ["recipe=mixtral_debug", f"train.steps={args.steps}", "train.progress=false", "train.tensorboard=false",
@@ -75,9 +78,9 @@ def main() -> None:
                   f"checkpoint.memory_dir={args.memory_dir}"]
     snap = [f"checkpoint.memory_interval={args.interval}"]
     results: dict[str, Any] = {
-        "none": run("none", [*common, "checkpoint.memory_interval=0"], out, {}, 0),
-        "side": run("side", [*common, *snap], out, {}, args.interval),
-        "sync": run("sync", [*common, *snap], out, {"HPFRAME_SYNC_SNAPSHOT": "1"}, args.interval),
+        "none": run("none", [*common, "checkpoint.memory_interval=0"], out, {}, 0, args.ckpt_dir),
+        "side": run("side", [*common, *snap], out, {}, args.interval, args.ckpt_dir),
+        "sync": run("sync", [*common, *snap], out, {"HPFRAME_SYNC_SNAPSHOT": "1"}, args.interval, args.ckpt_dir),
         "environment": environment(),
     }
     (out / "snapshot_stall.json").write_text(json.dumps(results, indent=1) + "\n")

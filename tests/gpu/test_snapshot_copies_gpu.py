@@ -35,14 +35,13 @@ CASES = [["train.dtype=bf16", "parallel.zero_stage=1"], ["train.dtype=fp32", "pa
 def test_side_stream_snapshot_is_consistent_while_training_goes_on(one_gpu_process_group, monkeypatch) -> None:
     from conftest import compose_run_config
     from engine_cases import build_rank_engine, rank_batches
-    from test_library_internals import _master_weights
+    from test_library_internals import BASE, _master_weights
 
     from hpframe.checkpoint import host_copy, reshard
 
     groups = None
     for case in CASES:
-        cfg = compose_run_config("recipe=mixtral_debug", "parallel.micro_batch_size=2", "data.seq_len=16",
-                                 "train.device=cuda", "train.lr=0.001", *case)
+        cfg = compose_run_config(*BASE, "train.device=cuda", *case)
         reference_engine, plan, groups = build_rank_engine(cfg, groups)
         for step in range(2):
             reference_engine.train_step(rank_batches(cfg, plan, 0, step))
