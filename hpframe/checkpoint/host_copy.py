@@ -31,8 +31,7 @@ from typing import Any
 
 import torch
 
-_ALIGN = 64  # bytes between pieces in a buffer (and the buffer's own alignment to a page)
-_PAGE = 4096
+_ALIGN = 64  # byte alignment of each piece in a buffer
 
 
 class PinnedPool:
@@ -49,9 +48,8 @@ class PinnedPool:
             free = self._free.get(nbytes)
             if free:
                 return free.pop()
-        raw = torch.empty(nbytes + _PAGE, dtype=torch.uint8)
-        start = (-raw.data_ptr()) % _PAGE
-        buf = raw[start:start + nbytes]
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        # the whole allocation, from its start: torch's is_pinned looks up the storage's base address
         err = torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0)
         if int(err) != 0:
             raise RuntimeError(f"cudaHostRegister of {nbytes} bytes failed with CUDA error {int(err)}")
