@@ -1,5 +1,7 @@
 """Where a run runs: the machine against the plan, before anything is built.
 
+* ``resolve_device``: cpu or cuda from ``train.device`` (auto = cuda when the machine has one); the
+  only place that decides it, and that refuses ``train.device=cuda`` without a CUDA GPU.
 * ``check_placement``: a plan for a GPU cluster on a machine without GPUs is refused unless
   ``train.device=cpu`` asks for the CPU explicitly (then a warning); more local processes than the
   machine has GPUs are refused, and on the CPU more than ``MAX_PROCS_PER_CORE`` processes per core
@@ -46,18 +48,30 @@ def probe() -> Machine:
     return Machine(cuda_devices=torch.cuda.device_count() if torch.cuda.is_available() else 0, cpu_cores=cores, load=load)
 
 
+def resolve_device(cfg: RunConfig, machine: Machine) -> str:
+    """``cpu`` or ``cuda``: train.device, with auto = cuda when the machine has a CUDA GPU.
+
+    The one place that decides the device; train.device=cuda on a machine without a CUDA GPU is
+    refused here (UserError naming train.device) rather than failing later inside torch or DeepSpeed.
+    """
+    if cfg.train.device == Device.cuda and machine.cuda_devices == 0:
+        raise UserError("train.device=cuda but this machine has no CUDA GPU; set train.device=cpu or auto",
+                        key="train.device", values={"cuda_devices": 0})
+    if cfg.train.device == Device.auto:
+        return Device.cuda.value if machine.cuda_devices > 0 else Device.cpu.value
+    return Device(cfg.train.device).value
+
+
 def runs_on_cuda(cfg: RunConfig, machine: Machine) -> bool:
-    """The device the run will use: train.device, with auto = cuda when the machine has one."""
-    return cfg.train.device == Device.cuda or (cfg.train.device == Device.auto and machine.cuda_devices > 0)
+    """Whether the run uses a CUDA device (``resolve_device``)."""
+    return resolve_device(cfg, machine) == Device.cuda.value
 
 
 def check_placement(cfg: RunConfig, machine: Machine, local_procs: int) -> list[str]:
     """Refuse (UserError) a plan this machine cannot run; return warnings for one it runs badly."""
     warnings: list[str] = []
     cluster = f"cluster={cfg.cluster.name} (cluster.device={cfg.cluster.device.value})"
-    if machine.cuda_devices == 0 and cfg.train.device == Device.cuda:
-        raise UserError("train.device=cuda but this machine has no CUDA GPU; set train.device=cpu or auto",
-                        key="train.device", values={"cuda_devices": 0})
+    on_cuda = runs_on_cuda(cfg, machine)  # refuses train.device=cuda without a CUDA GPU
     if machine.cuda_devices == 0 and cfg.cluster.device == Device.cuda:
         if cfg.train.device != Device.cpu:
             raise UserError(
@@ -66,7 +80,7 @@ def check_placement(cfg: RunConfig, machine: Machine, local_procs: int) -> list[
                 "or set train.device=cpu to train this plan on the CPU anyway",
                 key="cluster.device, train.device", values={"cuda_devices": 0})
         warnings.append(f"{cluster} plans for GPUs; training on the CPU as train.device=cpu asks (slow)")
-    if runs_on_cuda(cfg, machine):
+    if on_cuda:
         if local_procs > machine.cuda_devices:
             raise UserError(
                 f"the plan needs {local_procs} processes on this machine, one per GPU, but it has "
@@ -175,10 +189,6 @@ def prepare_process(cfg: RunConfig, *, local_procs: int, machine: Machine | None
 
     machine = machine or probe()
     warnings = check_placement(cfg, machine, local_procs)
-    if cfg.train.wandb:  # on every rank, before anything is built (only rank 0 logs)
-        from hpframe.train.metrics import require_wandb
-
-        require_wandb()
     threads = resolve_num_threads(cfg.train.num_threads, machine, local_procs=local_procs,
                                   env_threads=os.environ.get("OMP_NUM_THREADS"))
     torch.set_num_threads(threads)
