@@ -9,7 +9,7 @@
   machine on purpose).
 * ``resolve_num_threads``: intra-op threads of a process (``train.num_threads``; 0 = automatic).
 * ``check_device_memory``: the plan's memory estimate for this rank against the device's real free
-  memory; refused with both numbers and the keys that would make it fit (``fitting_keys``).
+  memory; refused with both numbers and the keys that would make it fit (``plan.suggest.fitting_keys``).
 * ``describe_oom``: one paragraph for a CUDA out-of-memory error during training.
 
 The decisions are pure functions of numbers (tests inject them); ``probe`` reads the real machine.
@@ -17,13 +17,13 @@ The decisions are pure functions of numbers (tests inject them); ``probe`` reads
 
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass
 from typing import Any
 
-from hpframe.config.schema import Device, DType, RunConfig
+from hpframe.config.schema import Device, RunConfig
 from hpframe.errors import UserError
+from hpframe.plan.suggest import fit_hint, fitting_keys
 
 GIB = 1 << 30
 MAX_PROCS_PER_CORE = 4
@@ -116,44 +116,8 @@ def resolve_num_threads(requested: int, machine: Machine, *, local_procs: int, e
     return 1 if free < 2 else int(free)
 
 
-def fitting_keys(cfg: RunConfig, capacity_bytes: int, world_size: int, limit: int = 3) -> list[str]:
-    """Overrides (``key=value ...``) under which the plan fits ``capacity_bytes`` per device, leanest step first."""
-    from hpframe.plan import PlanError, make_plan
-    from hpframe.plan.suggest import suggest_layouts
-
-    options: list[str] = []
-    trial = copy.deepcopy(cfg)
-    trial.cluster.gpu_memory_gb = capacity_bytes / GIB
-    trial.plan.memory_check = False
-    variants = [([], trial)]
-    if cfg.train.dtype == DType.bf16 and cfg.train.master_dtype == DType.fp32:
-        bf16_master = copy.deepcopy(trial)
-        bf16_master.train.master_dtype = DType.bf16
-        variants.append((["train.master_dtype=bf16"], bf16_master))
-    for extra, c in variants:
-        try:
-            layouts = suggest_layouts(c, make_plan(c, world_size=world_size), limit=limit)
-        except PlanError:
-            continue
-        for s in layouts:
-            chosen = {"tp": s.tp, "pp": s.pp, "ep": s.ep, "zero_stage": s.zero_stage, "recompute": s.recompute}
-            keys = [*extra, *(f"parallel.{k}={v}" for k, v in chosen.items() if _value(cfg, k) != str(v))]
-            if keys and " ".join(keys) not in options:
-                options.append(" ".join(keys))
-    return options[:limit]
-
-
-def _value(cfg: RunConfig, name: str) -> str:
-    """parallel.NAME of ``cfg`` as a string (enums by value)."""
-    value = getattr(cfg.parallel, name)
-    return str(getattr(value, "value", value))
-
-
 def _fit_hint(cfg: RunConfig, capacity_bytes: int, world_size: int) -> str:
-    keys = fitting_keys(cfg, capacity_bytes, world_size)
-    if not keys:
-        return "no layout of this world size fits: use more GPUs (cluster.nodes, cluster.gpus_per_node) or a smaller model"
-    return "settings that fit: " + "; ".join(keys) + " (python launch.py ... plan.suggest=true plan.dry_run=true lists more)"
+    return fit_hint(fitting_keys(cfg, capacity_bytes, world_size))
 
 
 def check_device_memory(cfg: RunConfig, plan: Any, *, estimate_bytes: int, free_bytes: int, total_bytes: int,

@@ -9,8 +9,9 @@ import pytest
 
 from hpframe.errors import UserError
 from hpframe.machine import (GIB, MAX_PROCS_PER_CORE, Machine, check_device_memory, check_placement, describe_oom,
-                             fitting_keys, resolve_device, resolve_num_threads)
+                             resolve_device, resolve_num_threads)
 from hpframe.plan import make_plan
+from hpframe.plan.suggest import fitting_keys
 
 LAPTOP = Machine(cuda_devices=0, cpu_cores=8, load=0.0)
 ONE_GPU = Machine(cuda_devices=1, cpu_cores=16, load=0.0)
