@@ -93,13 +93,19 @@ def _child_setup(parent: int) -> Callable[[], None]:
     return setup
 
 
+DEEPSPEED_LAUNCH_ENV = ("CROSS_RANK", "CROSS_SIZE", "LOCAL_SIZE")
+"""Variables the DeepSpeed launcher's per-node process (``deepspeed.launcher.launch``) sets for its workers."""
+
+
 def started_by_a_launcher_process() -> bool:
-    """Whether this worker's parent is a launcher that supervises it: ``launch_local`` or torchrun's agent.
+    """Whether this worker's parent is a launcher that supervises it: ``launch_local``, torchrun's agent
+    or the DeepSpeed launcher's per-node process (which kills its workers on SIGTERM and when one fails).
 
     Ranks started by hand (RANK/WORLD_SIZE exported in a shell, perhaps under nohup) are not: their
     parent is a shell whose exit must not end them.
     """
-    return os.environ.get(LAUNCHER_PID_ENV) == str(os.getppid()) or "TORCHELASTIC_RUN_ID" in os.environ
+    return (os.environ.get(LAUNCHER_PID_ENV) == str(os.getppid()) or "TORCHELASTIC_RUN_ID" in os.environ
+            or all(k in os.environ for k in DEEPSPEED_LAUNCH_ENV))
 
 
 def watch_parent(interval_s: float = 0.5) -> None:

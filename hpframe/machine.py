@@ -1,5 +1,7 @@
 """Where a run runs: the machine against the plan, before anything is built.
 
+* ``resolve_device``: cpu or cuda from ``train.device`` (auto = cuda when the machine has one); the
+  only place that decides it, and that refuses ``train.device=cuda`` without a CUDA GPU.
 * ``check_placement``: a plan for a GPU cluster on a machine without GPUs is refused unless
   ``train.device=cpu`` asks for the CPU explicitly (then a warning); more local processes than the
   machine has GPUs are refused, and on the CPU more than ``MAX_PROCS_PER_CORE`` processes per core
@@ -7,7 +9,7 @@
   machine on purpose).
 * ``resolve_num_threads``: intra-op threads of a process (``train.num_threads``; 0 = automatic).
 * ``check_device_memory``: the plan's memory estimate for this rank against the device's real free
-  memory; refused with both numbers and the keys that would make it fit (``fitting_keys``).
+  memory; refused with both numbers and the keys that would make it fit (``plan.suggest.fitting_keys``).
 * ``describe_oom``: one paragraph for a CUDA out-of-memory error during training.
 
 The decisions are pure functions of numbers (tests inject them); ``probe`` reads the real machine.
@@ -15,13 +17,13 @@ The decisions are pure functions of numbers (tests inject them); ``probe`` reads
 
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass
 from typing import Any
 
-from hpframe.config.schema import Device, DType, RunConfig
+from hpframe.config.schema import Device, RunConfig
 from hpframe.errors import UserError
+from hpframe.plan.suggest import fit_hint, fitting_keys
 
 GIB = 1 << 30
 MAX_PROCS_PER_CORE = 4
@@ -46,18 +48,30 @@ def probe() -> Machine:
     return Machine(cuda_devices=torch.cuda.device_count() if torch.cuda.is_available() else 0, cpu_cores=cores, load=load)
 
 
+def resolve_device(cfg: RunConfig, machine: Machine) -> str:
+    """``cpu`` or ``cuda``: train.device, with auto = cuda when the machine has a CUDA GPU.
+
+    The one place that decides the device; train.device=cuda on a machine without a CUDA GPU is
+    refused here (UserError naming train.device) rather than failing later inside torch or DeepSpeed.
+    """
+    if cfg.train.device == Device.cuda and machine.cuda_devices == 0:
+        raise UserError("train.device=cuda but this machine has no CUDA GPU; set train.device=cpu or auto",
+                        key="train.device", values={"cuda_devices": 0})
+    if cfg.train.device == Device.auto:
+        return Device.cuda.value if machine.cuda_devices > 0 else Device.cpu.value
+    return Device(cfg.train.device).value
+
+
 def runs_on_cuda(cfg: RunConfig, machine: Machine) -> bool:
-    """The device the run will use: train.device, with auto = cuda when the machine has one."""
-    return cfg.train.device == Device.cuda or (cfg.train.device == Device.auto and machine.cuda_devices > 0)
+    """Whether the run uses a CUDA device (``resolve_device``)."""
+    return resolve_device(cfg, machine) == Device.cuda.value
 
 
 def check_placement(cfg: RunConfig, machine: Machine, local_procs: int) -> list[str]:
     """Refuse (UserError) a plan this machine cannot run; return warnings for one it runs badly."""
     warnings: list[str] = []
     cluster = f"cluster={cfg.cluster.name} (cluster.device={cfg.cluster.device.value})"
-    if machine.cuda_devices == 0 and cfg.train.device == Device.cuda:
-        raise UserError("train.device=cuda but this machine has no CUDA GPU; set train.device=cpu or auto",
-                        key="train.device", values={"cuda_devices": 0})
+    on_cuda = runs_on_cuda(cfg, machine)  # refuses train.device=cuda without a CUDA GPU
     if machine.cuda_devices == 0 and cfg.cluster.device == Device.cuda:
         if cfg.train.device != Device.cpu:
             raise UserError(
@@ -66,7 +80,7 @@ def check_placement(cfg: RunConfig, machine: Machine, local_procs: int) -> list[
                 "or set train.device=cpu to train this plan on the CPU anyway",
                 key="cluster.device, train.device", values={"cuda_devices": 0})
         warnings.append(f"{cluster} plans for GPUs; training on the CPU as train.device=cpu asks (slow)")
-    if runs_on_cuda(cfg, machine):
+    if on_cuda:
         if local_procs > machine.cuda_devices:
             raise UserError(
                 f"the plan needs {local_procs} processes on this machine, one per GPU, but it has "
@@ -102,44 +116,8 @@ def resolve_num_threads(requested: int, machine: Machine, *, local_procs: int, e
     return 1 if free < 2 else int(free)
 
 
-def fitting_keys(cfg: RunConfig, capacity_bytes: int, world_size: int, limit: int = 3) -> list[str]:
-    """Overrides (``key=value ...``) under which the plan fits ``capacity_bytes`` per device, leanest step first."""
-    from hpframe.plan import PlanError, make_plan
-    from hpframe.plan.suggest import suggest_layouts
-
-    options: list[str] = []
-    trial = copy.deepcopy(cfg)
-    trial.cluster.gpu_memory_gb = capacity_bytes / GIB
-    trial.plan.memory_check = False
-    variants = [([], trial)]
-    if cfg.train.dtype == DType.bf16 and cfg.train.master_dtype == DType.fp32:
-        bf16_master = copy.deepcopy(trial)
-        bf16_master.train.master_dtype = DType.bf16
-        variants.append((["train.master_dtype=bf16"], bf16_master))
-    for extra, c in variants:
-        try:
-            layouts = suggest_layouts(c, make_plan(c, world_size=world_size), limit=limit)
-        except PlanError:
-            continue
-        for s in layouts:
-            chosen = {"tp": s.tp, "pp": s.pp, "ep": s.ep, "zero_stage": s.zero_stage, "recompute": s.recompute}
-            keys = [*extra, *(f"parallel.{k}={v}" for k, v in chosen.items() if _value(cfg, k) != str(v))]
-            if keys and " ".join(keys) not in options:
-                options.append(" ".join(keys))
-    return options[:limit]
-
-
-def _value(cfg: RunConfig, name: str) -> str:
-    """parallel.NAME of ``cfg`` as a string (enums by value)."""
-    value = getattr(cfg.parallel, name)
-    return str(getattr(value, "value", value))
-
-
 def _fit_hint(cfg: RunConfig, capacity_bytes: int, world_size: int) -> str:
-    keys = fitting_keys(cfg, capacity_bytes, world_size)
-    if not keys:
-        return "no layout of this world size fits: use more GPUs (cluster.nodes, cluster.gpus_per_node) or a smaller model"
-    return "settings that fit: " + "; ".join(keys) + " (python launch.py ... plan.suggest=true plan.dry_run=true lists more)"
+    return fit_hint(fitting_keys(cfg, capacity_bytes, world_size))
 
 
 def check_device_memory(cfg: RunConfig, plan: Any, *, estimate_bytes: int, free_bytes: int, total_bytes: int,
@@ -175,10 +153,6 @@ def prepare_process(cfg: RunConfig, *, local_procs: int, machine: Machine | None
 
     machine = machine or probe()
     warnings = check_placement(cfg, machine, local_procs)
-    if cfg.train.wandb:  # on every rank, before anything is built (only rank 0 logs)
-        from hpframe.train.metrics import require_wandb
-
-        require_wandb()
     threads = resolve_num_threads(cfg.train.num_threads, machine, local_procs=local_procs,
                                   env_threads=os.environ.get("OMP_NUM_THREADS"))
     torch.set_num_threads(threads)

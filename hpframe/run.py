@@ -224,11 +224,14 @@ def train_main(cfg: RunConfig, plan: "object") -> int:
     from hpframe.logging import log_to_file
     from hpframe.train.guards import EXIT_CHECKPOINT_FAILED, CheckpointStorageError
     from hpframe.train.loop import EXIT_NONFINITE, NonFiniteLossError, train
+    from hpframe.train.metrics import require_wandb
     from hpframe.train.preempt import EXIT_PREEMPTED, EXIT_PREEMPTED_UNSAVED, Preempted
 
     lock = None
     try:
         where, warnings = prepare_process(cfg, local_procs=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        if cfg.train.wandb:  # on every rank, before anything is built (only rank 0 logs)
+            require_wandb()
         groups = init_distributed(plan, timeout_s=collective_timeout_s(cfg, plan))
         memory_warning = check_memory_now(cfg, plan, dist.get_rank())
         cfg.output_dir = agree_on_run_dir(cfg.output_dir)

@@ -148,20 +148,31 @@ class Checkpointer:
                     f"2 x {self.timeout_s:.0f} s (checkpoint.save_timeout_s); storage stalls?")
             self._thread = None
         err, self._error = self._error, None
-        if self.async_save and dist.is_initialized() and self.world_size > 1:
-            # a background write can fail on one rank only: agree, so that every rank raises here
-            # together instead of the others waiting in the next save's collectives forever; a rank
-            # that died never arrives, and the bounded barrier names it
+        if self.async_save:
+            self._agree(err, f"the asynchronous save of step {self._step}")
+        elif err is not None:
+            raise err
+
+    def _agree(self, err: BaseException | None, what: str) -> None:
+        """Raise on every rank together when ``what`` failed on any rank (collective, bounded).
+
+        A write can fail on one rank only (its disk, its permissions): without agreement the others
+        would go on into the next collectives and wait there for the full collective timeout. Every
+        rank meets at a bounded barrier (a rank that died never arrives, and the barrier names it),
+        then they exchange their errors: the failing rank raises its own, the others a
+        CheckpointError naming the first failed rank and its error.
+        """
+        if dist.is_initialized() and self.world_size > 1:
             try:
-                bounded_barrier(self.timeout_s, f"after the asynchronous save of step {self._step}")
+                bounded_barrier(self.timeout_s, f"after {what}")
             except store.CheckpointError as lost:
                 raise (err or lost) from (lost if err is not None else None)
             reports: list[str | None] = [None] * self.world_size
-            dist.all_gather_object(reports, None if err is None else f"{type(err).__name__}: {err}")
+            dist.all_gather_object(reports, None if err is None else f"{type(err).__name__}: {err}", group=_gloo_group())
             failed = [(r, msg) for r, msg in enumerate(reports) if msg is not None]
             if err is None and failed:
                 r, msg = failed[0]
-                raise store.CheckpointError(f"asynchronous checkpoint save failed on rank {r}: {msg}")
+                raise store.CheckpointError(f"{what} failed on rank {r}: {msg}; not committed")
         if err is not None:
             raise err
 
@@ -185,12 +196,18 @@ class Checkpointer:
 
     def _persist(self, step: int, tag: str, staging: Path, part: RankPart, rng: dict, client_state: dict,
                  *, sync: bool) -> None:
-        staging.mkdir(parents=True, exist_ok=True)
-        write_json(staging / rng_file(self.rank), rng)
-        write_part(staging, part)
+        failure: BaseException | None = None
+        try:
+            staging.mkdir(parents=True, exist_ok=True)
+            write_json(staging / rng_file(self.rank), rng)
+            write_part(staging, part)
+        except Exception as err:
+            if not sync:
+                raise  # _run marks it for rank 0; wait() agrees on it
+            failure = err
         faults.maybe_kill_in_save(step)  # testing aid (HPFRAME_TEST_KILL_IN_SAVE), a no-op otherwise
-        if sync:  # every rank's files are on disk before the manifest lists them
-            bounded_barrier(self.timeout_s, f"checkpoint save of step {step}: writing the parts")
+        if sync:  # every rank's files are on disk before the manifest lists them, or every rank raises
+            self._agree(failure, f"checkpoint save of step {step}: writing the parts")
         if self.rank == 0:
             self._wait_for_parts(staging)
             write_json(staging / CLIENT_STATE, client_state)

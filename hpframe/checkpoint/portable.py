@@ -115,6 +115,13 @@ class RankPart:
     pieces: list[Piece] = field(default_factory=list)
     adam_step: dict[str, float] = field(default_factory=dict)
     coords: dict[str, int] = field(default_factory=dict)
+    copied: Any = field(default=None, repr=False, compare=False)
+    """CUDA event after which the pieces' host copies are complete (checkpoint/host_copy.py); None: they are."""
+
+    def wait_copied(self) -> None:
+        """Block until the pieces hold their values (before anything reads them)."""
+        if self.copied is not None:
+            self.copied.synchronize()
 
 
 def layout_doc(part: RankPart) -> dict[str, Any]:
@@ -144,6 +151,7 @@ def tensors_bytes(part: RankPart) -> bytes:
     """``part``'s safetensors file, in memory (what the fast tier keeps and sends)."""
     from safetensors.torch import save
 
+    part.wait_copied()
     return save({p.key: p.tensor.contiguous() for p in part.pieces}, metadata=_METADATA)
 
 
@@ -155,6 +163,7 @@ def write_part(directory: Path, part: RankPart) -> list[Path]:
     tpath, lpath = directory / tensor_file(part.rank), directory / layout_file(part.rank)
     tpath.parent.mkdir(parents=True, exist_ok=True)
     lpath.parent.mkdir(parents=True, exist_ok=True)
+    part.wait_copied()
     save_file({p.key: p.tensor.contiguous() for p in part.pieces}, str(tpath), metadata=_METADATA)
     fsync_path(tpath)
     tmp = lpath.with_suffix(".tmp")

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from hpframe.checkpoint import host_copy
 from hpframe.checkpoint.portable import Piece, PortableCheckpoint, RankPart
 from hpframe.errors import UserError
 from hpframe.models.moe import GroupedExperts
@@ -174,7 +175,11 @@ def _replicated_share(engine: Any, t: LocalTensor, with_moments: bool, coords: d
 
 
 def capture(engine: Any) -> RankPart:
-    """This rank's part of a portable checkpoint: host copies of its own shares (no communication)."""
+    """This rank's part of a portable checkpoint: host copies of its own shares (no communication).
+
+    On CUDA the copies are only enqueued, on a side stream (``host_copy``): the part's ``copied`` event
+    marks them done, readers call ``part.wait_copied()``, and the optimizer's next update waits for them.
+    """
     engine.optimizer.wait_for_update()
     plan, rank = engine.plan, dist.get_rank()
     coords = plan.ranks.coords(rank)
@@ -182,6 +187,9 @@ def capture(engine: Any) -> RankPart:
     adam_step = _adam_step(engine)
     zo = _zero_optimizer(engine)
     part = RankPart(rank=rank, coords=dict(coords))
+    device = next(engine.ds.module.parameters()).device
+    copies = host_copy.HostCopies(device) if device.type == "cuda" and host_copy.enabled() else None
+    slots: list[tuple[Piece, torch.Tensor]] = []  # pieces whose tensor the side stream fills
     with torch.no_grad():
         for t in local_tensors(engine):
             split = t.tp_dim is not None and plan.tp > 1
@@ -199,11 +207,22 @@ def capture(engine: Any) -> RankPart:
                 full[0] = _num_global(engine)
             whole = span == (0, t.tensor.numel())
             for kind, v in values.items():
-                v = v.to("cpu", torch.float32, copy=True)
-                part.pieces.append(Piece(t.name, kind, v.view(t.tensor.shape) if whole else v, tuple(full), t.rows,
-                                         (t.tp_dim, coords["tp"], plan.tp) if split else None, None if whole else span))
+                src = v.view(t.tensor.shape) if whole else v
+                piece = Piece(t.name, kind, src, tuple(full), t.rows,
+                              (t.tp_dim, coords["tp"], plan.tp) if split else None, None if whole else span)
+                if copies is not None:
+                    copies.add(src.detach())
+                    slots.append((piece, src))
+                else:
+                    piece.tensor = src.to("cpu", torch.float32, copy=True)
+                part.pieces.append(piece)
             if t.is_param and adam_step is not None and "exp_avg" in values:
                 part.adam_step[t.name] = adam_step
+    if copies is not None:
+        hosts, part.copied = copies.run(owner=part)
+        for (piece, _), host in zip(slots, hosts):
+            piece.tensor = host
+        engine.optimizer.hold_until(part.copied)
     return part
 
 

@@ -24,19 +24,9 @@ from torch import nn
 from hpframe.engine import bf16_grads
 from hpframe.engine.compat import check_libraries
 from hpframe.engine.ds_env import init_deepspeed_comm
-from hpframe.errors import UserError
 from hpframe.logging import get_logger
+from hpframe.machine import probe, resolve_device
 from hpframe.plan.deepspeed_config import deepspeed_config
-
-
-def resolve_device(cfg: Any) -> str:
-    """cpu or cuda, from ``train.device`` (auto = cuda when available)."""
-    want = str(getattr(cfg.train.device, "value", cfg.train.device))
-    if want == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device=cuda but CUDA is not available")
-    if want == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return want
 
 
 def build_engine(model: nn.Module, plan: Any, groups: Any, cfg: Any) -> Any:
@@ -57,7 +47,7 @@ def build_engine(model: nn.Module, plan: Any, groups: Any, cfg: Any) -> Any:
     for warning in check_libraries():
         get_logger(__name__).warning(warning)
     init_deepspeed_comm()
-    device = resolve_device(cfg)
+    device = resolve_device(cfg, probe())  # cpu or cuda: machine.py decides, as for the placement check
     dtype = str(getattr(cfg.train.dtype, "value", cfg.train.dtype))
     master = str(getattr(cfg.train.master_dtype, "value", cfg.train.master_dtype))
     # (bf16 with fp32 master weights under ZeRO 0 is refused by the planner: plan/validate.py)

@@ -64,6 +64,7 @@ class SkippableAdamW(torch.optim.AdamW):
         # fp32 master partitions whose low-precision copy the kernel writes (engine/bf16_grads.py)
         self.lp_copies: dict[int, torch.Tensor] = {}
         self._lp_written: set[int] = set()
+        self._holds: list[Any] = []  # CUDA events the next update waits for (hold_until)
 
     def take_lp_written(self) -> set[int]:
         """ids of the parameters whose ``lp_copies`` entry the last update wrote; cleared by the call."""
@@ -109,6 +110,18 @@ class SkippableAdamW(torch.optim.AdamW):
             torch.cuda.current_stream(self._stream.device).wait_event(ev)
             self._events[i] = None
 
+    def hold_until(self, event: Any) -> None:
+        """Make the next ``step`` wait (on the device) for ``event``: a snapshot's copies of the state it
+        would overwrite (checkpoint/host_copy.py)."""
+        self._holds.append(event)
+
+    def _release_holds(self, device: torch.device) -> None:
+        if self._holds:
+            stream = torch.cuda.current_stream(device)
+            for event in self._holds:
+                stream.wait_event(event)
+            self._holds = []
+
     def wait_for_update(self) -> None:
         """Make the current stream wait for every queued update (a no-op without overlap)."""
         if self._stream is not None and any(ev is not None for ev in self._events):
@@ -137,6 +150,7 @@ class SkippableAdamW(torch.optim.AdamW):
     def step(self, closure: Any = None) -> Any:  # type: ignore[override]
         ctrl = self._control
         device = self.param_groups[0]["params"][0].device
+        self._release_holds(device)
         if closure is None and self.fused and self._use_kernel():
             coef, bad = ctrl if ctrl is not None else (torch.ones((), device=device), torch.zeros((), device=device))
             with phase("adamw"):

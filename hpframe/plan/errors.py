@@ -1,4 +1,4 @@
-"""PlanError: the one exception the planner raises for a configuration that cannot run."""
+"""PlanError: the one exception the planner raises for a configuration that cannot run (MemoryRefusal is one)."""
 
 from __future__ import annotations
 
@@ -17,3 +17,11 @@ class PlanError(UserError):
 
     def __init__(self, message: str, *, key: str, values: dict[str, Any] | None = None) -> None:
         super().__init__(message, key=key, values=values)
+
+
+class MemoryRefusal(PlanError):
+    """The plan's memory estimate per GPU exceeds ``cluster.gpu_memory_gb`` under ``plan.memory_check=true``.
+
+    ``values`` also carries ``world_size`` and ``device_bytes``: ``make_plan`` searches that world size for
+    settings that fit the device and re-raises the refusal with them (``settings_that_fit``).
+    """

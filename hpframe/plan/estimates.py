@@ -22,7 +22,7 @@ import math
 from hpframe.config.schema import Recompute, RunConfig
 from hpframe.plan.comm import estimate_comm
 from hpframe.plan.dispatch import resolve_dispatch
-from hpframe.plan.errors import PlanError
+from hpframe.plan.errors import MemoryRefusal, PlanError
 from hpframe.plan.memory import GIB, estimate_memory
 from hpframe.plan.params import count_params, flops_per_token, moe_fwd_flops
 from hpframe.plan.tiers import estimate_memory_tier
@@ -90,8 +90,8 @@ def estimate_checkpoint(cfg: RunConfig, plan: ParallelPlan, step_seconds: float)
 def add_estimates(plan: ParallelPlan, cfg: RunConfig, warnings: list[str]) -> ParallelPlan:
     """Return ``plan`` with params, flops, memory, comm, time and checkpoint filled in.
 
-    Raises PlanError when the worst rank's memory exceeds the device and plan.memory_check is on;
-    otherwise that becomes a warning.
+    Raises MemoryRefusal (a PlanError) when the worst rank's memory exceeds the device and
+    plan.memory_check is on; otherwise that becomes a warning.
     """
     plan = dataclasses.replace(
         plan,
@@ -109,11 +109,12 @@ def add_estimates(plan: ParallelPlan, cfg: RunConfig, warnings: list[str]) -> Pa
             + f") > cluster.gpu_memory_gb={cfg.cluster.gpu_memory_gb:g}"
             f" (tp={plan.tp} pp={plan.pp} dp={plan.dp} ep={plan.ep} zero_stage={plan.zero_stage} recompute={cfg.parallel.recompute.value})"
         )
-        if cfg.plan.memory_check:
-            raise PlanError(
-                msg + "; raise parallelism, ZeRO stage or recompute, or set plan.memory_check=false",
+        if cfg.plan.memory_check:  # make_plan re-raises it naming settings that fit (plan/planner.py)
+            raise MemoryRefusal(
+                msg,
                 key="cluster.gpu_memory_gb, plan.memory_check",
-                values={"memory_per_gpu_bytes": memory.total, "cluster.gpu_memory_gb": cfg.cluster.gpu_memory_gb},
+                values={"memory_per_gpu_bytes": memory.total, "cluster.gpu_memory_gb": cfg.cluster.gpu_memory_gb,
+                        "device_bytes": memory.device_bytes, "world_size": plan.world_size},
             )
         warnings.append("OUT OF MEMORY: " + msg)
     comm = estimate_comm(cfg, plan)

@@ -4,7 +4,11 @@ check and fit device memory, at the current global batch, and rank them by estim
 tp stays inside a node (tp <= gpus per node) and runs over divisors of the world size; pp over
 divisors up to num_layers; ep over divisors of dp that divide num_experts; ZeRO stages the DeepSpeed
 engine accepts for the combination; recompute none/selective/full. Every candidate is a full
-``make_plan``, so its estimates are the same ones the dry run shows.
+plan (``assemble_plan``: ``make_plan`` less the search for settings that fit), so its estimates are
+the same ones the dry run shows.
+
+``fitting_keys`` turns the suggestions into the overrides that a memory refusal names (make_plan's own,
+and the one against a GPU's real free memory when training starts: hpframe/machine.py).
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from hpframe.config.schema import Recompute, RunConfig
+from hpframe.config.schema import DType, Recompute, RunConfig
+from hpframe.plan.assemble import assemble_plan
 from hpframe.plan.errors import PlanError
-from hpframe.plan.planner import make_plan
+from hpframe.plan.memory import GIB
 from hpframe.plan.types import ParallelPlan
 from hpframe.plan.validate import needs_zero_optimizer
 
@@ -62,7 +67,7 @@ def suggest_layouts(cfg: RunConfig, plan: ParallelPlan, limit: int = 10) -> list
                         c = copy.deepcopy(base)
                         c.parallel.tp, c.parallel.pp, c.parallel.ep, c.parallel.zero_stage, c.parallel.recompute = tp, pp, ep, zero, rc
                         try:
-                            p = make_plan(c, world_size=world)
+                            p = assemble_plan(c, world_size=world)
                         except PlanError:
                             continue
                         assert p.memory is not None and p.time is not None
@@ -75,3 +80,48 @@ def suggest_layouts(cfg: RunConfig, plan: ParallelPlan, limit: int = 10) -> list
         if key not in best or (s.step_seconds, s.memory_bytes) < (best[key].step_seconds, best[key].memory_bytes):
             best[key] = s
     return sorted(best.values(), key=lambda s: (s.step_seconds, s.memory_bytes))[:limit]
+
+
+SUGGEST_COMMAND = "python launch.py ... plan.suggest=true plan.dry_run=true"
+"""How a user lists more layouts than a refusal names (docs/planner.md, "Layout suggestions")."""
+
+
+def fitting_keys(cfg: RunConfig, capacity_bytes: int, world_size: int, limit: int = 3) -> list[str]:
+    """Overrides (``key=value ...``) under which the plan fits ``capacity_bytes`` per device, fastest step first.
+
+    Each option is one ``suggest_layouts`` layout on ``world_size`` GPUs, written as the parallel.* keys
+    that differ from ``cfg``; bf16 training with fp32 master weights also tries train.master_dtype=bf16.
+    """
+    options: list[str] = []
+    trial = copy.deepcopy(cfg)
+    trial.cluster.gpu_memory_gb = capacity_bytes / GIB
+    trial.plan.memory_check = False  # cfg's own layout need not fit: the search starts from its plan
+    variants = [([], trial)]
+    if cfg.train.dtype == DType.bf16 and cfg.train.master_dtype == DType.fp32:
+        bf16_master = copy.deepcopy(trial)
+        bf16_master.train.master_dtype = DType.bf16
+        variants.append((["train.master_dtype=bf16"], bf16_master))
+    for extra, c in variants:
+        try:
+            layouts = suggest_layouts(c, assemble_plan(c, world_size=world_size), limit=limit)
+        except PlanError:
+            continue
+        for s in layouts:
+            chosen = {"tp": s.tp, "pp": s.pp, "ep": s.ep, "zero_stage": s.zero_stage, "recompute": s.recompute}
+            keys = [*extra, *(f"parallel.{k}={v}" for k, v in chosen.items() if _value(cfg, k) != str(v))]
+            if keys and " ".join(keys) not in options:
+                options.append(" ".join(keys))
+    return options[:limit]
+
+
+def _value(cfg: RunConfig, name: str) -> str:
+    """parallel.NAME of ``cfg`` as a string (enums by value)."""
+    value = getattr(cfg.parallel, name)
+    return str(getattr(value, "value", value))
+
+
+def fit_hint(keys: list[str], *, suggest_command: str = SUGGEST_COMMAND) -> str:
+    """The clause of a memory refusal that names ``keys`` (from ``fitting_keys``), or says nothing fits."""
+    if not keys:
+        return "no layout of this world size fits: use more GPUs (cluster.nodes, cluster.gpus_per_node) or a smaller model"
+    return "settings that fit: " + "; ".join(keys) + f" ({suggest_command} lists more)"

@@ -332,7 +332,7 @@ def train(engine: Any, data: Data, plan: "ParallelPlan", cfg: RunConfig) -> Trai
         assert memory is not None
         state = copy.deepcopy(client_state(step))  # the loader's position of this step, not of a later save
         stats, part, rng = memory.snapshot(step, state)
-        writer.write({"step": step, "mem_stall_s": stats.stall_s}, prefix="memory")
+        writer.write({"step": step, "mem_stall_s": stats.stall_s, "mem_wait_s": stats.waited_s}, prefix="memory")
         return Snap(step, part, rng, state)
 
     def save(step: int, snap: Snap | None = None) -> bool:

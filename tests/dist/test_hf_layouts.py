@@ -42,7 +42,7 @@ def sharded_logits(model: torch.nn.Module, plan, groups, tokens: torch.Tensor) -
 
     from hpframe.parallel.parallelize import owned_parts
     from hpframe.parallel.pipeline import HeadStage
-    from hpframe.parallel.tensor import _all_gather
+    from hpframe.parallel.tensor_comm import _all_gather
 
     rank = dist.get_rank()
     c = plan.ranks.coords(rank)

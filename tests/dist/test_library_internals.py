@@ -86,9 +86,9 @@ def _deepspeed_engine(cfg, plan, groups, rank: int, fp32_communication: bool):
     import deepspeed
     from deepspeed.runtime.pipe.module import PipelineModule
 
-    from hpframe.engine.build import resolve_device
     from hpframe.engine.moe_bridge import optimizer_param_groups
     from hpframe.engine.topology import PlanMPU, process_topology
+    from hpframe.machine import probe, resolve_device
     from hpframe.models import build_model
     from hpframe.parallel import parallelize
     from hpframe.parallel.pipeline import PipelineLoss, stage_layers
@@ -98,7 +98,7 @@ def _deepspeed_engine(cfg, plan, groups, rank: int, fp32_communication: bool):
     model = build_model(cfg.model, cfg.moe, routing_groups=None)
     model.init_weights(t.seed)
     model = parallelize(model, plan, groups)
-    device = resolve_device(cfg)  # as build_engine resolves train.device
+    device = resolve_device(cfg, probe())  # as build_engine resolves train.device
     ds_cfg = deepspeed_config(plan, dtype=t.dtype.value, device=device, master_dtype=t.master_dtype.value)
     ds_cfg["gradient_clipping"] = t.grad_clip  # DeepSpeed clips itself
     if fp32_communication:

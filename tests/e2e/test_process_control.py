@@ -7,6 +7,8 @@
   change warned about and recorded in metrics.jsonl). While it runs, a second ``launch.py`` into the
   directory is refused (exit 2, naming the owner's pid). After ``kill -9`` of its launcher both workers
   are gone (PR_SET_PDEATHSIG / the parent watchdog) and the directory's lock is free.
+* the same under the DeepSpeed launcher's per-node process (``python -m deepspeed.launcher.launch``,
+  what ``deepspeed`` runs on each node): after ``kill -9`` of it, both of its workers are gone.
 * a stalled rank (SIGSTOP of rank 1): rank 0's next collective times out after
   ``train.collective_timeout_s`` and the launcher's summary names rank 0 as the rank that failed first.
 * one process: the checkpoint directory replaced by a file mid-run stops the run with exit code 6 (no later
@@ -190,3 +192,30 @@ def test_two_launches_at_once_get_two_run_dirs():
         assert run_dir.startswith("outputs/") and run_dir.endswith(f"-{p.pid}")
         dirs.append(run_dir)
     assert dirs[0] != dirs[1]
+
+
+def test_kill_of_the_deepspeed_launcher_ends_its_workers(tmp_path):
+    import base64
+
+    from hpframe.testing.distributed import free_port
+
+    run_dir = tmp_path / "run"
+    world = base64.urlsafe_b64encode(json.dumps({"localhost": [0, 1]}).encode()).decode()
+    out = open(tmp_path / "console.txt", "w")  # noqa: SIM115 - closed by the process's end
+    proc = subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.launch", f"--world_info={world}", "--node_rank=0",
+                             "--master_addr=127.0.0.1", f"--master_port={free_port()}", str(REPO / "launch.py"), *COMMON,
+                             "checkpoint.enabled=false", f"hydra.run.dir={run_dir}"],
+                            cwd=REPO, env=_env(), stdout=out, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: sum("loss" in r for r in steps(run_dir)) >= 2, "two steps", proc)
+        pids = workers(proc.pid)
+        assert sorted(pids) == [0, 1]
+    finally:
+        proc.kill()  # kill -9 of the DeepSpeed launcher
+        proc.wait(timeout=WAIT_S)
+    try:
+        wait_for(lambda: not any(alive(p) for p in pids.values()), "the workers to end after the DeepSpeed launcher's death")
+    finally:  # orphans of a failed check must not train on
+        for pid in pids.values():
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)

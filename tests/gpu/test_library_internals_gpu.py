@@ -35,25 +35,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dist"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_fixtures import one_gpu_process_group  # noqa: E402,F401  (a fixture)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-
-
-@pytest.fixture
-def one_gpu_process_group(monkeypatch: pytest.MonkeyPatch):
-    """A one-rank environment for init_distributed, undone afterwards (later tests start launchers)."""
-    import torch.distributed as dist
-
-    from hpframe.testing.distributed import free_port
-
-    if dist.is_initialized():
-        pytest.skip("a process group is already initialized in this process")
-    for key, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port())), ("RANK", "0"),
-                       ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "1")):
-        monkeypatch.setenv(key, value)
-    yield
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def _bf16_matches_master(ds) -> bool:

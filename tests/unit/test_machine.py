@@ -9,8 +9,9 @@ import pytest
 
 from hpframe.errors import UserError
 from hpframe.machine import (GIB, MAX_PROCS_PER_CORE, Machine, check_device_memory, check_placement, describe_oom,
-                             fitting_keys, resolve_num_threads)
+                             resolve_device, resolve_num_threads)
 from hpframe.plan import make_plan
+from hpframe.plan.suggest import fitting_keys
 
 LAPTOP = Machine(cuda_devices=0, cpu_cores=8, load=0.0)
 ONE_GPU = Machine(cuda_devices=1, cpu_cores=16, load=0.0)
@@ -40,6 +41,20 @@ def test_more_processes_than_gpus_or_cores_refused(compose_cfg) -> None:
     assert check_placement(debug, Machine(0, 8), 8) == []
     with pytest.raises(UserError, match="train.device=cuda but this machine has no CUDA GPU"):
         check_placement(compose_cfg("train.device=cuda"), LAPTOP, 1)
+
+
+@pytest.mark.parametrize("device, machine, expected", [
+    ("auto", LAPTOP, "cpu"), ("auto", ONE_GPU, "cuda"), ("cpu", ONE_GPU, "cpu"), ("cuda", ONE_GPU, "cuda"),
+])
+def test_resolve_device(compose_cfg, device: str, machine: Machine, expected: str) -> None:
+    assert resolve_device(compose_cfg(f"train.device={device}"), machine) == expected
+
+
+def test_resolve_device_cuda_without_gpu_refused(compose_cfg) -> None:
+    """The refusal build_engine and check_placement share: it names the key and the device count."""
+    with pytest.raises(UserError, match=r"^train.device=cuda but this machine has no CUDA GPU; set train.device=cpu or auto") as info:
+        resolve_device(compose_cfg("train.device=cuda"), LAPTOP)
+    assert info.value.key == "train.device" and info.value.values == {"cuda_devices": 0}
 
 
 @pytest.mark.parametrize("requested, machine, procs, env, expected", [

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from hpframe.plan import PlanError, make_plan
+from hpframe.plan.memory import GIB
 
 CASES = [
     # (id, overrides, key fragment, message fragments)
@@ -69,7 +70,8 @@ CASES = [
     ("overlap_pp", ["recipe=mixtral_debug", "parallel.pp=2", "train.overlap_optimizer=true", "parallel.zero_stage=0"],
      "parallel.pp", ["parallel.pp=2", "parallel.zero_stage=0"]),
     ("memory", ["recipe=mixtral_8x7b", "cluster=h200x1", "parallel.tp=1", "parallel.pp=1", "parallel.ep=1", "parallel.global_batch_size=-1"],
-     "cluster.gpu_memory_gb", ["cluster.gpu_memory_gb=139", "GiB per GPU", "plan.memory_check=false"]),
+     "cluster.gpu_memory_gb", ["cluster.gpu_memory_gb=139", "GiB per GPU", "plan.memory_check=false",
+                               "no layout of this world size fits: use more GPUs"]),
 ]
 
 
@@ -83,6 +85,27 @@ def test_refused_with_key_and_numbers(compose_cfg, overrides: list[str], key: st
     for frag in fragments:
         assert frag in str(err), (frag, str(err))
     assert isinstance(err, ValueError) and err.values
+
+
+def test_memory_refusal_names_settings_that_fit(compose_cfg) -> None:
+    """mixtral_8x7b at tp1 pp1 ep1 on 8 H200s plans 445.4 GiB per GPU: the refusal names layouts of the same
+    8 GPUs that fit 139 GB, and each of them, added as overrides, plans without a refusal."""
+    too_big = ("recipe=mixtral_8x7b", "cluster=h200x8", "parallel.tp=1", "parallel.pp=1", "parallel.ep=1")
+    with pytest.raises(PlanError) as info:
+        make_plan(compose_cfg(*too_big))
+    err, msg = info.value, str(info.value)
+    assert isinstance(err, ValueError) and err.key == "cluster.gpu_memory_gb, plan.memory_check"
+    assert msg.startswith("estimated memory of pipeline stage 0 is 445.4 GiB per GPU (weights 87.0, gradients 261.0, "
+                          "optimizer 65.2, activations 32.2) > cluster.gpu_memory_gb=139 (tp=1 pp=1 dp=8 ep=1 "
+                          "zero_stage=1 recompute=none); settings that fit: ")
+    keys = err.values["settings_that_fit"]
+    assert keys and "settings that fit: " + "; ".join(keys) + " (" in msg
+    assert "parallel.ep=8 parallel.recompute=selective" in keys
+    assert msg.endswith("plan.suggest=true plan.dry_run=true plan.memory_check=false lists more), "
+                        "or set plan.memory_check=false to plan it anyway")
+    for option in keys:
+        plan = make_plan(compose_cfg(*too_big, *option.split()))  # memory_check on: raises if it does not fit
+        assert plan.world_size == 8 and plan.memory.total <= 139 * GIB
 
 
 def test_memory_check_off_turns_refusal_into_warning(compose_cfg) -> None:
