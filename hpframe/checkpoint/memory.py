@@ -346,16 +346,16 @@ class MemoryTier:
     def load(self, found: Found) -> dict[str, Any]:
         """Restore this rank from snapshot ``found`` (collective): a rank whose node lacks its own part
         receives it first, from a node holding a replica; every rank then restores from its own part."""
-        from safetensors.torch import load as load_tensors
+        from safetensors.torch import load_file
 
         here = step_dir(self.dir, found.step)
         moves = recovery_moves(found.holders, self.gpn, self.world)
         received = self._move_parts(here, found.step, moves)
-        files = read_files(here, self.rank)  # (a part that was sent is read by the rank that wrote it)
-        own_restore.restore_own(self.engine, json.loads(files[layout_file(self.rank)]),
-                                load_tensors(files[tensor_file(self.rank)]))
-        set_rng_state_json(json.loads(files[rng_file(self.rank)]))
-        client_state = json.loads(files[client_file(self.rank)])
+        # (a part that was sent is read only by its own rank, which wrote it)
+        own_restore.restore_own(self.engine, json.loads((here / layout_file(self.rank)).read_text()),
+                                load_file(str(here / tensor_file(self.rank))))
+        set_rng_state_json(json.loads((here / rng_file(self.rank)).read_text()))
+        client_state = json.loads((here / client_file(self.rank)).read_text())
         ds = getattr(self.engine, "ds", None)
         if ds is not None:  # DeepSpeed's own counters, as manager.load sets them
             ds.global_steps = found.step
@@ -369,7 +369,8 @@ class MemoryTier:
         sends = [r for r, src in moves.items() if src == self.rank]
         blobs = {r: pack(read_files(here, r)) for r in sends}
         size = torch.zeros(1, dtype=torch.int64)
-        works = [dist.isend(torch.tensor([b.numel()], dtype=torch.int64), r, group=self.group, tag=r) for r, b in blobs.items()]
+        works = [dist.isend(torch.tensor([b.numel()], dtype=torch.int64), r, group=self.group, tag=r)
+                 for r, b in blobs.items()]
         if self.rank in moves:
             works.append(dist.irecv(size, moves[self.rank], group=self.group, tag=self.rank))
         for w in works:

@@ -254,8 +254,9 @@ def _peer_layouts(rank: int, world_size: int, root: str, names: list[str]) -> di
 
         def cfg(run: str, *extra: str):
             c = compose_run_config(*SMALL, *PEER_LAYOUTS[name], "cluster.gpus_per_node=2", f"train.steps={PEER_STEPS}",
-                                   "checkpoint.interval=100", "checkpoint.memory_interval=1", "checkpoint.memory_replicas=1",
-                                   "checkpoint.keep_last=0", f"checkpoint.memory_dir={base / 'shm'}", *extra)
+                                   "checkpoint.interval=100", "checkpoint.memory_interval=1",
+                                   "checkpoint.memory_replicas=1", "checkpoint.keep_last=0",
+                                   f"checkpoint.memory_dir={base / 'shm'}", *extra)
             c.output_dir = str(base / run)
             return c
 
