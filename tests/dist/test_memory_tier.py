@@ -5,12 +5,16 @@ biases, ``cluster.gpus_per_node=1``: two simulated nodes, each with its own memo
 for its /dev/shm). Snapshots every step (replicated to the other node), storage saves every 2 steps.
 Compared with an uninterrupted run of 6 steps:
   * a run that crashes after step 3 (an exception in the step: the workers end, their memory stays),
-    restarted with ``checkpoint.resume=auto``: resumes from its own nodes' memory at step 3;
-  * the same crash, then node 1's memory wiped: resumes from node 0's replica of node 1's parts (peer);
+    restarted with ``checkpoint.resume=auto``: resumes from its own nodes' memory at step 3, and no
+    part moves between nodes;
+  * the same crash, then node 1's memory wiped: resumes from node 0's replica of node 1's part (peer);
+    rank 1 receives its own part and nothing else (node 1 then holds that part only), rank 0 nothing;
   * the same crash, both nodes' memory wiped: resumes from storage at step 2;
 each continues with losses equal to the uninterrupted run's bit for bit and ends with a checkpoint
 equal to its final checkpoint tensor for tensor; metrics.jsonl records ``resumed_from`` and
-``resumed_step``. A run that ends normally frees its host memory; a run that resumes from an explicit
+``resumed_step``. ``test_peer_recovery_receives_own_parts_only`` repeats the peer case at 4 processes
+as 2 nodes of 2 ranks in 8 layouts (tp, ep, pp with a tied embedding, ZeRO 0/1/2, fp32, bf16 with
+fp32 or bf16 master weights), comparing every rank's whole training state. A run that ends normally frees its host memory; a run that resumes from an explicit
 storage checkpoint (a branch) drops the snapshots of the line it left, even if it crashes at once.
 """
 
@@ -163,6 +167,17 @@ def _scenarios(rank: int, world_size: int, root: str) -> dict:
         dist.barrier()
         if rank == 0:
             shutil.copytree(root_p / "run", root_p / f"run.{name}")
+    # node 1 lost again, and the restart crashes before its first step: what node 1 holds then is what
+    # the recovery sent it
+    restore_crash_state()
+    if rank == 0:
+        for d in (root_p / "shm").glob("hpframe-*/node001"):
+            shutil.rmtree(d)
+    dist.barrier()
+    out["peer_crash"] = _train(rank, world_size, cfg("run"), crash_after=0)
+    dist.barrier()
+    out["node1_after_peer"] = sorted(str(p.relative_to(next((root_p / "shm").glob("hpframe-*/node001"))))
+                                     for p in (root_p / "shm").glob("hpframe-*/node001/*/commit/*.json"))
     # a branch from the step-2 checkpoint that crashes before its first step: the snapshots of the
     # abandoned line (steps 2 and 3) are gone, so a restart cannot continue the abandoned line
     restore_crash_state()
@@ -195,6 +210,13 @@ def test_resume_from_memory_peer_and_storage(tmp_path):
         assert _resume_record(tmp_path / f"run.{name}") == {"step": first, "resumed_from": name, "resumed_step": first}
         assert assert_same_checkpoint(tmp_path / "ref" / "checkpoints" / final, tmp_path / f"run.{name}" / "checkpoints" / final) >= 30
     assert results[1]["memory"]["losses"] == r["memory"]["losses"]
+    # from peer: node 1 (rank 1) received its own part, and only it; node 0 received nothing (before,
+    # node 1 received both parts)
+    size = _packed_part_bytes(tmp_path / "shm.crashed", CRASH, world=2)[1]
+    assert [(x["peer"]["received"].parts, x["peer"]["received"].bytes) for x in results] == [((), 0), ((1,), size)]
+    assert r["node1_after_peer"] == [f"step_{CRASH:08d}/commit/rank00001.json"]
+    for x in results:  # from memory: nothing moves
+        assert (x["memory"]["received"].parts, x["memory"]["received"].bytes) == ((), 0)
     assert r["branch"] == {"crashed": True, "captures": 0} and r["branch_memory_left"] == []
 
 
@@ -239,8 +261,8 @@ PEER_LAYOUTS = {
                               "train.dtype=bf16", "train.master_dtype=bf16"],
     "ep2_zero0_bf16_master": ["recipe=mixtral_debug", "parallel.dp=4", "parallel.ep=2", "parallel.zero_stage=0",
                               "train.dtype=bf16", "train.master_dtype=bf16"],
-    # the tied embedding's last-stage copy (node 1) from the first stage, under ZeRO 1 and ZeRO 0
-    "pp2_tied_zero1": ["recipe=gpt_debug", "parallel.pp=2", "parallel.dp=2", "parallel.zero_stage=1"],
+    # the tied embedding's last-stage copy (node 1) from the first stage: BF16_Optimizer in the pipeline, and ZeRO 0
+    "pp2_tied_zero1_bf16": ["recipe=gpt_debug", "parallel.pp=2", "parallel.dp=2", "parallel.zero_stage=1", "train.dtype=bf16"],
     "pp2_tied_zero0": ["recipe=gpt_debug", "parallel.pp=2", "parallel.dp=2", "parallel.zero_stage=0"],
 }
 
@@ -273,13 +295,13 @@ def _peer_layouts(rank: int, world_size: int, root: str, names: list[str]) -> di
     return out
 
 
-def _packed_part_bytes(root: Path, step: int) -> dict[int, int]:
+def _packed_part_bytes(root: Path, step: int, world: int = 4) -> dict[int, int]:
     """Bytes of each rank's part of ``step`` as the fast tier sends it (packed files), from node 0's memory."""
     from hpframe.checkpoint.memory import pack, read_files, step_dir
 
     (node0,) = root.glob("hpframe-*/node000")
     here = step_dir(node0, step)
-    return {r: pack(read_files(here, r)).numel() for r in range(4)}
+    return {r: pack(read_files(here, r)).numel() for r in range(world)}
 
 
 @pytest.mark.parametrize("names", [list(PEER_LAYOUTS)[:4], list(PEER_LAYOUTS)[4:]], ids=["tp_zero_bf16", "master_pp"])
