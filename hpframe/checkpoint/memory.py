@@ -9,9 +9,11 @@ processes::
 
     {checkpoint.memory_dir}/hpframe-{job}/node{NNN}/step_{step:08d}/
         tensors/rankR.safetensors  layout/rankR.json  rng/rankR.json  client/rankR.json   a part
-        commit/rankR.json          the part's commit record: step, plan fingerprint, file sizes (last)
+        commit/rankR.json          the part's commit record: step, fingerprint, file sizes (last)
 
-(``job`` hashes the checkpoint root, so a restarted job finds its snapshots), and sends the same bytes
+(``job`` hashes the checkpoint root, so a restarted job finds its snapshots; the fingerprint is the
+plan's joined with every rank's ``own_restore.shard_digest``: a snapshot serves the same shard layout
+only), and sends the same bytes
 to ``checkpoint.memory_replicas`` peers: the rank of the same local index on each of the next nodes
 (ring order), which keep them in their node's directory. A part is thus on ``1 + replicas`` distinct
 nodes: losing any ``replicas`` nodes loses no part. Only the rank's own shard travels (point-to-point
@@ -20,8 +22,8 @@ flight (the next one waits for it). Each node keeps the newest two steps (the on
 the last complete one).
 
 Recovery (``find`` then ``load``, collective, before training): the ranks exchange which complete
-parts their nodes hold; the newest step whose parts, of every rank, with this plan's fingerprint, are
-held somewhere is taken. ``tier`` = ``memory`` when every rank's own part was on its own node, ``peer``
+parts their nodes hold; the newest step whose parts, of every rank, with this fingerprint, are held
+somewhere is taken. ``tier`` = ``memory`` when every rank's own part was on its own node, ``peer``
 when some came from a replica (a node lost its memory). A rank whose node lacks its own part receives
 that part, and only it, from the rank of the same local index on the lowest node holding a replica
 (``recovery_moves``), and keeps it in its node's directory; then every rank restores from its own part
@@ -143,7 +145,7 @@ def write_files(directory: Path, rank: int, step: int, fingerprint: str, files: 
 
 def complete_parts(node: Path, fingerprint: str) -> dict[int, list[int]]:
     """{step: ranks} whose parts in this node's memory are complete (commit record, every file of the
-    recorded size) and of this plan's fingerprint."""
+    recorded size) and of this fingerprint."""
     out: dict[int, list[int]] = {}
     if not node.is_dir():
         return out
@@ -213,7 +215,7 @@ class MemoryTier:
 
     def __init__(self, engine: Any, *, memory_dir: str | Path, ckpt_root: str | Path, replicas: int, fingerprint: str,
                  timeout_s: float) -> None:
-        self.engine, self.fingerprint, self.timeout_s = engine, fingerprint, timeout_s
+        self.engine, self.timeout_s = engine, timeout_s
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world = dist.get_world_size() if dist.is_initialized() else 1
         ranks = engine.plan.ranks
@@ -234,6 +236,14 @@ class MemoryTier:
                         f"a lost node loses the fast tier's snapshots")
         self.group = (dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
                       if self.world > 1 else None)
+        # recovery restores each rank from its own part: a snapshot qualifies only where every rank's
+        # shards are laid out as now (coordinates, ZeRO partitions), which the plan fingerprint does
+        # not fix alone (parallel.axis_order, the library's partitioning): the digests join it
+        digests: list[Any] = [own_restore.shard_digest(engine)]
+        if self.group is not None:
+            digests = [None] * self.world
+            dist.all_gather_object(digests, own_restore.shard_digest(engine), group=self.group)
+        self.fingerprint = hashlib.sha256(f"{fingerprint}:{','.join(digests)}".encode()).hexdigest()[:16]
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.received: Received | None = None  # set by load: this rank's share of the recovery traffic

@@ -31,6 +31,8 @@ tensors while they are set).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -92,6 +94,17 @@ def restore_own(engine: Any, layout: dict[str, Any], tensors: Mapping[str, torch
     Collective over the world; raises UserError on every rank when any rank's part does not fit.
     """
     _OwnRestore(engine, layout).run(tensors)
+
+
+def shard_digest(engine: Any) -> str:
+    """A digest of what ``restore_own`` takes from this rank's layout: its coordinates and, for every
+    local tensor, whether ZeRO partitions it, the span of it this rank owns and whether ``capture``
+    writes that span here (no communication). Equal digests: a part of one restores into the other."""
+    r = _OwnRestore(engine, {})
+    r.step = -1.0
+    entries = [r._entry(t) for t in local_tensors(engine)]
+    doc = [r.coords, [(e.t.local_name, e.t.name, e.numel, e.zero, e.span, r._written_here(e)) for e in entries]]
+    return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class _OwnRestore:

@@ -267,6 +267,9 @@ PEER_LAYOUTS = {
 }
 
 
+REORDERED = {"tp2_ep2_zero1": "parallel.axis_order=pp-tp-dp"}
+
+
 def _peer_layouts(rank: int, world_size: int, root: str, names: list[str]) -> dict:
     import torch.distributed as dist
 
@@ -285,12 +288,23 @@ def _peer_layouts(rank: int, world_size: int, root: str, names: list[str]) -> di
         got = {"ref": _train(rank, world_size, cfg("ref", "checkpoint.resume=none")),
                "crash": _train(rank, world_size, cfg("run", "checkpoint.resume=none"), crash_after=PEER_CRASH)}
         dist.barrier()
-        if rank == 0:  # keep the crash's memory for the test, then node 1 loses its own
-            shutil.copytree(base / "shm", base / "shm.crashed")
+        if rank == 0:  # keep the crash's memory and run for the test, then node 1 loses its memory
+            for d in ("shm", "run"):
+                shutil.copytree(base / d, base / f"{d}.crashed")
             for d in (base / "shm").glob("hpframe-*/node001"):
                 shutil.rmtree(d)
         dist.barrier()
         got["peer"] = _train(rank, world_size, cfg("run"))
+        if name in REORDERED:
+            # the crash restarted with another rank order (the plan fingerprint leaves it out): the
+            # snapshot's parts belong to other coordinates, so it is not resumed from; the run starts over
+            dist.barrier()
+            if rank == 0:
+                for d in ("shm", "run"):
+                    shutil.rmtree(base / d, ignore_errors=True)
+                    shutil.copytree(base / f"{d}.crashed", base / d)
+            dist.barrier()
+            got["reordered"] = _train(rank, world_size, cfg("run", REORDERED[name]))
         out[name] = got
     return out
 
@@ -311,7 +325,9 @@ def test_peer_recovery_receives_own_parts_only(tmp_path, names):
     and rank 3 each receive their own part and nothing else (node 1 receives 2 of the 4 parts; before,
     every part it lacked, all 4), ranks 0 and 1 nothing; the losses of steps 3-4 and every rank's whole
     training state at the end (weights, buffers, master partitions, low-precision flat buffers, Adam
-    state) equal the uninterrupted run's bit for bit."""
+    state) equal the uninterrupted run's bit for bit. The crash restarted with another
+    ``parallel.axis_order`` (same plan fingerprint, other coordinates per rank) does not resume from
+    the snapshot: it starts over."""
     results = run_distributed(_peer_layouts, 4, (str(tmp_path), names), timeout=600)
     for name in names:
         sizes = _packed_part_bytes(tmp_path / name / "shm.crashed", PEER_CRASH)
@@ -325,3 +341,5 @@ def test_peer_recovery_receives_own_parts_only(tmp_path, names):
             assert (received.parts, received.bytes) == want, (name, rank, received)
             diff = sorted(k for k in r["ref"]["state"] if r["ref"]["state"][k] != r["peer"]["state"].get(k))
             assert r["ref"]["state"].keys() == r["peer"]["state"].keys() and not diff, (name, rank, diff)
+            if name in REORDERED:
+                assert r["reordered"]["tier"] is None and len(r["reordered"]["losses"]) == PEER_STEPS, (name, rank)
