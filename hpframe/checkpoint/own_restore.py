@@ -90,7 +90,8 @@ def restore_own(engine: Any, layout: dict[str, Any], tensors: Mapping[str, torch
     """Restore this rank's weights, master weights, Adam state and buffers from its own part alone.
 
     ``layout`` is the part's layout document (``portable.layout_doc``), ``tensors`` its safetensors
-    content by key; the part must come from this layout (the fast tier checks the plan fingerprint).
+    content by key; the part must come from this layout (the fast tier takes only snapshots of equal
+    plan fingerprint and ``shard_digest`` on every rank).
     Collective over the world; raises UserError on every rank when any rank's part does not fit.
     """
     _OwnRestore(engine, layout).run(tensors)
@@ -101,7 +102,6 @@ def shard_digest(engine: Any) -> str:
     local tensor, whether ZeRO partitions it, the span of it this rank owns and whether ``capture``
     writes that span here (no communication). Equal digests: a part of one restores into the other."""
     r = _OwnRestore(engine, {})
-    r.step = -1.0
     entries = [r._entry(t) for t in local_tensors(engine)]
     doc = [r.coords, [(e.t.local_name, e.t.name, e.numel, e.zero, e.span, r._written_here(e)) for e in entries]]
     return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
@@ -115,10 +115,11 @@ class _OwnRestore:
         self.device = next(engine.module.parameters()).device
         self.zo = _zero_optimizer(engine)
         self.moments: dict[int, dict[str, torch.Tensor]] = {}  # ZeRO: flat Adam buffers by param group
+        self.step = -1.0  # the saved Adam step (-1: no optimizer step taken yet), set by run
 
     def run(self, tensors: Mapping[str, torch.Tensor]) -> None:
         own_step = max(self.layout.get("adam_step", {}).values(), default=-1.0)
-        self.step = self._all_max([own_step])[0]  # the Adam step (-1: no optimizer step taken yet)
+        self.step = self._all_max([own_step])[0]
         entries = [self._entry(t) for t in local_tensors(self.engine)]
         tp_items = [e for e in entries if e.span is not None and not e.t.duplicate and not self._split(e.t)]
         problems = self._own_values(entries, tensors)
