@@ -8,8 +8,13 @@ every tensor once, spread over all ranks), so:
   snapshot per rank      S = bytes / world_size                       (a mean; see docs/checkpointing.md)
   host memory per node   H = 2 x gpus_per_node x S x (1 + replicas)  (own + replicas, the newest
                                                                         complete step and the one being taken)
+                           + 2 x gpus_per_node x S on GPU clusters   (each rank's page-locked staging
+                                                                        buffers, checkpoint/host_copy.py)
   snapshot stall         S / host_copy_bw                             (device -> host copy; the write to
-                                                                        shared memory runs in the background)
+                                                                        shared memory runs in the background;
+                                                                        on GPUs the copy runs beside the next
+                                                                        forward and backward, so this bounds
+                                                                        what the step loses)
   replica transfer       S x replicas / inter_node_bw                 (background, must end before the next)
   memory interval        max(sqrt(2 x stall x MTBF), stall + transfer)   Young/Daly on the stall
   lost work per failure  with the fast tier: memory interval / 2 (+ the stall); without: the storage
@@ -22,13 +27,16 @@ from __future__ import annotations
 
 import math
 
-from hpframe.config.schema import RunConfig
+from hpframe.config.schema import Device, RunConfig
 from hpframe.plan.errors import PlanError
 from hpframe.plan.memory import GIB
 from hpframe.plan.types import CheckpointEstimate, MemoryTierEstimate, ParallelPlan
 
 SNAPSHOTS_KEPT = 2
 """Steps a node keeps per part: the newest complete snapshot and the one being taken."""
+STAGING_BUFFERS = 2
+"""Page-locked host buffers of a snapshot's size per rank on GPUs: the snapshot being copied and the
+previous one while its storage save may still read it (checkpoint/host_copy.py)."""
 
 
 def _check_settings(cfg: RunConfig) -> None:
@@ -52,12 +60,15 @@ def estimate_memory_tier(cfg: RunConfig, plan: ParallelPlan, ck: CheckpointEstim
         warnings.append(f"checkpoint.memory_replicas={cfg.checkpoint.memory_replicas} but only {plan.num_nodes} node(s): "
                         f"{replicas} replica(s) per snapshot" + ("; losing a node loses its snapshots" if replicas == 0 else ""))
     per_rank = math.ceil(ck.bytes / plan.world_size)
-    per_node = SNAPSHOTS_KEPT * min(plan.gpus_per_node, plan.world_size) * per_rank * (1 + replicas)
+    ranks = min(plan.gpus_per_node, plan.world_size)
+    staging = STAGING_BUFFERS if c.device == Device.cuda else 0
+    per_node = SNAPSHOTS_KEPT * ranks * per_rank * (1 + replicas) + staging * ranks * per_rank
     host = c.host_memory_gb * GIB
     if interval > 0 and per_node > host:
+        buffers = f" + {staging} staging buffers x {ranks} ranks x {per_rank / GIB:.2f} GiB" if staging else ""
         raise PlanError(
             f"the fast tier needs {per_node / GIB:.1f} GiB of host memory per node ({SNAPSHOTS_KEPT} steps x "
-            f"{min(plan.gpus_per_node, plan.world_size)} ranks x {per_rank / GIB:.2f} GiB x (1 + {replicas} replicas)) "
+            f"{ranks} ranks x {per_rank / GIB:.2f} GiB x (1 + {replicas} replicas){buffers}) "
             f"> cluster.host_memory_gb={c.host_memory_gb:g}; lower checkpoint.memory_replicas, spread the model over more "
             f"nodes, or set checkpoint.memory_interval=0",
             key="checkpoint.memory_interval, checkpoint.memory_replicas, cluster.host_memory_gb",

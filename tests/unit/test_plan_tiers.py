@@ -1,7 +1,8 @@
 """The planner's two-tier checkpoint model (hpframe/plan/tiers.py) without processes.
 
 Compared: the fast tier's figures for deepseek_v3 on h800x2048 with the formulas of the module docstring
-recomputed here from the plan's own inputs; the refusal of a plan whose host memory cannot hold the
+recomputed here from the plan's own inputs (host memory with the GPU ranks' staging buffers, none on a
+CPU cluster); the refusal of a plan whose host memory cannot hold the
 snapshots (key and numbers named); replicas clamped to nodes - 1 with a warning on one node; negative
 settings refused; the JSON of the dry run carries checkpoint.memory.
 """
@@ -25,7 +26,9 @@ def test_fast_tier_figures(compose_cfg):
     c = cfg.cluster
     per_rank = math.ceil(ck.bytes / plan.world_size)
     assert mem.enabled and mem.replicas == 2 and mem.snapshot_bytes_per_rank == per_rank
-    assert mem.host_bytes_per_node == 2 * plan.gpus_per_node * per_rank * 3
+    # own + 2 replicas for 2 steps, plus 2 page-locked staging buffers per rank on a GPU cluster
+    assert cfg.cluster.device.value == "cuda"
+    assert mem.host_bytes_per_node == 2 * plan.gpus_per_node * per_rank * 3 + 2 * plan.gpus_per_node * per_rank
     assert mem.snapshot_stall_seconds == pytest.approx(per_rank / (c.host_copy_bw_GBps * 1e9))
     assert mem.replica_seconds == pytest.approx(2 * per_rank / (c.inter_node_bw_GBps * 1e9))
     assert mem.interval_seconds == pytest.approx(math.sqrt(2 * mem.snapshot_stall_seconds * ck.job_mtbf_seconds))
@@ -49,6 +52,8 @@ def test_snapshots_that_do_not_fit_host_memory_are_refused(compose_cfg):
 def test_one_node_clamps_replicas_and_bad_settings_are_refused(compose_cfg):
     plan = make_plan(compose_cfg("recipe=mixtral_debug", "checkpoint.memory_interval=1"), 2)
     assert plan.num_nodes == 1 and plan.checkpoint.memory.replicas == 0
+    mem = plan.checkpoint.memory  # a CPU cluster: no staging buffers
+    assert mem.host_bytes_per_node == 2 * min(plan.gpus_per_node, plan.world_size) * mem.snapshot_bytes_per_rank
     assert any("checkpoint.memory_replicas=1 but only 1 node(s)" in w for w in plan.warnings)
     for key in ("checkpoint.memory_interval", "checkpoint.memory_replicas"):
         with pytest.raises(PlanError, match=rf"{key}=-1 must be >= 0"):
