@@ -8,7 +8,8 @@ under ZeRO 1, so each snapshot holds 12 bytes per parameter: master weight and t
 ``none`` (checkpoint.memory_interval=0), ``side`` (snapshot every ``--interval`` steps, copies on a side
 stream, the default) and ``sync`` (the same with ``HPFRAME_SYNC_SNAPSHOT=1``: blocking copies on the
 training thread). Recorded per run: ``mem_stall_s`` of every snapshot (the training thread's time in
-``MemoryTier.snapshot``), the median step time of steps that follow a snapshot and of the others, and
+``MemoryTier.snapshot``) and ``capture_s`` (that time less ``mem_wait_s``, the wait for the previous
+snapshot's background write: the capture alone), the median step time of steps that follow a snapshot and of the others, and
 tokens/s; writes snapshot_stall.json (with commit and versions) and the runs' logs into ``--out``.
 """
 
@@ -40,12 +41,16 @@ def run(name: str, overrides: list[str], out: Path, env: dict[str, str], interva
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     steps = {r["step"]: r for r in rows if "loss" in r and "step_time_s" in r}
     stalls = {r["step"]: r["mem_stall_s"] for r in rows if "mem_stall_s" in r}
+    # the capture alone: the stall less the wait for the previous snapshot's background write
+    captures = {r["step"]: r["mem_stall_s"] - r.get("mem_wait_s", 0.0) for r in rows if "mem_stall_s" in r}
     warm = [s for s in steps if s > 3]  # compilation and the first buffers' registration come first
     after = [steps[s]["step_time_s"] for s in warm if interval and (s - 1) in stalls]
     other = [steps[s]["step_time_s"] for s in warm if not (interval and (s - 1) in stalls)]
     return {
         "snapshot_stall_s": {str(k): round(v, 4) for k, v in sorted(stalls.items())},
         "stall_median_s_after_first": statistics.median(list(stalls.values())[1:]) if len(stalls) > 1 else None,
+        "capture_s": {str(k): round(v, 4) for k, v in sorted(captures.items())},
+        "capture_median_s_after_first": statistics.median(list(captures.values())[1:]) if len(captures) > 1 else None,
         "step_s_median_after_snapshot": statistics.median(after) if after else None,
         "step_s_median_other": statistics.median(other) if other else None,
         "tokens_per_s_median": statistics.median(steps[s]["tokens_per_s"] for s in warm) if warm else None,
