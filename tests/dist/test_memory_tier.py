@@ -13,9 +13,10 @@ Compared with an uninterrupted run of 6 steps:
 each continues with losses equal to the uninterrupted run's bit for bit and ends with a checkpoint
 equal to its final checkpoint tensor for tensor; metrics.jsonl records ``resumed_from`` and
 ``resumed_step``. ``test_peer_recovery_receives_own_parts_only`` repeats the peer case at 4 processes
-as 2 nodes of 2 ranks in 9 layouts (tp, ep, pp with a tied embedding, ZeRO 0/1/2 (2 also beside tp), fp32, bf16 with
-fp32 or bf16 master weights), comparing every rank's whole training state. A run that ends normally frees its host memory; a run that resumes from an explicit
-storage checkpoint (a branch) drops the snapshots of the line it left, even if it crashes at once.
+as 2 nodes of 2 ranks in 9 layouts (tp, ep, pp with a tied embedding, ZeRO 0/1/2 (2 also beside tp),
+fp32, bf16 with fp32 or bf16 master weights), comparing every rank's whole training state. A run that
+ends normally frees its host memory; a run that resumes from an explicit storage checkpoint (a branch)
+drops the snapshots of the line it left, even if it crashes at once.
 """
 
 from __future__ import annotations
