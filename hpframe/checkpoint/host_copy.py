@@ -80,9 +80,9 @@ def enabled() -> bool:
 
 
 class HostCopies:
-    """Collects (source, dtype) pairs, then copies them all on the side stream into one pinned buffer.
+    """Collects device tensors, then copies them all on the side stream into one pinned buffer.
 
-    ``add`` returns nothing; ``run`` returns the host tensors (fp32, in ``add`` order) and the CUDA
+    ``run`` returns the host tensors (fp32, in ``add`` order, each of its source's shape) and the CUDA
     event recorded after the last copy. ``owner`` is the object whose lifetime the buffer follows.
     """
 
@@ -90,9 +90,8 @@ class HostCopies:
         self.device = device
         self._sources: list[torch.Tensor] = []
 
-    def add(self, source: torch.Tensor) -> int:
+    def add(self, source: torch.Tensor) -> None:
         self._sources.append(source)
-        return len(self._sources) - 1
 
     def run(self, owner: object) -> tuple[list[torch.Tensor], Any]:
         offsets, total = [], 0

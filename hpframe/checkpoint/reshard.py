@@ -189,7 +189,7 @@ def capture(engine: Any) -> RankPart:
     part = RankPart(rank=rank, coords=dict(coords))
     device = next(engine.ds.module.parameters()).device
     copies = host_copy.HostCopies(device) if device.type == "cuda" and host_copy.enabled() else None
-    slots: list[tuple[Piece, torch.Tensor]] = []  # pieces whose tensor the side stream fills
+    pending: list[Piece] = []  # pieces whose tensor the side stream fills
     with torch.no_grad():
         for t in local_tensors(engine):
             split = t.tp_dim is not None and plan.tp > 1
@@ -212,7 +212,7 @@ def capture(engine: Any) -> RankPart:
                               (t.tp_dim, coords["tp"], plan.tp) if split else None, None if whole else span)
                 if copies is not None:
                     copies.add(src.detach())
-                    slots.append((piece, src))
+                    pending.append(piece)
                 else:
                     piece.tensor = src.to("cpu", torch.float32, copy=True)
                 part.pieces.append(piece)
@@ -220,7 +220,7 @@ def capture(engine: Any) -> RankPart:
                 part.adam_step[t.name] = adam_step
     if copies is not None:
         hosts, part.copied = copies.run(owner=part)
-        for (piece, _), host in zip(slots, hosts):
+        for piece, host in zip(pending, hosts):
             piece.tensor = host
         engine.optimizer.hold_until(part.copied)
     return part
