@@ -1,7 +1,9 @@
 """The fast tier on CUDA: snapshots in host memory and the recovery from them, through ``launch.py``.
 
-One GPU, bf16 with fp32 master weights under ZeRO-1 (DeepSpeed's BF16_Optimizer: the partitions are
-CUDA tensors, the snapshot copies them to host memory). Compared with an uninterrupted run of 2N steps
+One GPU, two precision paths: bf16 with fp32 master weights under ZeRO-1 (DeepSpeed's BF16_Optimizer:
+the partitions are CUDA tensors, the snapshot copies them to host memory), and bf16 master weights under
+ZeRO-0 with ``train.overlap_optimizer`` (hpframe's AdamW updates block by block on a side stream beside
+the next forward, so a snapshot must wait for that update and the update after it for the copies). Compared with an uninterrupted run of 2N steps
 (snapshot every step, storage only at the end): a run whose process SIGKILLs itself after step N
 (``train.fail_at_step``; no storage checkpoint exists yet), relaunched with ``checkpoint.resume=auto``:
 it resumes from host memory (``resumed_from`` = memory in metrics.jsonl, at step N - 1 or N - 2: the
@@ -28,8 +30,10 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 N = 4
 COMMON = ["recipe=mixtral_debug", "train.device=cuda", f"train.steps={2 * N}", "train.progress=false",
           "train.tensorboard=false", "train.eval_interval=0", "checkpoint.keep_last=0", "parallel.micro_batch_size=4",
-          "data.seq_len=64", "data.num_synthetic_tokens=100000", "train.dtype=bf16", "parallel.zero_stage=1",
+          "data.seq_len=64", "data.num_synthetic_tokens=100000", "train.dtype=bf16",
           "checkpoint.memory_interval=1", "checkpoint.interval=0"]
+PATHS = {"zero1_fp32_master": ["parallel.zero_stage=1"],
+         "zero0_bf16_master_overlap": ["parallel.zero_stage=0", "train.master_dtype=bf16", "train.overlap_optimizer=true"]}
 
 
 def launch(args: list[str], run_dir: Path, *, ok: bool = True) -> subprocess.CompletedProcess:
@@ -45,14 +49,15 @@ def records(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
 
-def test_resume_from_host_memory_after_a_kill(tmp_path: Path) -> None:
-    shm = f"checkpoint.memory_dir={tmp_path / 'shm'}"
-    launch(["checkpoint.resume=none", shm], tmp_path / "full")
+@pytest.mark.parametrize("path", list(PATHS))
+def test_resume_from_host_memory_after_a_kill(tmp_path: Path, path: str) -> None:
+    shm = [f"checkpoint.memory_dir={tmp_path / 'shm'}", *PATHS[path]]
+    launch(["checkpoint.resume=none", *shm], tmp_path / "full")
     ref = {r["step"]: r["loss"] for r in records(tmp_path / "full") if "loss" in r}
-    killed = launch(["checkpoint.resume=none", shm, f"train.fail_at_step={N}"], tmp_path / "run", ok=False)
+    killed = launch(["checkpoint.resume=none", *shm, f"train.fail_at_step={N}"], tmp_path / "run", ok=False)
     assert killed.returncode != 0
     assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").glob("step_*"))
-    launch(["checkpoint.resume=auto", shm], tmp_path / "run")
+    launch(["checkpoint.resume=auto", *shm], tmp_path / "run")
     recs = records(tmp_path / "run")
     resume = [r for r in recs if "resumed_from" in r]
     assert len(resume) == 1 and resume[0]["resumed_from"] == "memory" and resume[0]["resumed_step"] in (N - 1, N - 2), resume
