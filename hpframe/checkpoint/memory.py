@@ -31,7 +31,11 @@ alone (``own_restore.restore_own``: the snapshot's layout is this plan's, so the
 from its peers' parts through its tp, dp and embedding groups, as a ZeRO step's all-gather brings the
 weights) and gets its own RNG states and client state back. A node that lost its memory thus receives
 its own ranks' parts (``gpus_per_node`` of the job's ``W``), and a node that kept it receives nothing.
-``MemoryTier.received`` says what this rank received.
+``MemoryTier.received`` says what this rank received. A node that lost its memory also lost the
+replicas it kept for other nodes: after the restore, a background transfer (``replica_gaps``) sends
+each such part from its own rank to the replica targets lacking it, so the recovered snapshot is again
+on ``1 + replicas`` nodes before training goes far (the next snapshot waits for it), and a second node
+loss right after a recovery still finds it (``MemoryTier.rereplicated``: what this rank received).
 """
 
 from __future__ import annotations
@@ -203,6 +207,18 @@ def recovery_moves(holders: dict[int, list[int]], gpus_per_node: int, world: int
     return moves
 
 
+def replica_gaps(holders: dict[int, list[int]], gpus_per_node: int, num_nodes: int, replicas: int) -> dict[int, list[int]]:
+    """{rank: [replica target ranks whose node lacks that rank's part]}: after a recovery, the replicas a
+    wiped node held for others (and its own parts' replicas, where those were lost too) are missing
+    until they are sent again."""
+    gaps = {}
+    for r, nodes in sorted(holders.items()):
+        missing = [t for t in replica_targets(r, gpus_per_node, num_nodes, replicas) if t // gpus_per_node not in nodes]
+        if missing:
+            gaps[r] = missing
+    return gaps
+
+
 @dataclass
 class SnapshotStats:
     step: int
@@ -247,6 +263,8 @@ class MemoryTier:
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
         self.received: Received | None = None  # set by load: this rank's share of the recovery traffic
+        self.replicas = replicas
+        self.rereplicated: Received | None = None  # set by load's background re-replication: the replicas received
 
     # ---- taking snapshots ---------------------------------------------------------------------------
     def snapshot(self, step: int, client_state: dict[str, Any], part: RankPart | None = None,
@@ -371,7 +389,41 @@ class MemoryTier:
             ds.global_steps = found.step
             ds.global_samples = found.step * self.engine.plan.global_batch_size
         self.received = received
+        gaps = replica_gaps(found.holders, self.gpn, self.num_nodes, self.replicas)
+        if gaps:  # a node lost its memory: it also lost the replicas it held for others; send them again
+            self._thread = threading.Thread(target=self._rereplicate, args=(here, found.step, gaps),
+                                            name=f"hpframe-rereplicate-{found.step}", daemon=True)
+            self._thread.start()
         return client_state
+
+    def _rereplicate(self, here: Path, step: int, gaps: dict[int, list[int]]) -> None:
+        """Background, after a recovery: every rank whose part is missing at one of its replica targets
+        sends it there (from its own node, which holds it again), so the recovered snapshot has its full
+        ``1 + replicas`` copies at once instead of at the next snapshot; the next snapshot (or ``close``)
+        waits for it, as for a snapshot's own transfers."""
+        try:
+            sources = [r for r, targets in gaps.items() if self.rank in targets]
+            blob = pack(read_files(here, self.rank)) if self.rank in gaps else None
+            sizes = {s: torch.zeros(1, dtype=torch.int64) for s in sources}
+            works = [dist.isend(torch.tensor([blob.numel()], dtype=torch.int64), t, group=self.group)
+                     for t in gaps.get(self.rank, [])] if blob is not None else []
+            works += [dist.irecv(sizes[s], s, group=self.group) for s in sources]
+            for w in works:
+                w.wait()
+            got = {s: torch.empty(int(sizes[s].item()), dtype=torch.uint8) for s in sources}
+            works = [dist.isend(blob, t, group=self.group) for t in gaps.get(self.rank, [])] if blob is not None else []
+            works += [dist.irecv(got[s], s, group=self.group) for s in sources]
+            for w in works:
+                w.wait()
+            for src, data in got.items():
+                write_files(here, src, step, self.fingerprint, unpack(data))
+            self.rereplicated = Received(parts=tuple(sources), bytes=sum(t.numel() for t in got.values()))
+            if sources:
+                log.info(f"recovery: replicas of rank(s) {_ranks_text(sources)} of step {step} restored on this node "
+                         f"({self.rereplicated.bytes / 2**20:.1f} MiB)", all_ranks=True)
+        except BaseException as err:  # surfaced by the next snapshot or wait() on the training thread
+            log.error(f"re-replicating the snapshot of step {step} after the recovery failed: {err}", all_ranks=True)
+            self._error = err
 
     def _move_parts(self, here: Path, step: int, moves: dict[int, int]) -> Received:
         """Send each part in ``moves`` ({rank: source rank}) from its source to its rank, which writes it

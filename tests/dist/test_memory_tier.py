@@ -10,6 +10,8 @@ Compared with an uninterrupted run of 6 steps:
   * the same crash, then node 1's memory wiped: resumes from node 0's replica of node 1's part (peer);
     rank 1 receives its own part and nothing else (node 1 then holds that part only), rank 0 nothing;
   * the same crash, both nodes' memory wiped: resumes from storage at step 2;
+  * node 1 wiped, then (after that recovery, before any new snapshot) node 0 wiped: resumes from the
+    replica of rank 0's part the recovery sent node 1 again;
 each continues with losses equal to the uninterrupted run's bit for bit and ends with a checkpoint
 equal to its final checkpoint tensor for tensor; metrics.jsonl records ``resumed_from`` and
 ``resumed_step``. ``test_peer_recovery_receives_own_parts_only`` repeats the peer case at 4 processes
@@ -169,7 +171,7 @@ def _scenarios(rank: int, world_size: int, root: str) -> dict:
         if rank == 0:
             shutil.copytree(root_p / "run", root_p / f"run.{name}")
     # node 1 lost again, and the restart crashes before its first step: what node 1 holds then is what
-    # the recovery sent it
+    # the recovery sent it (its own part) and what the re-replication after it sent (node 0's part)
     restore_crash_state()
     if rank == 0:
         for d in (root_p / "shm").glob("hpframe-*/node001"):
@@ -179,6 +181,12 @@ def _scenarios(rank: int, world_size: int, root: str) -> dict:
     dist.barrier()
     out["node1_after_peer"] = sorted(str(p.relative_to(next((root_p / "shm").glob("hpframe-*/node001"))))
                                      for p in (root_p / "shm").glob("hpframe-*/node001/*/commit/*.json"))
+    # then node 0 is lost too, before any new snapshot: the recovered snapshot survives on node 1 alone
+    if rank == 0:
+        for d in (root_p / "shm").glob("hpframe-*/node000"):
+            shutil.rmtree(d)
+    dist.barrier()
+    out["peer_again"] = _train(rank, world_size, cfg("run"))
     # a branch from the step-2 checkpoint that crashes before its first step: the snapshots of the
     # abandoned line (steps 2 and 3) are gone, so a restart cannot continue the abandoned line
     restore_crash_state()
@@ -215,7 +223,11 @@ def test_resume_from_memory_peer_and_storage(tmp_path):
     # node 1 received both parts)
     size = _packed_part_bytes(tmp_path / "shm.crashed", CRASH, world=2)[1]
     assert [(x["peer"]["received"].parts, x["peer"]["received"].bytes) for x in results] == [((), 0), ((1,), size)]
-    assert r["node1_after_peer"] == [f"step_{CRASH:08d}/commit/rank00001.json"]
+    # after the recovery node 1 holds its own part (sent by the recovery) and node 0's (sent again in
+    # the background): losing node 0 next still resumes from memory (before, node 1 held its own part
+    # only, and the restart fell back to storage at step 2)
+    assert r["node1_after_peer"] == [f"step_{CRASH:08d}/commit/rank00000.json", f"step_{CRASH:08d}/commit/rank00001.json"]
+    assert r["peer_again"]["tier"] == "peer" and r["peer_again"]["losses"] == ref[CRASH:], r["peer_again"]
     for x in results:  # from memory: nothing moves
         assert (x["memory"]["received"].parts, x["memory"]["received"].bytes) == ((), 0)
     assert r["branch"] == {"crashed": True, "captures": 0} and r["branch_memory_left"] == []
