@@ -15,7 +15,7 @@ Compared with an uninterrupted run of 6 steps:
 each continues with losses equal to the uninterrupted run's bit for bit and ends with a checkpoint
 equal to its final checkpoint tensor for tensor; metrics.jsonl records ``resumed_from`` and
 ``resumed_step``. ``test_peer_recovery_receives_own_parts_only`` repeats the peer case at 4 processes
-as 2 nodes of 2 ranks in 9 layouts (tp, ep, pp with a tied embedding, ZeRO 0/1/2 (2 also beside tp),
+as 2 nodes of 2 ranks in 10 layouts (tp, ep, pp with a tied embedding, tp inside pp, ZeRO 0/1/2 (2 also beside tp),
 fp32, bf16 with fp32 or bf16 master weights), comparing every rank's whole training state. A run that
 ends normally frees its host memory; a run that resumes from an explicit storage checkpoint (a branch)
 drops the snapshots of the line it left, even if it crashes at once.
@@ -280,6 +280,10 @@ PEER_LAYOUTS = {
     # ZeRO-2 beside tp: DeepSpeed's ZeRO optimizer partitions each tp rank's shards over dp, tp-replicated
     # tensors' fragments come from tp rank 0's part
     "tp2_zero2_bf16": ["recipe=mixtral_debug", "parallel.tp=2", "parallel.dp=2", "parallel.zero_stage=2", "train.dtype=bf16"],
+    # tp inside pipeline stages: node 1 is the last stage (both its tp ranks), whose tied embedding
+    # copy comes from the first stage's tp shards and whose tp-replicated norms from its tp rank 0
+    "tp2_pp2_tied_zero1_bf16": ["recipe=gpt_debug", "parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=1",
+                                "train.dtype=bf16"],
 }
 
 
@@ -334,7 +338,7 @@ def _packed_part_bytes(root: Path, step: int, world: int = 4) -> dict[int, int]:
     return {r: pack(read_files(here, r)).numel() for r in range(world)}
 
 
-@pytest.mark.parametrize("names", [list(PEER_LAYOUTS)[:4], list(PEER_LAYOUTS)[4:]], ids=["tp_zero_bf16", "master_pp_tp_zero2"])
+@pytest.mark.parametrize("names", [list(PEER_LAYOUTS)[:4], list(PEER_LAYOUTS)[4:]], ids=["tp_zero_bf16", "master_pp_tp"])
 def test_peer_recovery_receives_own_parts_only(tmp_path, names):
     """For each layout: an uninterrupted run of 4 steps, and a run that crashes after step 2 whose node 1
     (ranks 2 and 3) then loses its memory. The restart resumes from the replicas on node 0 (peer): rank 2
