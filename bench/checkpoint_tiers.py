@@ -152,9 +152,9 @@ def _received(memory: Any) -> int | None:
 
 def _part_bytes(memory: Any, found: Any) -> dict[int, int]:
     """Bytes of every rank's part as recovery sends it (packed files), read from a node holding it."""
-    from hpframe.checkpoint.memory import node_dir, pack, read_files, step_dir
+    from hpframe.checkpoint.memory import node_dir, pack_part, step_dir
 
-    return {r: pack(read_files(step_dir(node_dir(memory.job, nodes[0]), found.step), r)).numel()
+    return {r: pack_part(step_dir(node_dir(memory.job, nodes[0]), found.step), r).numel()
             for r, nodes in found.holders.items()}
 
 

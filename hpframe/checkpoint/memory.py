@@ -56,7 +56,7 @@ import torch.distributed as dist
 
 from hpframe.checkpoint import own_restore, reshard, store
 from hpframe.checkpoint.portable import (RankPart, layout_doc, layout_file, rng_file, rng_state_json, set_rng_state_json,
-                                         tensor_file, tensors_bytes)
+                                         save_tensors, tensor_file)
 from hpframe.errors import UserError
 from hpframe.logging import get_logger
 
@@ -92,35 +92,27 @@ def replica_targets(rank: int, gpus_per_node: int, num_nodes: int, replicas: int
     return [((node + j) % num_nodes) * gpus_per_node + local for j in range(1, min(replicas, num_nodes - 1) + 1)]
 
 
-# ---- a part as bytes: what is written to memory and sent to peers -----------------------------------
-def encode_part(part: RankPart, rng: dict, client_state: dict) -> dict[str, bytes]:
-    """The files of one rank's part (the commit record excluded), as bytes."""
+# ---- a part as files and bytes: what is written to memory and sent to peers -----------------------
+def write_own_part(directory: Path, part: RankPart, rng: dict, client_state: dict, step: int, fingerprint: str) -> None:
+    """Write this rank's part of ``step`` into ``directory``: the tensors straight from the host
+    buffers into their file (``portable.save_tensors``), the layout, RNG and client JSON, then the
+    commit record last."""
     r = part.rank
-    return {
-        tensor_file(r): tensors_bytes(part),
+    tpath = directory / tensor_file(r)
+    tpath.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tpath.with_name(tpath.name + ".tmp")
+    save_tensors(part, tmp)
+    os.replace(tmp, tpath)
+    small = {
         layout_file(r): json.dumps(layout_doc(part), sort_keys=True).encode(),
         rng_file(r): json.dumps(rng).encode(),
         client_file(r): json.dumps(client_state, sort_keys=True, default=str).encode(),
     }
-
-
-def pack(files: dict[str, bytes]) -> torch.Tensor:
-    """Files -> one uint8 tensor: 8-byte header length, JSON header {path: size}, the payloads in order
-    (one copy of the payloads)."""
-    header = json.dumps({k: len(v) for k, v in files.items()}).encode()
-    out = torch.empty(8 + len(header) + sum(len(v) for v in files.values()), dtype=torch.uint8)
-    view = memoryview(out.numpy())
-    view[:8] = len(header).to_bytes(8, "little")
-    view[8:8 + len(header)] = header
-    pos = 8 + len(header)
-    for v in files.values():
-        view[pos:pos + len(v)] = v
-        pos += len(v)
-    return out
+    write_files(directory, r, step, fingerprint, small, written={tensor_file(r): tpath.stat().st_size})
 
 
 def unpack(t: torch.Tensor) -> dict[str, memoryview]:
-    """What ``pack`` packed, as views of ``t``'s memory (no copy)."""
+    """What ``pack_part`` packed, as views of ``t``'s memory (no copy)."""
     view = memoryview(t.numpy())
     n = int.from_bytes(view[:8], "little")
     sizes = json.loads(bytes(view[8:8 + n]))
@@ -131,15 +123,18 @@ def unpack(t: torch.Tensor) -> dict[str, memoryview]:
     return out
 
 
-def write_files(directory: Path, rank: int, step: int, fingerprint: str, files: dict[str, Any]) -> None:
-    """Write one part's files (each via a temporary name), then its commit record last."""
+def write_files(directory: Path, rank: int, step: int, fingerprint: str, files: dict[str, Any],
+                written: dict[str, int] | None = None) -> None:
+    """Write one part's files (each via a temporary name), then its commit record last; ``written``
+    ({path: size}): files of the part already in place, listed in the record too."""
     for rel, data in files.items():
         path = directory / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_bytes(data)
         os.replace(tmp, path)
-    record = {"step": step, "rank": rank, "fingerprint": fingerprint, "files": {k: len(v) for k, v in files.items()}}
+    sizes = {**(written or {}), **{k: len(v) for k, v in files.items()}}
+    record = {"step": step, "rank": rank, "fingerprint": fingerprint, "files": sizes}
     path = directory / commit_file(rank)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -169,9 +164,23 @@ def complete_parts(node: Path, fingerprint: str) -> dict[int, list[int]]:
     return out
 
 
-def read_files(directory: Path, rank: int) -> dict[str, bytes]:
-    rec = json.loads((directory / commit_file(rank)).read_text())
-    return {rel: (directory / rel).read_bytes() for rel in rec["files"]}
+def pack_part(directory: Path, rank: int) -> torch.Tensor:
+    """``rank``'s part in ``directory`` (the files its commit record lists) as one uint8 tensor, what
+    travels to peers: 8-byte header length, JSON header {path: size}, the files in order, each read
+    straight into the tensor (one copy)."""
+    sizes = json.loads((directory / commit_file(rank)).read_text())["files"]
+    header = json.dumps(sizes).encode()
+    out = torch.empty(8 + len(header) + sum(sizes.values()), dtype=torch.uint8)
+    view = memoryview(out.numpy())
+    view[:8] = len(header).to_bytes(8, "little")
+    view[8:8 + len(header)] = header
+    pos = 8 + len(header)
+    for rel, size in sizes.items():
+        with open(directory / rel, "rb") as f:
+            if f.readinto(view[pos:pos + size]) != size:
+                raise OSError(f"{directory / rel}: shorter than the {size} bytes its commit record lists")
+        pos += size
+    return out
 
 
 @dataclass(frozen=True)
@@ -296,10 +305,10 @@ class MemoryTier:
 
     def _run(self, step: int, part: RankPart, rng: dict, client_state: dict) -> None:
         try:
-            files = encode_part(part, rng, client_state)
             here = step_dir(self.dir, step)
-            write_files(here, self.rank, step, self.fingerprint, files)
-            for src, got in self._exchange(pack(files)).items():
+            write_own_part(here, part, rng, client_state, step, self.fingerprint)
+            blob = pack_part(here, self.rank) if self.targets else torch.empty(0, dtype=torch.uint8)
+            for src, got in self._exchange(blob).items():
                 write_files(here, src, step, self.fingerprint, unpack(got))
             self._prune(keep_from=step)
         except BaseException as err:  # surfaced by the next snapshot or wait() on the training thread
@@ -403,7 +412,7 @@ class MemoryTier:
         waits for it, as for a snapshot's own transfers."""
         try:
             sources = [r for r, targets in gaps.items() if self.rank in targets]
-            blob = pack(read_files(here, self.rank)) if self.rank in gaps else None
+            blob = pack_part(here, self.rank) if self.rank in gaps else None
             sizes = {s: torch.zeros(1, dtype=torch.int64) for s in sources}
             works = [dist.isend(torch.tensor([blob.numel()], dtype=torch.int64), t, group=self.group)
                      for t in gaps.get(self.rank, [])] if blob is not None else []
@@ -429,7 +438,7 @@ class MemoryTier:
         """Send each part in ``moves`` ({rank: source rank}) from its source to its rank, which writes it
         into its node's directory (sizes first, then the bytes; all transfers at once)."""
         sends = [r for r, src in moves.items() if src == self.rank]
-        blobs = {r: pack(read_files(here, r)) for r in sends}
+        blobs = {r: pack_part(here, r) for r in sends}
         size = torch.zeros(1, dtype=torch.int64)
         works = [dist.isend(torch.tensor([b.numel()], dtype=torch.int64), r, group=self.group, tag=r)
                  for r, b in blobs.items()]

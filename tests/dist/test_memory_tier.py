@@ -331,11 +331,11 @@ def _peer_layouts(rank: int, world_size: int, root: str, names: list[str]) -> di
 
 def _packed_part_bytes(root: Path, step: int, world: int = 4) -> dict[int, int]:
     """Bytes of each rank's part of ``step`` as the fast tier sends it (packed files), from node 0's memory."""
-    from hpframe.checkpoint.memory import pack, read_files, step_dir
+    from hpframe.checkpoint.memory import pack_part, step_dir
 
     (node0,) = root.glob("hpframe-*/node000")
     here = step_dir(node0, step)
-    return {r: pack(read_files(here, r)).numel() for r in range(world)}
+    return {r: pack_part(here, r).numel() for r in range(world)}
 
 
 @pytest.mark.parametrize("names", [list(PEER_LAYOUTS)[:4], list(PEER_LAYOUTS)[4:]], ids=["tp_zero_bf16", "master_pp_tp"])
