@@ -1,6 +1,6 @@
 """The fast tier's snapshot stall on one GPU: copies on a side stream vs blocking copies, vs no snapshot.
 
-    PYTHONPATH=. python bench/snapshot_stall.py [--layers 2] [--steps 40] [--interval 5] [--memory-dir DIR] [--out DIR]
+    PYTHONPATH=. python bench/snapshot_stall.py [--layers 2] [--steps 40] [--interval 5] [--memory-dir DIR] [--out DIR] [--runs none,side,sync]
     PYTHONPATH=. python bench/snapshot_stall.py --tiny --steps 6 --interval 2   # CPU smoke run of the script
 
 Three ``launch.py`` runs of the mixtral_h200 recipe with ``--layers`` blocks (bf16, fp32 master weights
@@ -70,6 +70,7 @@ def main() -> None:
     parser.add_argument("--ckpt-dir", default="", help="checkpoint.dir root for the runs' final saves (default: in each run dir)")
     parser.add_argument("--out", default=os.environ.get("OUT", "bench/results/local"))
     parser.add_argument("--tiny", action="store_true", help="mixtral_debug on the CPU: a smoke run of the script")
+    parser.add_argument("--runs", default="none,side,sync", help="which of the three runs, comma-separated")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -82,12 +83,16 @@ def main() -> None:
                   "train.eval_interval=0", "checkpoint.interval=0", "checkpoint.resume=none",
                   f"checkpoint.memory_dir={args.memory_dir}"]
     snap = [f"checkpoint.memory_interval={args.interval}"]
-    results: dict[str, Any] = {
-        "none": run("none", [*common, "checkpoint.memory_interval=0"], out, {}, 0, args.ckpt_dir),
-        "side": run("side", [*common, *snap], out, {}, args.interval, args.ckpt_dir),
-        "sync": run("sync", [*common, *snap], out, {"HPFRAME_SYNC_SNAPSHOT": "1"}, args.interval, args.ckpt_dir),
-        "environment": environment(),
+    runs = {
+        "none": lambda: run("none", [*common, "checkpoint.memory_interval=0"], out, {}, 0, args.ckpt_dir),
+        "side": lambda: run("side", [*common, *snap], out, {}, args.interval, args.ckpt_dir),
+        "sync": lambda: run("sync", [*common, *snap], out, {"HPFRAME_SYNC_SNAPSHOT": "1"}, args.interval, args.ckpt_dir),
     }
+    chosen = args.runs.split(",")
+    if unknown := sorted(set(chosen) - set(runs)):
+        parser.error(f"--runs: unknown {unknown}; choose from {sorted(runs)}")
+    results: dict[str, Any] = {name: runs[name]() for name in chosen}
+    results["environment"] = environment()
     (out / "snapshot_stall.json").write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk not in ("losses", "command")}
                       for k, v in results.items() if k != "environment"}, indent=1))
