@@ -424,6 +424,10 @@ class ClusterConfig:
     """Host (CPU) memory per node in GiB; the fast tier's snapshots (checkpoint.memory_interval) must fit."""
     host_copy_bw_GBps: float = 25.0
     """Device-to-host copy bandwidth per device, GB/s (the fast tier's snapshot stall)."""
+    host_write_GBps: float = 2.0
+    """Rate at which one rank's background thread writes its snapshot into node shared memory, GB/s
+    (the fast tier's shortest interval; ~2.1-2.5 measured on an H100 host, 1.2 on a 2-core CPU machine:
+    bench/results/2026-12-06_h100_snapshot_stall_after_write_fix, 2026-12-06_cpu_part_write)."""
     storage_bw_GBps: float = 10.0
     """Aggregate checkpoint write bandwidth of the job, GB/s."""
     gpu_mtbf_hours: float = 50_000.0

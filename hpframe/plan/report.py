@@ -274,7 +274,8 @@ def render_table(plan: ParallelPlan, cfg: RunConfig, width: int = 110) -> str:
         t.add_row("  snapshot per rank", _gib(mem["snapshot_bytes_per_rank"]))
         t.add_row("  host memory per node", f"{_gib(mem['host_bytes_per_node'])} of {_gib(mem['host_memory_bytes'])} "
                   f"(2 steps, own + replicas{', pinned staging' if cfg.cluster.device.value == 'cuda' else ''})")
-        t.add_row("  snapshot stall / replica transfer", f"{_seconds(mem['snapshot_stall_seconds'])} / {_seconds(mem['replica_seconds'])}")
+        t.add_row("  stall / write / replica transfer", f"{_seconds(mem['snapshot_stall_seconds'])} / "
+                  f"{_seconds(mem['write_seconds'])} / {_seconds(mem['replica_seconds'])}")
         t.add_row("  snapshot interval (Young/Daly)", f"{_seconds(mem['interval_seconds'])} = {mem['interval_steps']} steps")
         t.add_row("  lost work per failure", f"{_seconds(mem['lost_work_seconds_with'])} with, "
                   f"{_seconds(mem['lost_work_seconds_without'])} without the fast tier")

@@ -15,8 +15,10 @@ every tensor once, spread over all ranks), so:
                                                                         on GPUs the copy runs beside the next
                                                                         forward and backward, so this bounds
                                                                         what the step loses)
-  replica transfer       S x replicas / inter_node_bw                 (background, must end before the next)
-  memory interval        max(sqrt(2 x stall x MTBF), stall + transfer)   Young/Daly on the stall
+  write to node memory   S / host_write_bw                            (background, the rank's thread)
+  replica transfer       S x replicas / inter_node_bw                 (background, after the write; both
+                                                                        must end before the next snapshot)
+  memory interval        max(sqrt(2 x stall x MTBF), stall + write + transfer)   Young/Daly on the stall
   lost work per failure  with the fast tier: memory interval / 2 (+ the stall); without: the storage
                          interval / 2 (+ the write). A failure of more than ``replicas`` nodes at once
                          falls back to storage.
@@ -75,13 +77,14 @@ def estimate_memory_tier(cfg: RunConfig, plan: ParallelPlan, ck: CheckpointEstim
             values={"host_bytes_per_node": per_node, "cluster.host_memory_gb": c.host_memory_gb,
                     "checkpoint.memory_replicas": cfg.checkpoint.memory_replicas})
     stall = per_rank / (c.host_copy_bw_GBps * 1e9)
+    write = per_rank / (c.host_write_GBps * 1e9)
     transfer = per_rank * replicas / (c.inter_node_bw_GBps * 1e9)
-    best = max(math.sqrt(2 * stall * ck.job_mtbf_seconds), stall + transfer)
+    best = max(math.sqrt(2 * stall * ck.job_mtbf_seconds), stall + write + transfer)
     steps = max(1, math.ceil(best / step_seconds)) if step_seconds > 0 else 1
     used = interval if interval > 0 else steps
     return MemoryTierEstimate(
         enabled=interval > 0, replicas=replicas, snapshot_bytes_per_rank=per_rank, host_bytes_per_node=per_node,
-        host_memory_bytes=int(host), snapshot_stall_seconds=stall, replica_seconds=transfer,
+        host_memory_bytes=int(host), snapshot_stall_seconds=stall, write_seconds=write, replica_seconds=transfer,
         interval_seconds=best, interval_steps=steps,
         lost_work_seconds_with=used * step_seconds / 2 + stall,
         lost_work_seconds_without=ck.interval_seconds / 2 + ck.write_seconds,

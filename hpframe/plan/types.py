@@ -179,10 +179,12 @@ class MemoryTierEstimate:
     """cluster.host_memory_gb."""
     snapshot_stall_seconds: float
     """Snapshot per rank / cluster.host_copy_bw_GBps: the training stall of one snapshot."""
+    write_seconds: float
+    """Snapshot per rank / cluster.host_write_GBps: writing it into node memory (in the background)."""
     replica_seconds: float
-    """Snapshot per rank x replicas / inter_node_bw (in the background)."""
+    """Snapshot per rank x replicas / inter_node_bw (in the background, after the write)."""
     interval_seconds: float
-    """Recommended: max(Young/Daly on the stall, stall + replica transfer)."""
+    """Recommended: max(Young/Daly on the stall, stall + write + replica transfer)."""
     interval_steps: int
     lost_work_seconds_with: float
     """Expected work lost per failure with the fast tier: half its interval (as set, else recommended) + stall."""

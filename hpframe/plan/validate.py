@@ -120,7 +120,8 @@ _BOUNDS: tuple[tuple[str, float, bool], ...] = (
     ("model.rope_theta", 0, False), ("model.norm_eps", 0, False), ("model.init_std", 0, False),
     ("cluster.nodes", 1, True), ("cluster.gpu_memory_gb", 0, False), ("cluster.intra_node_bw_GBps", 0, False),
     ("cluster.inter_node_bw_GBps", 0, False), ("cluster.peak_tflops", 0, False), ("cluster.storage_bw_GBps", 0, False),
-    ("cluster.gpu_mtbf_hours", 0, False), ("plan.assumed_mfu", 0, False),
+    ("cluster.gpu_mtbf_hours", 0, False), ("cluster.host_copy_bw_GBps", 0, False), ("cluster.host_write_GBps", 0, False),
+    ("plan.assumed_mfu", 0, False),
 )
 _BELOW_ONE = ("train.beta1", "train.beta2", "data.eval_fraction")  # also < 1
 """Keys whose value must also stay below 1."""

@@ -31,12 +31,26 @@ def test_fast_tier_figures(compose_cfg):
     assert mem.host_bytes_per_node == 2 * plan.gpus_per_node * per_rank * 3 + 2 * plan.gpus_per_node * per_rank
     assert mem.snapshot_stall_seconds == pytest.approx(per_rank / (c.host_copy_bw_GBps * 1e9))
     assert mem.replica_seconds == pytest.approx(2 * per_rank / (c.inter_node_bw_GBps * 1e9))
+    assert mem.write_seconds == pytest.approx(per_rank / (c.host_write_GBps * 1e9))
     assert mem.interval_seconds == pytest.approx(math.sqrt(2 * mem.snapshot_stall_seconds * ck.job_mtbf_seconds))
     step = plan.time.step_seconds
     assert mem.lost_work_seconds_with == pytest.approx(2 * step / 2 + mem.snapshot_stall_seconds)
     assert mem.lost_work_seconds_without == pytest.approx(ck.interval_seconds / 2 + ck.write_seconds)
     assert mem.lost_work_seconds_with < mem.lost_work_seconds_without / 10
     assert json.loads(json.dumps(plan_to_dict(plan, cfg)))["checkpoint"]["memory"]["host_bytes_per_node"] == mem.host_bytes_per_node
+
+
+def test_interval_is_no_shorter_than_stall_write_and_transfer(compose_cfg):
+    # a rare failure rate makes Young/Daly long; a slow write to node memory makes the floor longer
+    # still: the next snapshot must not start before the previous one is written and replicated
+    cfg = compose_cfg("recipe=deepseek_v3", "checkpoint.memory_interval=1", "cluster.host_write_GBps=0.001")
+    mem = make_plan(cfg).checkpoint.memory
+    floor = mem.snapshot_stall_seconds + mem.write_seconds + mem.replica_seconds
+    assert mem.write_seconds == pytest.approx(mem.snapshot_bytes_per_rank / 1e6)
+    assert floor > math.sqrt(2 * mem.snapshot_stall_seconds * make_plan(cfg).checkpoint.job_mtbf_seconds)
+    assert mem.interval_seconds == pytest.approx(floor)
+    with pytest.raises(PlanError, match=r"cluster.host_write_GBps=0"):
+        make_plan(compose_cfg("recipe=deepseek_v3", "cluster.host_write_GBps=0"))
 
 
 def test_snapshots_that_do_not_fit_host_memory_are_refused(compose_cfg):
