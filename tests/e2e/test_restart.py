@@ -12,7 +12,9 @@ metrics.jsonl records the training stall ``ckpt_stall_s`` of each of its 3 saves
   * torchrun --nproc-per-node 2 --max-restarts 1: rank 1 SIGKILLs itself after step 3
     (``train.fail_at_step=3``), torchrun restarts both workers, which resume from step 2 and finish
     with the same step-6 loss, bit for bit, as an uninterrupted torchrun run; the same with the fast tier
-    on two simulated nodes and no storage save before the kill: the workers recover from host memory.
+    on two simulated nodes and no storage save before the kill: the workers recover from host memory;
+    and the same kill without a restart, relaunched by hand after a node loss: with node 1's memory
+    wiped the job recovers from node 0's replica (peer), with both nodes' memory wiped from storage.
 CPU only; each launch takes 10-40 s on 2 cores.
 """
 
@@ -132,3 +134,32 @@ def test_torchrun_restart_after_sigkill_finishes_like_an_uninterrupted_run(tmp_p
     got = losses(tmp_path / "memory")
     assert [got[s] for s in range(2, 7)] == [clean[s] for s in range(2, 7)]
     assert not any((tmp_path / "shm").iterdir())  # freed when the run ended
+
+    # the same kill with no restart by torchrun (the job fails), then a node lost before the relaunch:
+    # node 1's memory wiped, the relaunched job recovers from node 0's replica of rank 1's part (peer);
+    # both nodes' memory wiped, from the storage checkpoint of step 2
+    ckpt, shm = tmp_path / "ckpt", tmp_path / "shm2"
+    fast = [*torchrun[:torchrun.index("--max-restarts") + 1], "0", *torchrun[torchrun.index("--max-restarts") + 2:],
+            "cluster.nodes=2", "cluster.gpus_per_node=1", "checkpoint.memory_interval=1", f"checkpoint.memory_dir={shm}",
+            f"checkpoint.dir={ckpt}"]
+    killed = run([*fast, "train.fail_at_step=3"], tmp_path / "killed")
+    assert killed.returncode != 0
+    for d in (ckpt, shm):
+        shutil.copytree(d, d.with_name(d.name + ".killed"))
+    for wiped, tier in ((["node001"], "peer"), (["node000", "node001"], "storage")):
+        for d in (ckpt, shm):
+            shutil.rmtree(d)
+            shutil.copytree(d.with_name(d.name + ".killed"), d)
+        for node in wiped:
+            for lost in shm.glob(f"hpframe-*/{node}"):
+                shutil.rmtree(lost)
+        ok(run(fast, tmp_path / tier))
+        resumed = [json.loads(x) for x in (tmp_path / tier / "metrics.jsonl").read_text().splitlines() if "resumed_from" in x]
+        assert len(resumed) == 1 and resumed[0]["resumed_from"] == tier, (tier, resumed)
+        # peer: the newest snapshot complete on node 0, its own part and rank 1's replica (the kill comes
+        # after step 3, before its snapshot; step 2's unless its background write was still running);
+        # storage: the synchronous save of step 2
+        first = resumed[0]["resumed_step"]
+        assert first in ((1, 2) if tier == "peer" else (2,)), (tier, resumed)
+        got = losses(tmp_path / tier)
+        assert [got[s] for s in range(first + 1, 7)] == [clean[s] for s in range(first + 1, 7)], tier
