@@ -308,25 +308,26 @@ class MemoryTier:
             here = step_dir(self.dir, step)
             write_own_part(here, part, rng, client_state, step, self.fingerprint)
             blob = pack_part(here, self.rank) if self.targets else torch.empty(0, dtype=torch.uint8)
-            for src, got in self._exchange(blob).items():
+            for src, got in self._exchange(blob, self.targets, self.sources).items():
                 write_files(here, src, step, self.fingerprint, unpack(got))
             self._prune(keep_from=step)
         except BaseException as err:  # surfaced by the next snapshot or wait() on the training thread
             log.error(f"memory snapshot of step {step} failed: {err}", all_ranks=True)
             self._error = err
 
-    def _exchange(self, blob: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Send ``blob`` to every replica target, receive the parts of every source (sizes first)."""
-        if self.group is None or (not self.targets and not self.sources):
+    def _exchange(self, blob: torch.Tensor, targets: list[int], sources: list[int]) -> dict[int, torch.Tensor]:
+        """Send ``blob`` to every rank of ``targets``, receive a part from every rank of ``sources``
+        (sizes first, then the bytes; all transfers at once)."""
+        if self.group is None or (not targets and not sources):
             return {}
-        sizes = {s: torch.zeros(1, dtype=torch.int64) for s in self.sources}
-        works = [dist.isend(torch.tensor([blob.numel()], dtype=torch.int64), t, group=self.group) for t in self.targets]
-        works += [dist.irecv(sizes[s], s, group=self.group) for s in self.sources]
+        sizes = {s: torch.zeros(1, dtype=torch.int64) for s in sources}
+        works = [dist.isend(torch.tensor([blob.numel()], dtype=torch.int64), t, group=self.group) for t in targets]
+        works += [dist.irecv(sizes[s], s, group=self.group) for s in sources]
         for w in works:
             w.wait()
-        got = {s: torch.empty(int(sizes[s].item()), dtype=torch.uint8) for s in self.sources}
-        works = [dist.isend(blob, t, group=self.group) for t in self.targets]
-        works += [dist.irecv(got[s], s, group=self.group) for s in self.sources]
+        got = {s: torch.empty(int(sizes[s].item()), dtype=torch.uint8) for s in sources}
+        works = [dist.isend(blob, t, group=self.group) for t in targets]
+        works += [dist.irecv(got[s], s, group=self.group) for s in sources]
         for w in works:
             w.wait()
         return got
@@ -412,18 +413,9 @@ class MemoryTier:
         waits for it, as for a snapshot's own transfers."""
         try:
             sources = [r for r, targets in gaps.items() if self.rank in targets]
-            blob = pack_part(here, self.rank) if self.rank in gaps else None
-            sizes = {s: torch.zeros(1, dtype=torch.int64) for s in sources}
-            works = [dist.isend(torch.tensor([blob.numel()], dtype=torch.int64), t, group=self.group)
-                     for t in gaps.get(self.rank, [])] if blob is not None else []
-            works += [dist.irecv(sizes[s], s, group=self.group) for s in sources]
-            for w in works:
-                w.wait()
-            got = {s: torch.empty(int(sizes[s].item()), dtype=torch.uint8) for s in sources}
-            works = [dist.isend(blob, t, group=self.group) for t in gaps.get(self.rank, [])] if blob is not None else []
-            works += [dist.irecv(got[s], s, group=self.group) for s in sources]
-            for w in works:
-                w.wait()
+            targets = gaps.get(self.rank, [])
+            blob = pack_part(here, self.rank) if targets else torch.empty(0, dtype=torch.uint8)
+            got = self._exchange(blob, targets, sources)
             for src, data in got.items():
                 write_files(here, src, step, self.fingerprint, unpack(data))
             self.rereplicated = Received(parts=tuple(sources), bytes=sum(t.numel() for t in got.values()))

@@ -149,8 +149,8 @@ _METADATA = {"format": "hpframe-portable", "version": str(FORMAT_VERSION)}
 
 def save_tensors(part: RankPart, path: Path) -> None:
     """Write ``part``'s safetensors file to ``path`` (straight from its host buffers: safetensors'
-    ``save_file``; building the file's bytes in memory first with ``save`` is ~10x slower, see
-    docs/performance.md)."""
+    ``save_file``; building the file's bytes in memory first with ``save`` took 5.5x as long,
+    docs/performance.md section 14)."""
     from safetensors.torch import save_file
 
     part.wait_copied()
